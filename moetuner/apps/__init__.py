@@ -1,0 +1,1 @@
+"""Console entry points: each a thin `@hydra.main` around a pure typed function."""

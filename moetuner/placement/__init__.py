@@ -1,0 +1,1 @@
+"""Expert placements: the shared layout, solvers and their exporters."""

@@ -1,0 +1,193 @@
+"""The placement layout shared with DeepSeek EPLB, vLLM and SGLang.
+
+`phy2log` [L, P], P = G * S: the logical expert held by physical slot s in layer l; slot s lives on
+GPU s // S; -1 marks an empty slot; an expert may hold several slots (replicas).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moetuner.atomic import write_atomic, write_json_atomic
+
+
+class PlacementError(ValueError):
+    """A placement is malformed or does not fit a model/topology; the message names the fix."""
+
+
+@dataclass
+class Placement:
+    """A placement plus how it was made."""
+
+    phy2log: np.ndarray  # int64 [L, P]
+    num_gpus: int
+    num_nodes: int
+    solver: str
+    objective: float | None = None  # the solver's own objective value
+    bound: float | None = None  # a proven lower bound on that objective, if any
+    solve_seconds: float = 0.0
+    status: str = "heuristic"  # optimal | time_limit | heuristic | fallback
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.phy2log.shape[0])
+
+    @property
+    def slots_per_gpu(self) -> int:
+        return int(self.phy2log.shape[1]) // self.num_gpus
+
+    @property
+    def gpus_per_node(self) -> int:
+        return self.num_gpus // self.num_nodes
+
+    def gpu_of_slot(self) -> np.ndarray:
+        """GPU of every physical slot. [P]"""
+        return np.arange(self.phy2log.shape[1]) // self.slots_per_gpu
+
+    def replica_counts(self, num_experts: int) -> np.ndarray:
+        """Slots held by each expert in each layer. [L, E]"""
+        return logical_replica_count(self.phy2log, num_experts)
+
+    def validate(self, num_experts: int, required: np.ndarray | None = None) -> "Placement":
+        """Raise PlacementError unless ids are in range and every required expert has a slot.
+
+        required: bool [L, E], experts that routing can choose (default: all of them).
+        """
+        validate_phy2log(self.phy2log, num_experts, self.num_gpus, required)
+        if self.num_nodes < 1 or self.num_gpus % self.num_nodes:
+            raise PlacementError(f"num_gpus={self.num_gpus} is not a multiple of num_nodes={self.num_nodes}")
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        """The SGLang `--init-expert-location` document plus our solve record."""
+        doc = {
+            "physical_to_logical_map": self.phy2log.astype(int).tolist(),
+            "num_gpus": self.num_gpus,
+            "num_nodes": self.num_nodes,
+            "gpus_per_node": self.gpus_per_node,
+            "solver": self.solver,
+            "objective": self.objective,
+            "bound": self.bound,
+            "solve_seconds": self.solve_seconds,
+            "status": self.status,
+        }
+        doc.update(self.extra)
+        return doc
+
+
+def validate_phy2log(phy2log: np.ndarray, num_experts: int, num_gpus: int,
+                     required: np.ndarray | None = None) -> None:
+    """Check a [L, P] map: P divisible by G, ids in [-1, E), every required expert placed per layer."""
+    if phy2log.ndim != 2:
+        raise PlacementError(f"physical_to_logical_map must be [L, P], got shape {phy2log.shape}")
+    num_layers, num_slots = phy2log.shape
+    if num_gpus < 1 or num_slots % num_gpus:
+        raise PlacementError(f"{num_slots} physical slots per layer cannot be split over {num_gpus} GPUs")
+    if phy2log.size and (phy2log.min() < -1 or phy2log.max() >= num_experts):
+        raise PlacementError(f"expert ids must be in [-1, {num_experts}), got range "
+                             f"[{phy2log.min()}, {phy2log.max()}]; was the placement solved for "
+                             f"a model with another expert count?")
+    if required is None:
+        required = np.ones((num_layers, num_experts), dtype=bool)
+    if required.shape != (num_layers, num_experts):
+        raise PlacementError(f"placement has {num_layers} layers but the routing has "
+                             f"{required.shape[0]} layers of {required.shape[1]} experts")
+    placed = logical_replica_count(phy2log, num_experts) > 0
+    missing = np.argwhere(required & ~placed)
+    if len(missing):
+        layer, expert = missing[0]
+        raise PlacementError(f"expert {expert} of layer {layer} has no slot ({len(missing)} "
+                             f"(layer, expert) pairs missing); every expert that routing can "
+                             f"choose needs at least one slot")
+
+
+def logical_replica_count(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
+    """Slots per logical expert. [L, P] -> [L, E]"""
+    counts = np.zeros((phy2log.shape[0], num_experts), dtype=np.int64)
+    for layer, row in enumerate(phy2log):
+        ids = row[row >= 0]
+        np.add.at(counts[layer], ids, 1)
+    return counts
+
+
+def logical_to_physical_map(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
+    """vLLM's [L, E, max replicas] map of each expert's slots, -1 padded."""
+    counts = logical_replica_count(phy2log, num_experts)
+    width = max(1, int(counts.max(initial=1)))
+    log2phy = -np.ones((phy2log.shape[0], num_experts, width), dtype=np.int64)
+    for layer, row in enumerate(phy2log):
+        fill = np.zeros(num_experts, dtype=np.int64)
+        for slot, expert in enumerate(row):
+            if expert >= 0:
+                log2phy[layer, expert, fill[expert]] = slot
+                fill[expert] += 1
+    return log2phy
+
+
+def contiguous_phy2log(num_layers: int, num_experts: int, num_gpus: int, slots_per_gpu: int) -> np.ndarray:
+    """Megatron/DeepSpeed default: expert e on GPU e // ceil(E/G), extra slots empty (-1). [L, P]"""
+    base = -(-num_experts // num_gpus)
+    assert slots_per_gpu >= base, "slots_per_gpu must hold ceil(E/G) experts"
+    row = -np.ones(num_gpus * slots_per_gpu, dtype=np.int64)
+    for e in range(num_experts):
+        gpu, i = divmod(e, base)
+        row[gpu * slots_per_gpu + i] = e
+    return np.tile(row, (num_layers, 1))
+
+
+def save_placement(placement: Placement, path: str | os.PathLike[str]) -> Path:
+    """Write the placement JSON atomically."""
+    return write_json_atomic(path, placement.to_json(), indent=None)
+
+
+def load_placement(path: str | os.PathLike[str]) -> Placement:
+    """Read a placement JSON (ours, or an SGLang physical_to_logical_map file with num_gpus)."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PlacementError(f"{path}: no such placement file; make one with moetuner-solve") from None
+    except json.JSONDecodeError as err:
+        raise PlacementError(f"{path}: not valid JSON ({err})") from None
+    for key in ("physical_to_logical_map", "num_gpus"):
+        if key not in doc:
+            raise PlacementError(f"{path}: missing field {key!r}")
+    known = {"physical_to_logical_map", "num_gpus", "num_nodes", "gpus_per_node", "solver",
+             "objective", "bound", "solve_seconds", "status"}
+    return Placement(
+        phy2log=np.asarray(doc["physical_to_logical_map"], dtype=np.int64),
+        num_gpus=int(doc["num_gpus"]), num_nodes=int(doc.get("num_nodes", 1)),
+        solver=str(doc.get("solver", "unknown")), objective=doc.get("objective"),
+        bound=doc.get("bound"), solve_seconds=float(doc.get("solve_seconds", 0.0)),
+        status=str(doc.get("status", "unknown")),
+        extra={k: v for k, v in doc.items() if k not in known},
+    )
+
+
+def export_vllm(placement: Placement, num_experts: int, path: str | os.PathLike[str]) -> Path:
+    """vLLM EPLB state: physical_to_logical_map, logical_to_physical_map, logical_replica_count."""
+    doc = {
+        "physical_to_logical_map": placement.phy2log.tolist(),
+        "logical_to_physical_map": logical_to_physical_map(placement.phy2log, num_experts).tolist(),
+        "logical_replica_count": placement.replica_counts(num_experts).tolist(),
+    }
+    return write_json_atomic(path, doc, indent=None)
+
+
+def export_torch(placement: Placement, num_experts: int, path: str | os.PathLike[str]) -> Path:
+    """The same three maps as int64 torch tensors in one `.pt` file."""
+    import torch
+
+    state = {
+        "physical_to_logical_map": torch.from_numpy(placement.phy2log.astype(np.int64)),
+        "logical_to_physical_map": torch.from_numpy(logical_to_physical_map(placement.phy2log, num_experts)),
+        "logical_replica_count": torch.from_numpy(placement.replica_counts(num_experts)),
+    }
+    return write_atomic(path, lambda tmp: torch.save(state, tmp))

@@ -1,0 +1,164 @@
+"""The only module that talks to MLflow.
+
+One run per app invocation (nested under `parent_run_id` when given): flattened config leaves as
+params, the resolved config as an artifact, metrics, figures and output files as artifacts, and tags
+(app, git commit, model, dataset). If MLflow fails, the app still writes its outputs and says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from moetuner import PROJECT_ROOT
+
+log = logging.getLogger(__name__)
+
+MAX_PARAM_CHARS = 500
+
+
+def default_tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI` if set, else `sqlite:///<project root>/mlflow.db`."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+
+
+def git_commit() -> str:
+    """The project's current git commit, or 'unknown' outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+                             text=True, timeout=5, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten nested mappings into {'a.b.c': str(leaf)}; lists stay as one leaf."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)[:MAX_PARAM_CHARS]
+    return flat
+
+
+class RunLogger:
+    """Logs to one MLflow run; every call is a no-op (with one warning) once MLflow has failed."""
+
+    def __init__(self, run_id: str | None, client: Any | None) -> None:
+        self.run_id = run_id
+        self._client = client
+
+    @property
+    def active(self) -> bool:
+        return self._client is not None and self.run_id is not None
+
+    def _call(self, what: str, fn: str, *args: Any, **kwargs: Any) -> None:
+        if not self.active:
+            return
+        try:
+            getattr(self._client, fn)(self.run_id, *args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - MLflow failures must never lose the app's outputs
+            log.warning("MLflow: could not log %s (%s); outputs are written anyway, "
+                        "further MLflow logging is off for this run", what, err)
+            self._client = None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log numeric metrics (non-numeric values are skipped)."""
+        from mlflow.entities import Metric
+        import time
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        for i in range(0, len(items), 1000):
+            self._call("metrics", "log_batch", metrics=items[i:i + 1000])
+
+    def log_params(self, params: Mapping[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self._call("params", "log_batch", params=items[i:i + 100])
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for k, v in tags.items():
+            self._call(f"tag {k}", "set_tag", k, str(v))
+
+    def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        """Log a file or a folder as artifact(s)."""
+        path = Path(path)
+        if path.is_dir():
+            self._call(f"artifacts {path}", "log_artifacts", str(path), artifact_path)
+        elif path.is_file():
+            self._call(f"artifact {path}", "log_artifact", str(path), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._call(f"artifact {artifact_file}", "log_text", text, artifact_file)
+
+
+def _open_run(app: str, experiment: str, parent_run_id: str | None, tags: Mapping[str, str],
+              tracking_uri: str) -> RunLogger:
+    try:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        if tracking_uri.startswith("file:") or "://" not in tracking_uri:
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        client = MlflowClient(tracking_uri=tracking_uri)
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            try:
+                exp_id = client.create_experiment(experiment)
+            except mlflow.exceptions.MlflowException:  # created by a concurrent job meanwhile
+                exp_id = client.get_experiment_by_name(experiment).experiment_id
+        else:
+            exp_id = exp.experiment_id
+        all_tags = {"app": app, "git_commit": git_commit(), **tags}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = client.create_run(exp_id, tags={k: str(v) for k, v in all_tags.items()}, run_name=app)
+        return RunLogger(run.info.run_id, client)
+    except Exception as err:  # noqa: BLE001
+        log.warning("MLflow: could not open a run at %s (%s); the app's outputs are written "
+                    "anyway, but nothing is tracked", tracking_uri, err)
+        return RunLogger(None, None)
+
+
+@contextmanager
+def tracked_run(app: str, cfg: DictConfig | Mapping[str, Any], tags: Mapping[str, str] | None = None
+                ) -> Iterator[RunLogger]:
+    """Open an MLflow run for one app invocation; log config params/artifact; close it at the end.
+
+    `cfg.mlflow` (the `mlflow/` config group) gives `enabled`, `experiment`, `tracking_uri`,
+    `parent_run_id`. The run ends FINISHED, or FAILED if the block raises.
+    """
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    settings = dict(container.get("mlflow") or {})
+    if not settings.get("enabled", True):
+        yield RunLogger(None, None)
+        return
+    uri = settings.get("tracking_uri") or default_tracking_uri()
+    run = _open_run(app, settings.get("experiment") or "moetuner", settings.get("parent_run_id"),
+                    tags or {}, uri)
+    run.log_params(flatten({k: v for k, v in container.items() if k not in ("mlflow", "hydra")}))
+    with tempfile.TemporaryDirectory() as tmp:
+        resolved = Path(tmp) / "config.yaml"
+        resolved.write_text(OmegaConf.to_yaml(OmegaConf.create(container)))
+        run.log_artifact(resolved)
+    status = "FAILED"
+    try:
+        yield run
+        status = "FINISHED"
+    finally:
+        run._call("run status", "set_terminated", status=status)
