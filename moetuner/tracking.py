@@ -107,6 +107,13 @@ class RunLogger:
         self._call(f"artifact {artifact_file}", "log_text", text, artifact_file)
 
 
+def _artifact_location(tracking_uri: str) -> str | None:
+    """For a sqlite store, keep artifacts in `mlruns/` beside the database (not in the cwd)."""
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
+    return None
+
+
 def _open_run(app: str, experiment: str, parent_run_id: str | None, tags: Mapping[str, str],
               tracking_uri: str) -> RunLogger:
     try:
@@ -119,7 +126,7 @@ def _open_run(app: str, experiment: str, parent_run_id: str | None, tags: Mappin
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
             try:
-                exp_id = client.create_experiment(experiment)
+                exp_id = client.create_experiment(experiment, artifact_location=_artifact_location(tracking_uri))
             except mlflow.exceptions.MlflowException:  # created by a concurrent job meanwhile
                 exp_id = client.get_experiment_by_name(experiment).experiment_id
         else:
