@@ -1,0 +1,1 @@
+"""Routing-trace extraction from Hugging Face MoE checkpoints (`moetuner-extract`)."""

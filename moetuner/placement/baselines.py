@@ -1,0 +1,123 @@
+"""Baseline placements (contiguous, round-robin, greedy) and the hot-replica filler they share.
+
+Solvers that place each expert once leave `replicas` (and any rounding) slots empty; `fill_hot_replicas`
+gives every empty slot a copy of the expert with the most load per replica, on the lightest GPU.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from moetuner.placement.layout import Placement, contiguous_phy2log
+from moetuner.placement.problem import PlacementProblem
+
+
+def gpu_loads(phy2log: np.ndarray, load: np.ndarray, num_gpus: int) -> np.ndarray:
+    """Profile tokens per GPU, a replicated expert's load split evenly over its slots. [L, G]
+
+    phy2log: [L, P]; load: [L, E].
+    """
+    num_layers, num_slots = phy2log.shape
+    counts = np.zeros_like(load)
+    for layer, row in enumerate(phy2log):
+        np.add.at(counts[layer], row[row >= 0], 1)
+    share = np.divide(load, counts, out=np.zeros_like(load, dtype=float), where=counts > 0)
+    per_slot = np.where(phy2log >= 0, np.take_along_axis(share, np.maximum(phy2log, 0), axis=1), 0.0)
+    return per_slot.reshape(num_layers, num_gpus, num_slots // num_gpus).sum(-1)
+
+
+def fill_hot_replicas(phy2log: np.ndarray, load: np.ndarray, num_gpus: int) -> np.ndarray:
+    """Fill every empty slot (-1) with a replica of the expert of largest load per replica.
+
+    The replica goes to the GPU with the least load that has an empty slot, preferring GPUs that
+    do not hold that expert yet. Returns a new [L, P] map; phy2log: [L, P], load: [L, E].
+    """
+    out = phy2log.copy()
+    slots_per_gpu = out.shape[1] // num_gpus
+    for layer, row in enumerate(out):
+        counts = np.bincount(row[row >= 0], minlength=load.shape[1]).astype(float)
+        while (row < 0).any():
+            expert = int(np.argmax(load[layer] / np.maximum(counts, 1)))
+            grid = row.reshape(num_gpus, slots_per_gpu)
+            free = (grid < 0).any(1)
+            fresh = free & ~(grid == expert).any(1)
+            allowed = fresh if fresh.any() else free
+            per_gpu = gpu_loads(row[None], load[layer][None], num_gpus)[0]
+            gpu = int(np.argmin(np.where(allowed, per_gpu, np.inf)))
+            row[gpu * slots_per_gpu + int(np.argmax(grid[gpu] < 0))] = expert
+            counts[expert] += 1
+    return out
+
+
+def finish(problem: PlacementProblem, phy2log: np.ndarray, solver: str, start: float,
+           status: str = "heuristic", objective: float | None = None, bound: float | None = None,
+           fill: bool = True, **extra: Any) -> Placement:
+    """Fill empty slots with hot replicas (if `fill`) and wrap the map as a validated Placement.
+
+    objective defaults to the balance objective: sum over layers of the most loaded GPU's tokens.
+    """
+    if fill:
+        phy2log = fill_hot_replicas(phy2log, problem.load, problem.num_gpus)
+    if objective is None:
+        objective = float(gpu_loads(phy2log, problem.load, problem.num_gpus).max(1).sum())
+    placement = Placement(phy2log=phy2log, num_gpus=problem.num_gpus, num_nodes=problem.topology.nodes,
+                          solver=solver, objective=objective, bound=bound, solve_seconds=time.perf_counter() - start,
+                          status=status, extra=extra)
+    return placement.validate(problem.num_experts)
+
+
+def _static_layout(problem: PlacementProblem, layout: Callable[[int, int, int, int], np.ndarray],
+                   solver: str) -> Placement:
+    """A load-independent layout(L, E, G, S) -> [L, P], extra slots filled with hot replicas."""
+    start = time.perf_counter()
+    phy2log = layout(problem.num_layers, problem.num_experts, problem.num_gpus, problem.slots_per_gpu)
+    return finish(problem, phy2log, solver, start)
+
+
+def solve_contiguous(problem: PlacementProblem, options: Mapping[str, Any]) -> Placement:
+    """Megatron/DeepSpeed default: expert e on GPU e // ceil(E/G)."""
+    return _static_layout(problem, contiguous_phy2log, "contiguous")
+
+
+def round_robin_phy2log(num_layers: int, num_experts: int, num_gpus: int, slots_per_gpu: int) -> np.ndarray:
+    """vLLM's round_robin layout: expert e on GPU e % G, extra slots empty (-1). [L, P]"""
+    row = -np.ones(num_gpus * slots_per_gpu, dtype=np.int64)
+    for e in range(num_experts):
+        row[(e % num_gpus) * slots_per_gpu + e // num_gpus] = e
+    return np.tile(row, (num_layers, 1))
+
+
+def solve_round_robin(problem: PlacementProblem, options: Mapping[str, Any]) -> Placement:
+    """vLLM's other initial layout: expert e on GPU e % G."""
+    return _static_layout(problem, round_robin_phy2log, "round_robin")
+
+
+def greedy_phy2log(load: np.ndarray, num_gpus: int, slots_per_gpu: int) -> np.ndarray:
+    """Per layer, heaviest expert first onto the lightest GPU with a free slot among ceil(E/G). [L, P]
+
+    load: [L, E]. Slots beyond ceil(E/G) per GPU stay empty (-1).
+    """
+    num_layers, num_experts = load.shape
+    capacity = -(-num_experts // num_gpus)
+    assert slots_per_gpu >= capacity, "slots_per_gpu must hold ceil(E/G) experts"
+    phy2log = -np.ones((num_layers, num_gpus * slots_per_gpu), dtype=np.int64)
+    for layer in range(num_layers):
+        gpu_load = np.zeros(num_gpus)
+        used = np.zeros(num_gpus, dtype=np.int64)
+        for e in np.argsort(-load[layer], kind="stable"):
+            gpu = int(np.argmin(np.where(used < capacity, gpu_load, np.inf)))
+            phy2log[layer, gpu * slots_per_gpu + used[gpu]] = e
+            gpu_load[gpu] += load[layer, e]
+            used[gpu] += 1
+    return phy2log
+
+
+def solve_greedy(problem: PlacementProblem, options: Mapping[str, Any]) -> Placement:
+    """Heaviest expert to the lightest GPU with a free slot, per layer, on the profile load."""
+    start = time.perf_counter()
+    phy2log = greedy_phy2log(problem.load, problem.num_gpus, problem.slots_per_gpu)
+    return finish(problem, phy2log, "greedy", start)

@@ -1,0 +1,1 @@
+"""Routing statistics of a trace (`stats`) and their heatmaps (`figures`)."""

@@ -1,0 +1,1 @@
+"""Expert-parallel serving benchmark: torchrun launch, EP MoE layers, trace replay, emulated cluster."""

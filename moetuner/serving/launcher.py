@@ -1,0 +1,147 @@
+"""Launch one torchrun per node with a static rendezvous, watch them, and end the job on any failure.
+
+On one machine each emulated node is its own torchrun (inside its network namespace when the cluster
+is emulated); on a real cluster each node runs the same torchrun command with its own --node-rank
+(see docs/serving.md for the srun form). A rank that dies, hangs or cannot reach the others ends the
+whole job within `timeout_s` with LaunchError naming the rank and the cause; every process the
+launcher started (torchrun and its workers) is killed, none is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from collections.abc import Iterator
+
+POLL_S = 0.2
+
+
+class LaunchError(RuntimeError):
+    """The serving job failed; the message names the rank and the cause."""
+
+
+@dataclass(frozen=True)
+class NodeCommand:
+    node: int
+    argv: list[str]
+    env: dict[str, str]
+    log: Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def torchrun_argv(node: int, nodes: int, ranks_per_node: int, master_addr: str, master_port: int,
+                  config: Path) -> list[str]:
+    """The torchrun command of one node (static rendezvous: node rank is honoured)."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}",
+            f"--nproc-per-node={ranks_per_node}", f"--node-rank={node}", f"--master-addr={master_addr}",
+            f"--master-port={master_port}", "-m", "moetuner.serving.worker", str(config)]
+
+
+def descendants(pid: int) -> list[int]:
+    """All live descendants of `pid` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found.extend(kids)
+        todo.extend(kids)
+    return found
+
+
+def kill_tree(procs: list[subprocess.Popen]) -> None:
+    """SIGKILL every started process and all their descendants, then reap them."""
+    pids = [p.pid for p in procs if p.poll() is None]
+    for pid in [d for pid in pids for d in descendants(pid)] + pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for p in procs:
+        p.wait()
+
+
+def failure_cause(log: Path) -> str:
+    """The failed rank and cause from torchrun's failure summary and the last error line of a log."""
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    parts = []
+    for key in ("rank", "exitcode", "traceback"):
+        m = re.search(rf"^\s*{key}\s*:\s*(.+)$", text, re.MULTILINE)
+        if m:
+            parts.append(f"{key} {m.group(1).strip()}")
+    errors = re.findall(r"^\S*(?:Error|Exception)\b.*$", text, re.MULTILINE)
+    if errors:
+        parts.append(errors[-1].strip()[:300])
+    return "; ".join(parts) or "no failure summary in the log"
+
+
+def unfinished_ranks(out: Path, world: int) -> str:
+    """'rank r (phase)' for every rank that has not reported done."""
+    left = []
+    for rank in range(world):
+        path = out / "status" / f"rank{rank}.json"
+        phase = json.loads(path.read_text())["phase"] if path.is_file() else "not started"
+        if phase != "done":
+            left.append(f"rank {rank} ({phase})")
+    return ", ".join(left) or "none"
+
+
+@contextmanager
+def terminate_on_signal() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt so clean-up in `finally` blocks runs."""
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_nodes(commands: list[NodeCommand], out: Path, world: int, timeout_s: float) -> float:
+    """Start every node's command, wait for all; kill all on the first failure or after timeout_s."""
+    procs: list[subprocess.Popen] = []
+    start = time.monotonic()
+    try:
+        for cmd in commands:
+            cmd.log.parent.mkdir(parents=True, exist_ok=True)
+            with open(cmd.log, "w") as log:
+                procs.append(subprocess.Popen(cmd.argv, stdout=log, stderr=subprocess.STDOUT,
+                                              env={**os.environ, **cmd.env}, start_new_session=True))
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                node = commands[failed[0]]
+                raise LaunchError(f"node {node.node} exited with code {codes[failed[0]]}: "
+                                  f"{failure_cause(node.log)} (log: {node.log})")
+            if all(c == 0 for c in codes):
+                return time.monotonic() - start
+            if time.monotonic() - start > timeout_s:
+                raise LaunchError(f"job did not finish within timeout_s={timeout_s}: unfinished "
+                                  f"{unfinished_ranks(out, world)} (hung, or cannot reach the others); "
+                                  f"logs in {commands[0].log.parent}")
+            time.sleep(POLL_S)
+    finally:
+        kill_tree(procs)

@@ -1,0 +1,122 @@
+"""Trace replay: real routing drives real all-to-all traffic and real expert GEMMs (random weights).
+
+Every step takes `step_tokens` consecutive trace tokens; token i of a step of B tokens has home rank
+i * W // B. Dataflows (the same definitions as the simulator, see docs/serving.md):
+  dispatch_combine: every layer, tokens go from their home rank to their experts' ranks and back home;
+  expert_to_expert: layer l's outputs gather on the rank of the token's top-1 expert of layer l
+                    (highest gate weight, else the first id), which dispatches it to layer l+1.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from moetuner.placement.layout import logical_replica_count, logical_to_physical_map
+from moetuner.serving.ep_moe import choose_slots, ep_layer
+from moetuner.serving.experts import random_experts
+from moetuner.serving.measure import Cluster, layer_row
+from moetuner.trace import Trace
+
+DATAFLOWS = ("dispatch_combine", "expert_to_expert")
+
+
+class ReplayError(ValueError):
+    """The replay settings do not fit the trace or placement."""
+
+
+@dataclass(frozen=True)
+class ReplaySettings:
+    step_tokens: int = 512
+    shape_scale: int = 8  # hidden and moe_intermediate are divided by this (CPU)
+    dataflow: str = "dispatch_combine"
+    warmup_steps: int = 1
+    max_steps: int | None = None
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.dataflow not in DATAFLOWS:
+            raise ReplayError(f"dataflow={self.dataflow!r}; choose one of {list(DATAFLOWS)}")
+        if self.step_tokens < 1 or self.shape_scale < 1:
+            raise ReplayError(f"step_tokens={self.step_tokens} and shape_scale={self.shape_scale} must be >= 1")
+
+
+def top1_column(trace: Trace) -> np.ndarray:
+    """Column of each token's top-1 expert per layer: highest gate weight, else column 0. [T, L]"""
+    if trace.topk_weights is None:
+        return np.zeros(trace.topk_ids.shape[:2], dtype=np.int64)
+    return np.argmax(trace.topk_weights.astype(np.float32), axis=2)
+
+
+def step_ranges(num_tokens: int, settings: ReplaySettings) -> Iterator[tuple[int, int, int]]:
+    """(step, first token, end token) of every full step (a partial last step is dropped)."""
+    steps = num_tokens // settings.step_tokens
+    if settings.max_steps is not None:
+        steps = min(steps, settings.max_steps + settings.warmup_steps)
+    if steps <= settings.warmup_steps:
+        raise ReplayError(f"{num_tokens} tokens make {steps} step(s) of step_tokens={settings.step_tokens}, "
+                          f"not more than warmup_steps={settings.warmup_steps}; lower step_tokens")
+    for step in range(steps):
+        yield step, step * settings.step_tokens, (step + 1) * settings.step_tokens
+
+
+def replay(trace: Trace, phy2log: np.ndarray, settings: ReplaySettings, cluster: Cluster, rank: int,
+           delivered: np.ndarray | None = None) -> tuple[list[dict], int, float]:
+    """Replay `trace` through EP layers placed by phy2log [L, P] on this rank.
+
+    delivered: optional int [T, L, E], incremented for every (token, layer, expert) computed here.
+    Returns (per-layer rows of measured steps, measured tokens, measured wall seconds).
+    """
+    settings.check()
+    world = cluster.world
+    num_layers, num_slots = phy2log.shape
+    if num_layers != trace.num_layers:
+        raise ReplayError(f"placement has {num_layers} layers but the trace has {trace.num_layers}")
+    spr = num_slots // world
+    hidden = max(1, trace.hidden_size // settings.shape_scale)
+    inter = max(1, trace.moe_intermediate_size // settings.shape_scale)
+    experts = [random_experts(spr, hidden, inter, settings.seed + 1000 * layer + rank)
+               for layer in range(num_layers)]
+    log2phy = torch.from_numpy(logical_to_physical_map(phy2log, trace.num_experts))
+    counts = torch.from_numpy(logical_replica_count(phy2log, trace.num_experts))
+    ids = torch.from_numpy(trace.topk_ids.astype(np.int64))  # [T, L, k]
+    weights = torch.ones(ids.shape) if trace.topk_weights is None else \
+        torch.from_numpy(trace.topk_weights.astype(np.float32))
+    top1 = torch.from_numpy(top1_column(trace))
+    gen = torch.Generator().manual_seed(settings.seed)
+    rows: list[dict] = []
+    tokens, wall = 0, 0.0
+    for step, lo, hi in step_ranges(trace.num_tokens, settings):
+        batch = hi - lo
+        mine = torch.arange(lo, hi)[(torch.arange(batch) * world) // batch == rank]
+        x = torch.randn(len(mine), hidden, generator=gen)
+        torch.distributed.barrier()
+        t0 = time.perf_counter()
+        step_rows = []
+        for layer in range(num_layers):
+            slots = choose_slots(ids[mine, layer], log2phy[layer], counts[layer], offset=rank)
+            if settings.dataflow == "dispatch_combine":
+                dest = torch.full((len(mine),), rank, dtype=torch.long)
+            else:
+                dest = slots[torch.arange(len(mine)), top1[mine, layer]] // spr
+
+            def record(tok: torch.Tensor, slot: torch.Tensor, layer: int = layer) -> None:
+                if delivered is not None:
+                    np.add.at(delivered, (tok.numpy(), layer, phy2log[layer, rank * spr + slot.numpy()]), 1)
+
+            part, part_tok, times = ep_layer(x, mine, slots, weights[mine, layer], spr, dest,
+                                             experts[layer], world, rank, record)
+            mine, inverse = torch.unique(part_tok, return_inverse=True)
+            out = torch.zeros(len(mine), hidden).index_add_(0, inverse, part)
+            x = F.rms_norm(out, (hidden,))
+            step_rows.append(layer_row(step, layer, rank, cluster, times))
+        if step >= settings.warmup_steps:
+            wall += time.perf_counter() - t0
+            tokens += batch
+            rows.extend(step_rows)
+    return rows, tokens, wall

@@ -1,0 +1,129 @@
+"""The per-rank program: `python -m moetuner.serving.worker DIR/config.yaml` (started by torchrun).
+
+Reads the resolved config the app wrote, joins the process group (NCCL with CUDA, else gloo), runs
+replay or model mode, gathers every rank's per-layer rows on rank 0, which writes DIR/metrics.json,
+DIR/per_layer.csv and logs one MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from moetuner.atomic import write_atomic, write_json_atomic
+from moetuner.placement.layout import load_placement
+from moetuner.serving.measure import PER_LAYER_COLUMNS, Cluster, summarize
+from moetuner.serving.replay import ReplaySettings, replay
+from moetuner.topology import topology_from_config
+from moetuner.tracking import tracked_run
+from moetuner.trace import load_trace
+
+
+def status_path(out: Path, rank: int) -> Path:
+    return out / "status" / f"rank{rank}.json"
+
+
+def report_status(out: Path, rank: int, phase: str) -> None:
+    """Tell the launcher what this rank is doing (it names the rank and phase when a job fails)."""
+    write_json_atomic(status_path(out, rank), {"rank": rank, "pid": os.getpid(), "phase": phase})
+
+
+def maybe_fail(cfg: DictConfig, rank: int, phase: str) -> None:
+    """Fault injection for the failure tests: `fault.rank` dies (SIGKILL) or hangs at `fault.phase`."""
+    fault = cfg.get("fault") or {}
+    if fault.get("rank") == rank and fault.get("phase", "run") == phase:
+        if fault.get("kind", "kill") == "hang":
+            signal.pause()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run_replay(cfg: DictConfig, cluster: Cluster, rank: int, phy2log: np.ndarray) -> tuple[list, int, float, dict]:
+    trace = load_trace(cfg.trace)
+    settings = ReplaySettings(**{k: v for k, v in cfg.replay.items() if k != "check_delivery"})
+    delivered = None
+    if cfg.replay.get("check_delivery"):
+        delivered = np.zeros((trace.num_tokens, trace.num_layers, trace.num_experts), dtype=np.int32)
+    rows, tokens, wall = replay(trace, phy2log, settings, cluster, rank, delivered)
+    extra: dict = {"dataflow": settings.dataflow}
+    if delivered is not None:
+        total = torch.from_numpy(delivered)
+        dist.all_reduce(total)
+        if rank == 0:
+            np.save(Path(cfg.out) / "delivered.npy", total.numpy())
+    return rows, tokens, wall, extra
+
+
+def write_outputs(cfg: DictConfig, rows: list[dict], tokens: int, wall: float, extra: dict) -> dict:
+    """Rank 0: per_layer.csv and metrics.json (atomic), and the MLflow run."""
+    out = Path(cfg.out)
+    table = pd.DataFrame(rows, columns=PER_LAYER_COLUMNS)
+    metrics = summarize(table, tokens, wall)
+    metrics.update(extra)
+    metrics["emulated_network"] = bool(cfg.launch.get("emulated_network", False))
+    write_atomic(out / "per_layer.csv", lambda tmp: table.to_csv(tmp, index=False))
+    write_json_atomic(out / "metrics.json", metrics)
+    tags = {"mode": cfg.mode, "topology": cfg.topology.name, "dataflow": str(metrics.get("dataflow"))}
+    with tracked_run("serve", cfg, tags=tags) as run:
+        run.log_metrics(metrics)
+        for name in ("metrics.json", "per_layer.csv"):
+            run.log_artifact(out / name)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    assert len(argv) == 1, "usage: python -m moetuner.serving.worker DIR/config.yaml"
+    cfg = OmegaConf.load(argv[0])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    out = Path(cfg.out)
+    report_status(out, rank, "init")
+    maybe_fail(cfg, rank, "init")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group(backend, timeout=timedelta(seconds=float(cfg.launch.timeout_s)))
+    topology = topology_from_config(cfg.topology)
+    cluster = Cluster(world, topology.gpus_per_node)
+    assert world == topology.num_gpus, f"world size {world} != topology GPUs {topology.num_gpus}"
+    phy2log = load_placement(cfg.placement).phy2log
+    torch.set_num_threads(int(cfg.launch.get("threads_per_rank") or 1))
+    report_status(out, rank, "run")
+    maybe_fail(cfg, rank, "run")
+    if cfg.mode == "replay":
+        rows, tokens, wall, extra = run_replay(cfg, cluster, rank, phy2log)
+    else:
+        from moetuner.serving.model import run_model
+
+        rows, tokens, wall, extra = run_model(cfg, cluster, rank, phy2log)
+    gathered = [None] * world if rank == 0 else None
+    dist.gather_object((rows, wall, extra), gathered, dst=0)
+    report_status(out, rank, "done")
+    if rank == 0:
+        all_rows = [r for part in gathered for r in part[0]]
+        merged = {k: v for part in gathered for k, v in part[2].items()}
+        merged.update(combine_checks([part[2] for part in gathered]))
+        write_outputs(cfg, all_rows, tokens, max(part[1] for part in gathered), merged)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def combine_checks(extras: list[dict]) -> dict:
+    """Model mode: the logits match on every rank, and the largest difference over ranks."""
+    if not any("max_abs_diff" in e for e in extras):
+        return {}
+    return {"logits_match": all(e["logits_match"] for e in extras),
+            "max_abs_diff": max(e["max_abs_diff"] for e in extras)}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""moetuner-serve: EP logits equal the single-process model, replay delivers every pair once,
+failures end the job, bad placements are refused before launch. Multi-process tests use gloo."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from moetuner.apps.common import CONF_DIR
+from moetuner.apps.serve import serve
+from moetuner.placement.layout import Placement, PlacementError, contiguous_phy2log, save_placement
+from moetuner.serving.ep_moe import choose_slots
+from moetuner.serving.launcher import LaunchError, descendants, failure_cause
+from moetuner.serving.measure import summarize
+from moetuner.serving.netns import leftover_namespaces, netns_unavailable_reason
+from moetuner.trace import Trace, save_trace
+
+E, K = 6, 2
+
+
+def config(tmp: Path, *overrides: str):
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        return compose("serve", overrides=[f"out={tmp / 'run'}", "mlflow.enabled=false",
+                                           "launch.timeout_s=120", *overrides])
+
+
+def three_kinds(num_gpus: int) -> np.ndarray:
+    """One layer per placement kind: contiguous, EPLB-like with replicas, with empty slots. [3, G*4]"""
+    contiguous = contiguous_phy2log(1, E, num_gpus, 4)[0]
+    replicas = np.resize([0, 1, 5, 2, 3, 0, 4, 5, 1, 3, 2, 4], num_gpus * 4)  # every expert, some twice
+    empty = -np.ones(num_gpus * 4, dtype=np.int64)
+    empty[[0, 1, 4, 5, 6, 8 % (num_gpus * 4)]] = [5, 4, 3, 2, 1, 0]
+    return np.stack([contiguous, replicas, empty])
+
+
+def write_placement(tmp: Path, phy2log: np.ndarray, nodes: int) -> Path:
+    path = tmp / "placement.json"
+    save_placement(Placement(phy2log, phy2log.shape[1] // 4, nodes, "hand"), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Mixtral with 3 MoE layers of 6 experts, top-2."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=E,
+                        num_experts_per_tok=K, max_position_embeddings=64)
+    path = tmp_path_factory.mktemp("ckpt") / "mixtral"
+    MixtralForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_model_mode_logits_match_single_process(tmp_path: Path, checkpoint: Path, nodes: int) -> None:
+    placement = write_placement(tmp_path, three_kinds(2 * nodes), nodes)
+    metrics = serve(config(tmp_path, "mode=model", f"model.path={checkpoint}", f"placement={placement}",
+                           f"topology.nodes={nodes}"))
+    assert metrics["logits_match"] is True and metrics["max_abs_diff"] <= 1e-4
+    table = pd.read_csv(tmp_path / "run" / "per_layer.csv")
+    assert sorted(table["rank"].unique()) == list(range(2 * nodes))
+    assert sorted(table["layer"].unique()) == [0, 1, 2]
+    assert (metrics["bytes_inter_per_step"] > 0) == (nodes > 1)
+    assert metrics["emulated_network"] == (nodes > 1 and netns_unavailable_reason() is None)
+    assert not leftover_namespaces(f"mt{__import__('os').getpid()}")
+
+
+def tiny_trace(path: Path, tokens: int = 48, layers: int = 3) -> Trace:
+    rng = np.random.default_rng(1)
+    ids = np.array([[rng.choice(E, K, replace=False) for _ in range(layers)] for _ in range(tokens)])
+    trace = Trace(topk_ids=ids.astype(np.int16), seq_ids=np.repeat(np.arange(tokens // 8), 8).astype(np.int32),
+                  model="toy", num_experts=E, moe_layers=list(range(layers)), source="test", hidden_size=32,
+                  moe_intermediate_size=16, topk_weights=rng.random(ids.shape).astype(np.float32))
+    save_trace(trace, path)
+    return trace
+
+
+def test_replay_delivers_every_pair_exactly_once(tmp_path: Path) -> None:
+    trace = tiny_trace(tmp_path / "trace.safetensors")
+    placement = write_placement(tmp_path, three_kinds(4), 2)
+    metrics = serve(config(tmp_path, f"trace={tmp_path / 'trace.safetensors'}", f"placement={placement}",
+                           "replay.step_tokens=16", "replay.check_delivery=true",
+                           "replay.dataflow=expert_to_expert", "replay.shape_scale=4"))
+    delivered = np.load(tmp_path / "run" / "delivered.npy")  # [T, L, E] pairs computed over all ranks
+    expected = np.zeros_like(delivered)
+    t, layer = np.indices(trace.topk_ids.shape[:2])
+    for j in range(K):
+        expected[t, layer, trace.topk_ids[:, :, j]] += 1
+    np.testing.assert_array_equal(delivered, expected)
+    assert metrics["dataflow"] == "expert_to_expert" and metrics["steps"] == 2  # 3 steps, 1 warm-up
+    assert metrics["moe_layer_time_s"] >= metrics["moe_layer_time_mean_s"] > 0
+
+
+def test_killed_rank_ends_job_with_named_rank(tmp_path: Path) -> None:
+    tiny_trace(tmp_path / "trace.safetensors")
+    placement = write_placement(tmp_path, three_kinds(2), 1)
+    cfg = config(tmp_path, f"trace={tmp_path / 'trace.safetensors'}", f"placement={placement}",
+                 "topology.nodes=1", "replay.step_tokens=16", "+fault.rank=1", "+fault.phase=run",
+                 "launch.timeout_s=60")
+    start = time.monotonic()
+    with pytest.raises(LaunchError, match=r"rank 1\b.*SIGKILL|rank 1\b.*-9"):
+        serve(cfg)
+    assert time.monotonic() - start < 60
+    assert descendants(__import__("os").getpid()) == []
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_placement_for_other_topology_is_refused_before_launch(tmp_path: Path) -> None:
+    tiny_trace(tmp_path / "trace.safetensors")
+    placement = write_placement(tmp_path, three_kinds(2), 1)  # 2 GPUs, cpu_2x2 has 4
+    with pytest.raises(PlacementError, match="1 node.*2 GPUs.*cpu_2x2"):
+        serve(config(tmp_path, f"trace={tmp_path / 'trace.safetensors'}", f"placement={placement}"))
+    bad = three_kinds(4)
+    bad[0, 0] = E  # expert id out of range
+    with pytest.raises(PlacementError, match="expert ids"):
+        serve(config(tmp_path, f"trace={tmp_path / 'trace.safetensors'}",
+                     f"placement={write_placement(tmp_path, bad, 2)}"))
+    assert not (tmp_path / "run" / "logs").exists()
+
+
+def test_round_robin_replica_choice() -> None:
+    # expert 0 has slots 3 and 7, expert 1 slot 2: the i-th use of expert 0 alternates 3, 7, 3
+    log2phy = torch.tensor([[3, 7], [2, -1]])
+    counts = torch.tensor([2, 1])
+    ids = torch.tensor([[0, 1], [1, 0], [0, 1]])
+    assert choose_slots(ids, log2phy, counts).tolist() == [[3, 2], [2, 7], [3, 2]]
+    assert choose_slots(ids, log2phy, counts, offset=1).tolist() == [[7, 2], [2, 3], [7, 2]]
+
+
+def test_summarize_tails_and_means() -> None:
+    rows = [dict(step=s, layer=l, rank=r, pairs=p, dispatch_s=d, compute_s=0.0, combine_s=0.0, layer_s=d,
+                 bytes_intra=0, bytes_inter=b)
+            for s, l, r, p, d, b in [(0, 0, 0, 2, 1.0, 10), (0, 1, 0, 2, 2.0, 0), (0, 0, 1, 6, 4.0, 0),
+                                     (0, 1, 1, 2, 0.5, 0), (1, 0, 0, 4, 1.0, 0), (1, 0, 1, 4, 1.0, 30)]]
+    m = summarize(pd.DataFrame(rows), tokens=100, wall_s=2.0)
+    # step 0: rank sums 3.0 and 4.5 -> tail 4.5; step 1: 1.0 and 1.0 -> 1.0
+    assert m["moe_layer_time_s"] == pytest.approx((4.5 + 1.0) / 2)
+    assert m["moe_layer_time_mean_s"] == pytest.approx((3.75 + 1.0) / 2)
+    assert m["bytes_inter_per_step"] == pytest.approx(20.0)
+    assert m["imbalance"] == pytest.approx((6 / 4 + 1 + 1) / 3)
+    assert m["tokens_per_s"] == 50.0
+
+
+def test_failure_cause_names_rank_and_signal(tmp_path: Path) -> None:
+    log = tmp_path / "node0.log"
+    log.write_text("Root Cause (first observed failure):\n[0]:\n  time      : x\n  rank      : 3 "
+                   "(local_rank: 1)\n  exitcode  : -9 (pid: 12)\n  traceback : Signal 9 (SIGKILL) received\n")
+    assert failure_cause(log) == "rank 3 (local_rank: 1); exitcode -9 (pid: 12); traceback Signal 9 (SIGKILL) received"

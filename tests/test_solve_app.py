@@ -1,0 +1,100 @@
+"""moetuner-solve: the pure parts in-process, the Hydra app (single run, -m sweep, bad input) by subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from moetuner.apps.solve import placement_metrics, solve_placement, write_placement
+from moetuner.placement.layout import load_placement, logical_to_physical_map
+from moetuner.placement.problem import PlacementProblem
+from moetuner.trace import save_trace
+from test_solvers import make_trace, random_trace, topology
+
+APP = [sys.executable, "-c", "from moetuner.apps.solve import main; main()"]
+
+
+def run_app(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*APP, *overrides], capture_output=True, text=True, timeout=300, env=os.environ.copy())
+
+
+def mlflow_runs(uri: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("moetuner")
+    return [] if exp is None else client.search_runs([exp.experiment_id])
+
+
+def test_metrics_by_hand(tmp_path: Path) -> None:
+    ids = np.array([0] * 6 + [1] * 2 + [2, 3])[:, None, None]  # load [6, 2, 1, 1], one layer, top-1
+    problem = PlacementProblem(make_trace(ids, 4), topology(1, 2))
+    placement = solve_placement(problem, "contiguous", {})
+    assert placement.extra["num_experts"] == 4 and placement.extra["topology"] == "test_1x2"
+    metrics = placement_metrics(placement, problem.load)  # GPU0 holds 0,1 (8 tokens), GPU1 2,3 (2)
+    assert metrics["max_gpu_load"] == 8 and metrics["mean_gpu_load"] == 5 and metrics["imbalance"] == 1.6
+    assert metrics["bound"] is None and metrics["gap"] is None
+
+
+def test_write_placement(tmp_path: Path) -> None:
+    problem = PlacementProblem(random_trace(100, 2, 8, 2), topology(2, 2), replicas=1)
+    placement = solve_placement(problem, "eplb", {})
+    paths = write_placement(placement, 8, tmp_path / "eplb.json")
+    assert [p.name for p in paths] == ["eplb.json", "eplb.vllm.json", "eplb.pt"]
+    back = load_placement(paths[0]).validate(8)
+    assert np.array_equal(back.phy2log, placement.phy2log) and back.extra["replicas"] == 1
+    vllm = json.loads(paths[1].read_text())
+    assert vllm["logical_to_physical_map"] == logical_to_physical_map(placement.phy2log, 8).tolist()
+    assert torch.load(paths[2])["physical_to_logical_map"].tolist() == placement.phy2log.tolist()
+
+
+@pytest.fixture
+def trace_file(tmp_path: Path) -> Path:
+    return save_trace(random_trace(160, 3, 8, 2, seed=2), tmp_path / "tiny.safetensors")
+
+
+@pytest.mark.slow
+def test_app_single_run(tmp_path: Path, trace_file: Path, mlflow_uri: str) -> None:
+    out = tmp_path / "res" / "greedy.json"
+    proc = run_app(f"trace={trace_file}", "topology=cpu_2x2", "solver=greedy", "replicas=1", f"out={out}")
+    assert proc.returncode == 0, proc.stderr
+    placement = load_placement(out).validate(8)
+    assert placement.phy2log.shape == (3, 4 * 3) and placement.solver == "greedy"
+    assert out.with_suffix(".vllm.json").is_file() and out.with_suffix(".pt").is_file()
+    assert (tmp_path / "res" / ".hydra" / "greedy.json" / "config.yaml").is_file()
+    [run] = mlflow_runs(mlflow_uri)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["solver"] == "greedy" and run.data.tags["status"] == "heuristic"
+    assert run.data.metrics["objective"] == pytest.approx(placement.objective)
+    assert run.data.metrics["max_gpu_load"] >= run.data.metrics["mean_gpu_load"] > 0
+    assert run.data.params["replicas"] == "1" and run.data.params["topology.name"] == "cpu_2x2"
+    from mlflow.tracking import MlflowClient
+    logged = {a.path for a in MlflowClient(mlflow_uri).list_artifacts(run.info.run_id)}
+    assert {"greedy.json", "greedy.vllm.json", "greedy.pt"} <= logged
+
+
+@pytest.mark.slow
+def test_app_sweep_over_two_solvers(tmp_path: Path, trace_file: Path, mlflow_uri: str) -> None:
+    proc = run_app("-m", f"trace={trace_file}", "topology=cpu_2x2", "solver=greedy,eplb",
+                   f"out={tmp_path}/sweep/" + "${solver.name}.json", f"hydra.sweep.dir={tmp_path}/multirun")
+    assert proc.returncode == 0, proc.stderr
+    for name in ("greedy", "eplb"):
+        assert load_placement(tmp_path / "sweep" / f"{name}.json").validate(8).solver == name
+    assert sorted(r.data.tags["solver"] for r in mlflow_runs(mlflow_uri)) == ["eplb", "greedy"]
+    assert (tmp_path / "multirun" / "0").is_dir() and (tmp_path / "multirun" / "1").is_dir()
+
+
+@pytest.mark.slow
+def test_app_refuses_experts_that_do_not_fit(tmp_path: Path, trace_file: Path, mlflow_uri: str) -> None:
+    out = tmp_path / "never.json"
+    proc = run_app(f"trace={trace_file}", "topology=cpu_2x2", "topology.max_slots_per_gpu=1", f"out={out}")
+    assert proc.returncode != 0
+    assert "cannot hold 8 experts" in proc.stderr
+    assert not out.exists() and mlflow_runs(mlflow_uri) == []

@@ -1,0 +1,126 @@
+"""Placement solvers: hand-computed baselines, affinity by construction, validity on random instances.
+
+`random_trace` and `topology` are shared with the other solver test files.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from moetuner.placement.baselines import (fill_hot_replicas, gpu_loads, greedy_phy2log, round_robin_phy2log,
+                                          solve_contiguous)
+from moetuner.placement.exflow import assign_to_gpus, cross_gpu_mass, exflow_gpus
+from moetuner.placement.layout import contiguous_phy2log
+from moetuner.placement.problem import SOLVERS, PlacementProblem, UnknownSolverError, get_solver
+from moetuner.profiling.stats import transitions
+from moetuner.topology import Topology, topology_from_config
+from moetuner.trace import Trace
+
+OURS = ["contiguous", "round_robin", "greedy", "eplb", "exflow", "moetuner"]
+FAST_MIP = {"time_limit_s": 10, "gap_rel": 0.05}
+
+
+def topology(nodes: int, gpus_per_node: int) -> Topology:
+    return topology_from_config({"name": f"test_{nodes}x{gpus_per_node}", "nodes": nodes,
+                                 "gpus_per_node": gpus_per_node, "intra_node_bw_GBps": 450.0,
+                                 "inter_node_bw_GBps": 50.0, "gpu_peak_tflops": 1.0, "hbm_bw_GBps": 1.0})
+
+
+def make_trace(topk_ids: np.ndarray, num_experts: int) -> Trace:
+    """A trace of the given ids [T, L, k], one sequence per 16 tokens."""
+    tokens, layers, _ = topk_ids.shape
+    return Trace(topk_ids=topk_ids.astype(np.int16), seq_ids=(np.arange(tokens) // 16).astype(np.int32),
+                 model="test", num_experts=num_experts, moe_layers=list(range(layers)), source="random",
+                 hidden_size=8, moe_intermediate_size=8).validate()
+
+
+def random_trace(tokens: int, layers: int, experts: int, top_k: int, seed: int = 0) -> Trace:
+    """Zipf-skewed routing, a different popularity order per layer, distinct experts per token."""
+    rng = np.random.default_rng(seed)
+    popularity = 1.0 / np.arange(1, experts + 1) ** 1.2
+    scores = rng.gumbel(size=(tokens, layers, experts)) + np.log(
+        np.stack([rng.permutation(popularity) for _ in range(layers)]))
+    return make_trace(np.argsort(-scores, axis=-1)[..., :top_k], experts)
+
+
+def test_round_robin_and_contiguous_by_hand() -> None:
+    assert round_robin_phy2log(1, 6, 4, 2).tolist() == [[0, 4, 1, 5, 2, -1, 3, -1]]
+    problem = PlacementProblem(random_trace(64, 2, 8, 2), topology(2, 2))
+    assert np.array_equal(solve_contiguous(problem, {}).phy2log, contiguous_phy2log(2, 8, 4, 2))
+
+
+def test_greedy_by_hand() -> None:
+    # 8 7 6 5 4 3 2 1 on two GPUs of 4: 8->0, 7->1, 6->1, 5->0, 4->0 (tie), 3->1, 2->1, 1->0
+    phy2log = greedy_phy2log(np.array([[8.0, 7, 6, 5, 4, 3, 2, 1]]), 2, 4)
+    assert phy2log.tolist() == [[0, 3, 4, 7, 1, 2, 5, 6]]
+    assert gpu_loads(phy2log, np.array([[8.0, 7, 6, 5, 4, 3, 2, 1]]), 2).tolist() == [[18.0, 18.0]]
+
+
+def test_gpu_loads_split_replicas_by_hand() -> None:
+    loads = gpu_loads(np.array([[0, 1, 0, -1]]), np.array([[6.0, 2.0]]), 2)
+    assert loads.tolist() == [[3.0 + 2.0, 3.0]]
+
+
+def test_fill_hot_replicas_by_hand() -> None:
+    # loads 9, 8, 1 on 3 GPUs x 2 slots: copy 0 to GPU 2 (lightest, 1), copy 1 to GPU 0 (the only
+    # free GPU without it), copy 0 (4.5 > 4) to GPU 1
+    filled = fill_hot_replicas(np.array([[0, -1, 1, -1, 2, -1]]), np.array([[9.0, 8, 1]]), 3)
+    assert filled.tolist() == [[0, 1, 1, 0, 2, 0]]
+    # a GPU that already holds the expert is used only when no other GPU has room
+    assert fill_hot_replicas(np.array([[0, -1, 1, -1]]), np.array([[9.0, 1]]), 2).tolist() == [[0, 0, 1, 0]]
+
+
+def test_assign_to_gpus_matches_brute_force() -> None:
+    rng = np.random.default_rng(3)
+    score = rng.random((6, 3))
+    best = max((a for a in itertools.product(range(3), repeat=6) if max(np.bincount(a, minlength=3)) <= 2),
+               key=lambda a: score[np.arange(6), a].sum())
+    got = assign_to_gpus(score, capacity=2)
+    assert np.bincount(got, minlength=3).max() <= 2
+    assert score[np.arange(6), got].sum() == pytest.approx(score[np.arange(6), best].sum())
+
+
+def test_exflow_follows_a_deterministic_route() -> None:
+    """Top-1, layer l+1 expert = a fixed permutation of layer l expert: ExFlow keeps every route on-GPU."""
+    rng = np.random.default_rng(1)
+    first = random_trace(256, 1, 8, 1).topk_ids[:, 0]
+    perms = [rng.permutation(8) for _ in range(3)]
+    layers = [first]
+    for perm in perms:
+        layers.append(perm[layers[-1]])
+    trace = make_trace(np.stack(layers, axis=1), 8)
+    r = transitions(trace.topk_ids, 8)
+    gpu_of = exflow_gpus(r, 8, 4)
+    assert cross_gpu_mass(r, gpu_of) == 0.0
+    assert cross_gpu_mass(r, np.tile(np.arange(8) // 2, (4, 1))) > 0  # contiguous loses some
+
+
+@pytest.mark.parametrize("experts,layers,nodes,gpn,replicas", [
+    (8, 3, 2, 2, 0), (6, 2, 2, 2, 1), (10, 3, 1, 4, 2), (16, 2, 2, 4, 1), (4, 2, 2, 4, 0),
+])
+@pytest.mark.parametrize("name", OURS)
+def test_every_solver_validates(name: str, experts: int, layers: int, nodes: int, gpn: int, replicas: int) -> None:
+    problem = PlacementProblem(random_trace(200, layers, experts, 2, seed=experts), topology(nodes, gpn), replicas)
+    placement = get_solver(name)(problem, FAST_MIP)
+    placement.validate(experts)
+    assert placement.phy2log.shape == (layers, problem.num_slots)
+    assert (placement.phy2log >= 0).all(), "every slot holds an expert"
+    assert placement.solver == name and placement.num_nodes == nodes
+    assert placement.status in ("optimal", "time_limit", "heuristic", "fallback")
+    assert placement.solve_seconds >= 0 and placement.objective is not None
+
+
+def test_balance_solvers_beat_contiguous_on_skewed_load() -> None:
+    problem = PlacementProblem(random_trace(400, 4, 16, 2, seed=7), topology(1, 4), replicas=1)
+    contiguous = get_solver("contiguous")(problem, {}).objective
+    for name in ("greedy", "eplb"):
+        assert get_solver(name)(problem, {}).objective < contiguous
+
+
+def test_registry() -> None:
+    assert set(OURS) <= set(SOLVERS)
+    with pytest.raises(UnknownSolverError, match="unknown solver 'nope'"):
+        get_solver("nope")

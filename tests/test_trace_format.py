@@ -1,0 +1,117 @@
+"""The trace format moetuner-trace/1 (moetuner/trace.py): round trip and every bad-input error."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import moetuner.trace as trace_module
+from moetuner.trace import Trace, TraceError, load_trace, save_trace
+
+
+def small_trace(num_experts: int = 4) -> Trace:
+    ids = np.array([[[0, 1], [2, 3]], [[3, 2], [1, 0]], [[1, 3], [0, 2]]], dtype=np.int16)  # [3, 2, 2]
+    return Trace(topk_ids=ids, seq_ids=np.array([0, 0, 7], dtype=np.int32), model="tiny", num_experts=num_experts,
+                 moe_layers=[1, 3], source="hand", hidden_size=16, moe_intermediate_size=8,
+                 topk_weights=np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 2, 2), extra={"dataset": "d"})
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_round_trip_keeps_every_field(tmp_path: Path) -> None:
+    original = small_trace()
+    back = load_trace(save_trace(original, tmp_path / "t.safetensors"))
+    np.testing.assert_array_equal(back.topk_ids, original.topk_ids)
+    np.testing.assert_array_equal(back.seq_ids, original.seq_ids)
+    np.testing.assert_array_equal(back.topk_weights, original.topk_weights)
+    assert (back.model, back.num_experts, back.moe_layers, back.source, back.hidden_size,
+            back.moe_intermediate_size, back.dtype, back.extra) == ("tiny", 4, [1, 3], "hand", 16, 8, "bfloat16",
+                                                                    {"dataset": "d"})
+    assert back.top_k == 2 and back.sequences.tolist() == [0, 7]
+
+
+def test_round_trip_without_weights(tmp_path: Path) -> None:
+    back = load_trace(save_trace(replace(small_trace(), topk_weights=None), tmp_path / "t.safetensors"))
+    assert back.topk_weights is None
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"num_experts": 3}, "expert id 3 outside [0, 3)"),
+    ({"seq_ids": np.zeros(2, dtype=np.int32)}, "one sequence id per token"),
+    ({"moe_layers": [1]}, "moe_layers lists 1 layers"),
+    ({"topk_ids": np.zeros((3, 2), dtype=np.int16)}, "must be [T, L, k]"),
+    ({"topk_ids": np.zeros((3, 2, 2), dtype=np.int32)}, "must be int16"),
+    ({"topk_weights": np.zeros((3, 2, 1), dtype=np.float32)}, "topk_weights shape"),
+])
+def test_invalid_trace_is_refused_and_leaves_no_file(tmp_path: Path, change: dict, message: str) -> None:
+    with pytest.raises(TraceError, match=re.escape(message)):
+        save_trace(replace(small_trace(), **change), tmp_path / "t.safetensors")
+    assert leftovers(tmp_path) == []
+
+
+def test_negative_id_in_file_is_refused(tmp_path: Path) -> None:
+    trace = small_trace()
+    ids = trace.topk_ids.copy()
+    ids[1, 0, 0] = -1
+    path = tmp_path / "t.safetensors"
+    save_file({"topk_ids": ids, "seq_ids": trace.seq_ids}, str(path), metadata=trace.metadata())
+    with pytest.raises(TraceError, match=r"expert id -1 outside \[0, 4\)"):
+        load_trace(path)
+
+
+def write_raw(path: Path, trace: Trace, drop_tensor: str | None = None, **meta: str | None) -> Path:
+    tensors = {"topk_ids": trace.topk_ids, "seq_ids": trace.seq_ids}
+    tensors.pop(drop_tensor, None)
+    metadata = {k: v for k, v in {**trace.metadata(), **meta}.items() if v is not None}
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize(("drop_tensor", "meta", "message"), [
+    (None, {"hidden_size": None}, "missing metadata field"),
+    ("seq_ids", {}, "missing tensor 'seq_ids'"),
+    (None, {"format": "other/1"}, "format is 'other/1'"),
+    (None, {"top_k": "3"}, "metadata top_k=3 but topk_ids has k=2"),
+    (None, {"num_experts": "four"}, "must be an integer"),
+    (None, {"moe_layers": "1,3"}, "JSON list of integers"),
+])
+def test_malformed_file_names_the_problem(tmp_path: Path, drop_tensor: str | None, meta: dict, message: str) -> None:
+    path = write_raw(tmp_path / "t.safetensors", small_trace(), drop_tensor, **meta)
+    with pytest.raises(TraceError, match=message) as err:
+        load_trace(path)
+    assert str(path) in str(err.value)
+
+
+def test_truncated_file_is_refused(tmp_path: Path) -> None:
+    path = save_trace(small_trace(), tmp_path / "t.safetensors")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 20])
+    with pytest.raises(TraceError, match="truncated or corrupt"):
+        load_trace(path)
+
+
+def test_missing_file_says_how_to_make_one(tmp_path: Path) -> None:
+    with pytest.raises(TraceError, match="moetuner-import or moetuner-synth"):
+        load_trace(tmp_path / "absent.safetensors")
+
+
+def test_failed_write_keeps_the_old_file_and_no_temporary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = save_trace(small_trace(), tmp_path / "t.safetensors")
+    before = path.read_bytes()
+
+    def crash(tensors: dict, filename: str, metadata: dict) -> None:
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(trace_module, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_trace(replace(small_trace(), model="other"), path)
+    assert path.read_bytes() == before and leftovers(tmp_path) == ["t.safetensors"]
+    assert load_trace(path).model == "tiny"

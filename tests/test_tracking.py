@@ -1,0 +1,84 @@
+"""The MLflow module: params, metrics, artifacts, nesting, and survival when MLflow is unreachable."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import mlflow
+import pytest
+from omegaconf import OmegaConf
+
+from moetuner.apps.common import hydra_subdir, out_dir
+from moetuner.tracking import flatten, tracked_run
+
+
+def _cfg(**mlflow_cfg: object) -> object:
+    base = {"enabled": True, "experiment": "t", "tracking_uri": None, "parent_run_id": None}
+    base.update(mlflow_cfg)
+    return OmegaConf.create({"trace": "a.safetensors", "solver": {"name": "eplb", "time_limit_s": 5},
+                             "mlflow": base})
+
+
+def test_flatten_nested_leaves() -> None:
+    assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {"a.b": "1", "a.c.d": "[1, 2]", "e": "None"}
+
+
+def test_run_logs_params_metrics_tags_and_config(mlflow_uri: str, tmp_path: Path) -> None:
+    out = tmp_path / "out.txt"
+    out.write_text("hello")
+    with tracked_run("solve", _cfg(), tags={"model": "tiny"}) as run:
+        run.log_metrics({"objective": 3.5, "n": 2, "label": "not-a-number", "flag": True})
+        run.log_artifact(out)
+    mlflow.set_tracking_uri(mlflow_uri)
+    runs = mlflow.search_runs(experiment_names=["t"])
+    assert len(runs) == 1
+    row = runs.iloc[0]
+    assert row["status"] == "FINISHED"
+    assert row["params.solver.name"] == "eplb" and row["params.solver.time_limit_s"] == "5"
+    assert "params.mlflow.experiment" not in runs.columns
+    assert row["metrics.objective"] == 3.5 and row["metrics.n"] == 2
+    assert "metrics.label" not in runs.columns and "metrics.flag" not in runs.columns
+    assert row["tags.app"] == "solve" and row["tags.model"] == "tiny"
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(row["run_id"])}
+    assert artifacts == {"config.yaml", "out.txt"}
+
+
+def test_nested_under_parent_and_failed_status(mlflow_uri: str) -> None:
+    client = mlflow.MlflowClient(mlflow_uri)
+    exp = client.create_experiment("t")
+    parent = client.create_run(exp).info.run_id
+    with pytest.raises(RuntimeError):
+        with tracked_run("simulate", _cfg(parent_run_id=parent)):
+            raise RuntimeError("boom")
+    mlflow.set_tracking_uri(mlflow_uri)
+    runs = mlflow.search_runs(experiment_names=["t"], filter_string="tags.app = 'simulate'")
+    assert runs.iloc[0]["tags.mlflow.parentRunId"] == parent
+    assert runs.iloc[0]["status"] == "FAILED"
+
+
+def test_unreachable_mlflow_warns_and_lets_the_app_finish(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "blocker").write_text("a file where the store's folder should be")
+    bad = f"sqlite:///{tmp_path / 'blocker' / 'x.db'}"
+    done = False
+    with caplog.at_level(logging.WARNING):
+        with tracked_run("solve", _cfg(tracking_uri=bad)) as run:
+            run.log_metrics({"a": 1.0})
+            done = True
+    assert done and not run.active
+    assert "outputs are written anyway" in caplog.text
+
+
+def test_disabled_tracking_creates_no_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
+    with tracked_run("solve", _cfg(enabled=False)) as run:
+        run.log_metrics({"a": 1.0})
+    assert not (tmp_path / "m.db").exists()
+
+
+@pytest.mark.parametrize(("out", "run_dir", "subdir"), [
+    ("results/p/placement.json", "results/p", ".hydra/placement.json"),
+    ("results/sim/in_domain", "results/sim/in_domain", ".hydra"),
+])
+def test_hydra_record_sits_beside_outputs(out: str, run_dir: str, subdir: str) -> None:
+    assert out_dir(out) == run_dir and hydra_subdir(out) == subdir
