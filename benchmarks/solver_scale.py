@@ -1,10 +1,13 @@
 """Solve time and optimality gap of the placement solvers from Mixtral to DeepSeek-V3 scale.
 
     .venv/bin/python benchmarks/solver_scale.py --time-limit 2 --tokens 4096
+    .venv/bin/python benchmarks/solver_scale.py --esft ../shared/data/esft-deepseek-v2-lite
 
 Synthetic traces (moetuner.synth: Zipf skew 1.0, inter-layer affinity 0.3) with each model's shape;
-every solver gets the same per-MIP time limit. Prints a Markdown table, writes it as CSV and logs
-every number to MLflow (experiment `benchmarks`, run `solver_scale`).
+every solver gets the same per-MIP time limit. With --esft: the real DeepSeek-V2-Lite routing
+instead, solved on 70% of the `intent` sequences and scored (profile-token imbalance per GPU) on the
+held-out 30% and on the `law` task. Prints a Markdown table, writes it as CSV and logs every number
+to MLflow (experiment `benchmarks`, run `solver_scale`).
 """
 
 from __future__ import annotations
@@ -21,9 +24,12 @@ from tqdm import tqdm
 from moetuner import PROJECT_ROOT
 from moetuner.apps.solve import placement_metrics, solve_placement
 from moetuner.atomic import atomic_path
+from moetuner.importers import import_routing
+from moetuner.placement.layout import Placement
 from moetuner.placement.problem import PlacementProblem
 from moetuner.synth import SynthSpec, synthesize
 from moetuner.topology import topology_from_config
+from moetuner.trace import split_by_sequence
 from moetuner.tracking import tracked_run
 
 
@@ -47,6 +53,8 @@ CASES = [
     Case("dsv3", 256, 58, 8, 8, 8),
 ]
 COLUMNS = ["case", "E", "L", "G", "solver", "status", "seconds", "objective", "bound", "gap", "imbalance"]
+HELDOUT_COLUMNS = ["replicas", "solver", "status", "seconds", "imbalance", "heldout_imbalance", "law_imbalance"]
+ALL_SOLVERS = ["contiguous", "round_robin", "greedy", "eplb", "exflow", "moetuner"]
 
 
 def h100_cluster(nodes: int, gpus_per_node: int) -> dict:
@@ -69,22 +77,45 @@ def make_problem(case: Case, tokens: int, replicas: int) -> PlacementProblem:
                             replicas=replicas)
 
 
+def solve(problem: PlacementProblem, solver: str, time_limit: float) -> tuple[Placement, dict]:
+    """Solve with the benchmark's MIP settings; the placement and its metrics on the profile."""
+    placement = solve_placement(problem, solver, {"time_limit_s": time_limit, "mip_solver": "highs",
+                                                  "gap_rel": 0.025, "equal_cluster_size": True})
+    return placement, placement_metrics(placement, problem.load)
+
+
 def run_case(case: Case, problem: PlacementProblem, solver: str, time_limit: float) -> dict:
     """Solve one case with one solver; a table row."""
-    placement = solve_placement(problem, solver, {"time_limit_s": time_limit, "mip_solver": "highs",
-                                                  "gap_rel": 0.025})
-    metrics = placement_metrics(placement, problem.load)
+    placement, metrics = solve(problem, solver, time_limit)
     return {"case": case.name, "E": case.experts, "L": case.layers, "G": problem.num_gpus, "solver": solver,
             "status": placement.status, "seconds": metrics["solve_seconds"], "objective": metrics["objective"],
             "bound": metrics["bound"], "gap": metrics["gap"], "imbalance": metrics["imbalance"]}
 
 
-def markdown(rows: list[dict]) -> str:
+def esft_rows(folder: Path, time_limit: float) -> list[dict]:
+    """Real routing: solve on 70% of `intent` (h200_2x8), score on its held-out 30% and on `law`."""
+    profile, heldout = split_by_sequence(import_routing("esft", folder / "intent"), 0.3, seed=0)
+    law = import_routing("esft", folder / "law")
+    topology = topology_from_config(OmegaConf.load(PROJECT_ROOT / "conf" / "topology" / "h200_2x8.yaml"))
+    rows = []
+    for replicas in (0, 1):
+        problem = PlacementProblem(profile, topology, replicas=replicas)
+        for solver in tqdm(ALL_SOLVERS, desc=f"esft replicas={replicas}"):
+            placement, metrics = solve(problem, solver, time_limit)
+            scores = [placement_metrics(placement, PlacementProblem(t, topology, replicas).load)["imbalance"]
+                      for t in (heldout, law)]
+            rows.append({"replicas": replicas, "solver": solver, "status": placement.status,
+                         "seconds": metrics["solve_seconds"], "imbalance": metrics["imbalance"],
+                         "heldout_imbalance": scores[0], "law_imbalance": scores[1]})
+    return rows
+
+
+def markdown(rows: list[dict], columns: list[str]) -> str:
     """The rows as a Markdown table (numbers to 3 significant digits, '-' for none)."""
     def cell(v: object) -> str:
         return "-" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(row[c]) for c in COLUMNS) + " |" for row in rows]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -94,23 +125,28 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="profile tokens per trace (default 4096)")
     parser.add_argument("--replicas", type=int, default=0, help="extra slots per GPU (default 0)")
     parser.add_argument("--cases", nargs="*", default=None, help="case names (default all), e.g. mixtral-g4")
+    parser.add_argument("--esft", type=Path, default=None, help="ESFT DeepSeek-V2-Lite folder: held-out mode")
     parser.add_argument("--out", default="results/benchmarks/solver_scale.csv", help="CSV of the table")
     args = parser.parse_args()
     cases = [c for c in CASES if args.cases is None or c.name in args.cases]
     config = {"time_limit_s": args.time_limit, "tokens": args.tokens, "replicas": args.replicas,
-              "cases": [c.name for c in cases], "mlflow": {"experiment": "benchmarks"}}
+              "cases": [c.name for c in cases], "esft": str(args.esft), "mlflow": {"experiment": "benchmarks"}}
     with tracked_run("solver_scale", config, tags={"benchmark": "solver_scale"}) as run:
-        rows = []
-        for case in tqdm(cases, desc="cases"):
-            problem = make_problem(case, args.tokens, args.replicas)
-            for solver in solvers():
-                row = run_case(case, problem, solver, args.time_limit)
-                rows.append(row)
-                run.log_metrics({f"{case.name}.{solver}.{k}": row[k]
-                                 for k in ("seconds", "objective", "bound", "gap", "imbalance")})
-        print(markdown(rows))
+        if args.esft:
+            rows, columns = esft_rows(args.esft, args.time_limit), HELDOUT_COLUMNS
+            keys = [f"esft.r{row['replicas']}.{row['solver']}" for row in rows]
+        else:
+            rows, columns, keys = [], COLUMNS, []
+            for case in tqdm(cases, desc="cases"):
+                problem = make_problem(case, args.tokens, args.replicas)
+                for solver in solvers():
+                    rows.append(run_case(case, problem, solver, args.time_limit))
+                    keys.append(f"{case.name}.{solver}")
+        for key, row in zip(keys, rows):
+            run.log_metrics({f"{key}.{k}": v for k, v in row.items()})  # numbers only; strings are skipped
+        print(markdown(rows, columns))
         with atomic_path(args.out) as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(rows)
         run.log_artifact(Path(args.out))

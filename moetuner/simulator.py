@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from moetuner.placement.layout import logical_replica_count, logical_to_physical_map
+from moetuner.placement.layout import logical_replica_count, logical_to_physical_map, validate_phy2log
 from moetuner.topology import GB, Topology
 
 DATAFLOWS = ("dispatch_combine", "expert_to_expert")
@@ -75,12 +75,14 @@ def cost_model(topology: Topology, hidden_size: int, intermediate_size: int) -> 
     same = node[:, None] == node[None, :]
     bandwidth = topology.bandwidth()
     if "intra_node_bw_GBps" in cal or "inter_node_bw_GBps" in cal:
-        intra = float(cal.get("intra_node_bw_GBps", topology.intra_node_bw / GB)) * GB
-        inter = float(cal.get("inter_node_bw_GBps", topology.inter_node_bw / GB)) * GB
+        intra = float(cal["intra_node_bw_GBps"]) * GB if "intra_node_bw_GBps" in cal else topology.intra_node_bw
+        inter = float(cal["inter_node_bw_GBps"]) * GB if "inter_node_bw_GBps" in cal else topology.inter_node_bw
         bandwidth = np.where(same, intra, inter)
         np.fill_diagonal(bandwidth, np.inf)
-    intra_lat = float(cal.get("intra_node_latency_us", topology.intra_node_latency * 1e6)) * 1e-6
-    inter_lat = float(cal.get("inter_node_latency_us", topology.inter_node_latency * 1e6)) * 1e-6
+    intra_lat = float(cal["intra_node_latency_us"]) * 1e-6 if "intra_node_latency_us" in cal \
+        else topology.intra_node_latency
+    inter_lat = float(cal["inter_node_latency_us"]) * 1e-6 if "inter_node_latency_us" in cal \
+        else topology.inter_node_latency
     latency = np.where(same, intra_lat, inter_lat)
     np.fill_diagonal(latency, 0.0)
     shape = hidden_size * intermediate_size
@@ -171,7 +173,12 @@ def pick_balanced(ids: np.ndarray, src: np.ndarray, slots: LayerSlots, num_gpus:
     chosen = slots.log2phy[ids, 0].copy()
     single = slots.count[ids] == 1
     gpu_load = np.bincount(slots.gpu_of_slot[chosen[single]], minlength=num_gpus).astype(float)
-    load = np.bincount(ids.ravel(), minlength=len(slots.count))
+    flat_ids = ids.ravel()
+    pair_src = np.repeat(src, ids.shape[1])
+    order = np.lexsort((pair_src, flat_ids))  # pairs grouped by expert, then by source GPU
+    load = np.bincount(flat_ids, minlength=len(slots.count))
+    start = np.concatenate([[0], np.cumsum(load)])
+    flat_chosen = chosen.ravel()
     for expert in np.argsort(-load, kind="stable"):
         if slots.count[expert] < 2 or load[expert] == 0:
             continue
@@ -179,11 +186,9 @@ def pick_balanced(ids: np.ndarray, src: np.ndarray, slots: LayerSlots, num_gpus:
         reps = reps[np.argsort(slots.gpu_of_slot[reps], kind="stable")]
         gpus = slots.gpu_of_slot[reps]
         quota = water_fill(gpu_load[gpus], int(load[expert]))
-        tok, pos = np.nonzero(ids == expert)
-        order = np.argsort(src[tok], kind="stable")
-        chosen[tok[order], pos[order]] = np.repeat(reps, quota)
+        flat_chosen[order[start[expert]:start[expert + 1]]] = np.repeat(reps, quota)
         np.add.at(gpu_load, gpus, quota)
-    return chosen
+    return flat_chosen.reshape(ids.shape)
 
 
 def choose_slots(ids: np.ndarray, token: np.ndarray, src: np.ndarray, slots: LayerSlots,
@@ -317,7 +322,7 @@ class SimResult:
 
 def check_inputs(phy2log: np.ndarray, num_gpus: int, ids: np.ndarray, num_experts: int, cost: CostModel,
                  step_tokens: int, dataflow: str, policy: str) -> None:
-    """Raise SimulationError naming the first disagreement between placement, trace and topology."""
+    """Raise SimulationError (PlacementError for the map itself) naming the first disagreement."""
     if dataflow not in DATAFLOWS:
         raise SimulationError(f"dataflow={dataflow!r} is unknown; choose one of {list(DATAFLOWS)}")
     if policy not in REPLICA_POLICIES:
@@ -325,20 +330,9 @@ def check_inputs(phy2log: np.ndarray, num_gpus: int, ids: np.ndarray, num_expert
     if num_gpus != cost.num_gpus:
         raise SimulationError(f"the placement was solved for {num_gpus} GPUs but the topology has "
                               f"{cost.num_gpus}; simulate with the topology it was solved for")
-    if phy2log.shape[0] != ids.shape[1]:
-        raise SimulationError(f"the placement has {phy2log.shape[0]} layers but the trace has "
-                              f"{ids.shape[1]} MoE layers; use a placement solved for this model")
-    if phy2log.max() >= num_experts:
-        raise SimulationError(f"the placement holds expert id {int(phy2log.max())} but the trace's model "
-                              f"has {num_experts} experts; use a placement solved for this model")
     routed = np.zeros((ids.shape[1], num_experts), dtype=bool)
     routed[np.arange(ids.shape[1])[None, :, None], ids] = True
-    missing = np.argwhere(routed & (logical_replica_count(phy2log, num_experts) == 0))
-    if len(missing):
-        layer, expert = missing[0]
-        raise SimulationError(f"the trace routes tokens to expert {expert} of layer {layer}, which has "
-                              f"no slot in the placement ({len(missing)} such (layer, expert) pairs); "
-                              f"solve the placement for this model")
+    validate_phy2log(phy2log, num_experts, num_gpus, required=routed)  # layers, ids, routed experts placed
     if not 1 <= step_tokens <= ids.shape[0]:
         raise SimulationError(f"step_tokens={step_tokens} but the trace has {ids.shape[0]} tokens; "
                               f"choose 1 <= step_tokens <= {ids.shape[0]}")

@@ -65,10 +65,12 @@ def test_gpu_loads_split_replicas_by_hand() -> None:
 
 
 def test_fill_hot_replicas_by_hand() -> None:
-    # loads 9, 8, 1 on 3 GPUs x 2 slots: copy 0 to GPU 2 (lightest, 1), copy 1 to GPU 0 (the only
-    # free GPU without it), copy 0 (4.5 > 4) to GPU 1
+    # loads 9, 8, 1 on 3 GPUs x 2 slots. Copies: 0 (9 -> 4.5), 1 (8 -> 4), 0 (4.5 -> 3): per copy
+    # 3, 4, 1; GPUs hold 3, 4, 1. Heaviest copy first: 1 (4) -> GPU 2 (5); 0 (3) -> GPU 1 (7);
+    # 0 (3) -> GPU 0, the only one with room although it holds 0 already (6).
     filled = fill_hot_replicas(np.array([[0, -1, 1, -1, 2, -1]]), np.array([[9.0, 8, 1]]), 3)
-    assert filled.tolist() == [[0, 1, 1, 0, 2, 0]]
+    assert filled.tolist() == [[0, 0, 1, 0, 2, 1]]
+    assert gpu_loads(filled, np.array([[9.0, 8, 1]]), 3).tolist() == [[6.0, 7.0, 5.0]]
     # a GPU that already holds the expert is used only when no other GPU has room
     assert fill_hot_replicas(np.array([[0, -1, 1, -1]]), np.array([[9.0, 1]]), 2).tolist() == [[0, 0, 1, 0]]
 

@@ -1,8 +1,4 @@
-"""Name -> checkpoint: preset files in conf/presets/model/, local folders, hub ids; loading them.
-
-`conf/presets/model/<name>.yaml` holds either `preset: <tiny preset>` (built offline by
-`build_preset`) or `path: <local folder or hub id>`; any other name is used as a path or hub id.
-"""
+"""Loading a checkpoint (local folder or hub id) for extraction: dtype, device, supported check."""
 
 from __future__ import annotations
 
@@ -10,30 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
-from moetuner import PROJECT_ROOT
 from moetuner.extraction.capture import check_supported
 from moetuner.extraction.extract import ExtractionError
-from moetuner.extraction.presets import DEFAULT_CACHE, build_preset
-
-PRESET_DIR = PROJECT_ROOT / "conf" / "presets"
-
-
-def preset_entry(kind: str, name: str) -> dict[str, Any] | None:
-    """The contents of conf/presets/<kind>/<name>.yaml, or None when there is no such preset."""
-    path = PRESET_DIR / kind / f"{name}.yaml"
-    return dict(OmegaConf.to_container(OmegaConf.load(path))) if path.is_file() else None
-
-
-def resolve_model(name: str, cache_dir: str | Path | None = None) -> str:
-    """A local folder or hub id for `name` (a tiny preset is built into `cache_dir` first)."""
-    entry = preset_entry("model", name)
-    if entry is None:
-        return name
-    if "preset" in entry:
-        return str(build_preset(entry["preset"], Path(cache_dir or DEFAULT_CACHE) / entry["preset"]))
-    return str(entry["path"])
+from moetuner.extraction.registry import PRESET_DIR
 
 
 def torch_dtype(dtype: str) -> torch.dtype:

@@ -84,6 +84,15 @@ def hf_documents(source: str, split: str, text_field: str, config_name: str | No
         yield str(row[text_field])
 
 
+def _is_local_text(source: str) -> bool:
+    return source == STDLIB_DOCS or Path(source).suffix in (".txt", ".jsonl")
+
+
+def source_label(source: str, split: str) -> str:
+    """The trace's `source` metadata: the source, plus `:split` for a Hugging Face dataset."""
+    return source if _is_local_text(source) else f"{source}:{split}"
+
+
 def documents(source: str, split: str = "train", text_field: str = "text",
               config_name: str | None = None) -> Iterator[tuple[int, str]]:
     """(sequence id, text) for each non-empty document of `source`, in source order.

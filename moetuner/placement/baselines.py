@@ -31,25 +31,30 @@ def gpu_loads(phy2log: np.ndarray, load: np.ndarray, num_gpus: int) -> np.ndarra
 
 
 def fill_hot_replicas(phy2log: np.ndarray, load: np.ndarray, num_gpus: int) -> np.ndarray:
-    """Fill every empty slot (-1) with a replica of the expert of largest load per replica.
+    """Fill every empty slot (-1) with a replica of a hot expert; the placed experts stay put.
 
-    The replica goes to the GPU with the least load that has an empty slot, preferring GPUs that
-    do not hold that expert yet. Returns a new [L, P] map; phy2log: [L, P], load: [L, E].
+    As EPLB: each extra copy goes to the expert with the largest load per copy; then the copies,
+    heaviest first, go to the least-loaded GPU with room, preferring GPUs without that expert.
+    Returns a new [L, P] map; phy2log: [L, P], load: [L, E].
     """
     out = phy2log.copy()
     slots_per_gpu = out.shape[1] // num_gpus
     for layer, row in enumerate(out):
-        counts = np.bincount(row[row >= 0], minlength=load.shape[1]).astype(float)
-        while (row < 0).any():
+        counts = np.bincount(row[row >= 0], minlength=load.shape[1])
+        extra = []
+        for _ in range(int((row < 0).sum())):
             expert = int(np.argmax(load[layer] / np.maximum(counts, 1)))
-            grid = row.reshape(num_gpus, slots_per_gpu)
+            counts[expert] += 1
+            extra.append(expert)
+        per_copy = load[layer] / np.maximum(counts, 1)
+        grid = row.reshape(num_gpus, slots_per_gpu)  # a view: writes go to `out`
+        per_gpu = np.where(grid >= 0, per_copy[np.maximum(grid, 0)], 0.0).sum(1)
+        for expert in sorted(extra, key=lambda e: -per_copy[e]):
             free = (grid < 0).any(1)
             fresh = free & ~(grid == expert).any(1)
-            allowed = fresh if fresh.any() else free
-            per_gpu = gpu_loads(row[None], load[layer][None], num_gpus)[0]
-            gpu = int(np.argmin(np.where(allowed, per_gpu, np.inf)))
-            row[gpu * slots_per_gpu + int(np.argmax(grid[gpu] < 0))] = expert
-            counts[expert] += 1
+            gpu = int(np.argmin(np.where(fresh if fresh.any() else free, per_gpu, np.inf)))
+            grid[gpu, int(np.argmax(grid[gpu] < 0))] = expert
+            per_gpu[gpu] += per_copy[expert]
     return out
 
 

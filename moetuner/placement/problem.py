@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from moetuner.placement.layout import Placement
+from moetuner.profiling.stats import expert_load
 from moetuner.topology import Topology, TopologyError
 from moetuner.trace import Trace
 
@@ -53,11 +54,7 @@ class PlacementProblem:
     @cached_property
     def load(self) -> np.ndarray:
         """Tokens routed to each expert in the profile. float [L, E]"""
-        ids = self.profile.topk_ids.astype(np.int64)  # [T, L, k]
-        load = np.zeros((self.num_layers, self.num_experts))
-        for layer in range(self.num_layers):
-            load[layer] = np.bincount(ids[:, layer].ravel(), minlength=self.num_experts)
-        return load
+        return expert_load(self.profile.topk_ids, self.num_experts).astype(float)
 
 
 Solver = Callable[[PlacementProblem, Mapping[str, Any]], Placement]

@@ -48,21 +48,16 @@ def exchange(x: torch.Tensor, meta: torch.Tensor, dest: torch.Tensor, world: int
     return Exchanged(out_x, out_meta, src, sent)
 
 
-def choose_slots(topk_ids: torch.Tensor, log2phy: torch.Tensor, replica_count: torch.Tensor,
-                 offset: int = 0) -> torch.Tensor:
-    """Round-robin replica choice: the i-th pair for expert e takes replica (i + offset) % count[e].
+def choose_slots(topk_ids: torch.Tensor, token: torch.Tensor, log2phy: torch.Tensor,
+                 replica_count: torch.Tensor) -> torch.Tensor:
+    """Round-robin replica choice, as the simulator's: token t takes replica t % count[e].
 
-    topk_ids [N, k] logical ids; log2phy [E, R] slots (-1 padded); replica_count [E] -> slots [N, k].
+    topk_ids [N, k] logical ids; token [N] index of each token in its step; log2phy [E, R] slots
+    (-1 padded); replica_count [E] -> global slots [N, k].
     """
-    flat = topk_ids.reshape(-1).long()
-    assert bool((replica_count[flat] > 0).all()), "a routed expert has no slot in the placement"
-    order = torch.argsort(flat, stable=True)
-    sorted_ids = flat[order]
-    first = torch.searchsorted(sorted_ids, sorted_ids, right=False)
-    occurrence = torch.empty_like(flat)
-    occurrence[order] = torch.arange(len(flat)) - first
-    replica = (occurrence + offset) % replica_count[flat]
-    return log2phy[flat, replica].reshape(topk_ids.shape)
+    ids = topk_ids.long()
+    assert bool((replica_count[ids] > 0).all()), "a routed expert has no slot in the placement"
+    return log2phy[ids, token.unsqueeze(1) % replica_count[ids]]
 
 
 @dataclass

@@ -84,12 +84,14 @@ def kill_tree(procs: list[subprocess.Popen]) -> None:
 def failure_cause(log: Path) -> str:
     """The failed rank and cause from torchrun's failure summary and the last error line of a log."""
     text = log.read_text(errors="replace") if log.is_file() else ""
+    errors = [e for e in re.findall(r"^\S*(?:Error|Exception)\b.*$", text, re.MULTILINE)
+              if "ChildFailedError" not in e]
+    text = text.split("Root Cause", 1)[-1]
     parts = []
     for key in ("rank", "exitcode", "traceback"):
         m = re.search(rf"^\s*{key}\s*:\s*(.+)$", text, re.MULTILINE)
         if m:
             parts.append(f"{key} {m.group(1).strip()}")
-    errors = re.findall(r"^\S*(?:Error|Exception)\b.*$", text, re.MULTILINE)
     if errors:
         parts.append(errors[-1].strip()[:300])
     return "; ".join(parts) or "no failure summary in the log"

@@ -72,7 +72,8 @@ class EPExperts(nn.Module):
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         n = hidden.shape[0]
-        slots = choose_slots(top_k_index, self.log2phy, self.counts, offset=self.rank)
+        token = torch.arange(n) * self.cluster.world + self.rank  # data-parallel: rank r holds every W-th token
+        slots = choose_slots(top_k_index, token, self.log2phy, self.counts)
         home = torch.full((n,), self.rank, dtype=torch.long)
         part, tok, times = ep_layer(hidden, torch.arange(n), slots, top_k_weights, self.spr, home,
                                     self.local, self.cluster.world, self.rank)

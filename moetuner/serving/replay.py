@@ -1,10 +1,11 @@
 """Trace replay: real routing drives real all-to-all traffic and real expert GEMMs (random weights).
 
-Every step takes `step_tokens` consecutive trace tokens; token i of a step of B tokens has home rank
-i * W // B. Dataflows (the same definitions as the simulator, see docs/serving.md):
+The same conventions as `moetuner.simulator`: every step takes `step_tokens` consecutive trace
+tokens; token j of a step has home rank j % W and takes replica j % count of each expert.
   dispatch_combine: every layer, tokens go from their home rank to their experts' ranks and back home;
-  expert_to_expert: layer l's outputs gather on the rank of the token's top-1 expert of layer l
-                    (highest gate weight, else the first id), which dispatches it to layer l+1.
+  expert_to_expert: layer l's outputs gather on the rank of the token's primary expert of layer l
+                    (largest gate weight, else the first id), which dispatches it to layer l+1;
+                    the last layer combines back home.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from moetuner.placement.layout import logical_replica_count, logical_to_physical_map
 from moetuner.serving.ep_moe import choose_slots, ep_layer
 from moetuner.serving.experts import random_experts
 from moetuner.serving.measure import Cluster, layer_row
+from moetuner.simulator import primary_column
 from moetuner.trace import Trace
 
 DATAFLOWS = ("dispatch_combine", "expert_to_expert")
@@ -44,13 +47,6 @@ class ReplaySettings:
             raise ReplayError(f"dataflow={self.dataflow!r}; choose one of {list(DATAFLOWS)}")
         if self.step_tokens < 1 or self.shape_scale < 1:
             raise ReplayError(f"step_tokens={self.step_tokens} and shape_scale={self.shape_scale} must be >= 1")
-
-
-def top1_column(trace: Trace) -> np.ndarray:
-    """Column of each token's top-1 expert per layer: highest gate weight, else column 0. [T, L]"""
-    if trace.topk_weights is None:
-        return np.zeros(trace.topk_ids.shape[:2], dtype=np.int64)
-    return np.argmax(trace.topk_weights.astype(np.float32), axis=2)
 
 
 def step_ranges(num_tokens: int, settings: ReplaySettings) -> Iterator[tuple[int, int, int]]:
@@ -87,23 +83,24 @@ def replay(trace: Trace, phy2log: np.ndarray, settings: ReplaySettings, cluster:
     ids = torch.from_numpy(trace.topk_ids.astype(np.int64))  # [T, L, k]
     weights = torch.ones(ids.shape) if trace.topk_weights is None else \
         torch.from_numpy(trace.topk_weights.astype(np.float32))
-    top1 = torch.from_numpy(top1_column(trace))
+    primary = torch.from_numpy(primary_column(trace.topk_ids, trace.topk_weights))
     gen = torch.Generator().manual_seed(settings.seed)
     rows: list[dict] = []
     tokens, wall = 0, 0.0
-    for step, lo, hi in step_ranges(trace.num_tokens, settings):
+    steps = list(step_ranges(trace.num_tokens, settings))
+    for step, lo, hi in tqdm(steps, desc=f"replay {settings.dataflow}", unit="step", disable=rank != 0):
         batch = hi - lo
-        mine = torch.arange(lo, hi)[(torch.arange(batch) * world) // batch == rank]
+        mine = torch.arange(lo + rank, hi, world)  # trace ids of the tokens with home rank `rank`
         x = torch.randn(len(mine), hidden, generator=gen)
         torch.distributed.barrier()
         t0 = time.perf_counter()
         step_rows = []
         for layer in range(num_layers):
-            slots = choose_slots(ids[mine, layer], log2phy[layer], counts[layer], offset=rank)
-            if settings.dataflow == "dispatch_combine":
-                dest = torch.full((len(mine),), rank, dtype=torch.long)
+            slots = choose_slots(ids[mine, layer], mine - lo, log2phy[layer], counts[layer])
+            if settings.dataflow == "dispatch_combine" or layer == num_layers - 1:
+                dest = (mine - lo) % world
             else:
-                dest = slots[torch.arange(len(mine)), top1[mine, layer]] // spr
+                dest = slots[torch.arange(len(mine)), primary[mine, layer]] // spr
 
             def record(tok: torch.Tensor, slot: torch.Tensor, layer: int = layer) -> None:
                 if delivered is not None:

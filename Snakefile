@@ -1,0 +1,42 @@
+# moetuner study: traces -> split -> profile -> solve -> simulate / serve -> calibrate -> report.
+#   snakemake --cores 2                                   # the default study (conf/study/default.yaml)
+#   snakemake --cores 2 --configfile conf/study/tiny.yaml # another study grid
+#   snakemake --report report.html                        # the Snakemake report (after a run)
+# One MLflow parent run per invocation (created in onstart: never on a dry run or with nothing to do);
+# every job's app logs a child run under it. See docs/study.md.
+from pathlib import Path
+
+from moetuner import study as moe_study
+
+configfile: "conf/study/default.yaml"
+
+PROJECT = Path(workflow.basedir).resolve()
+
+report: "workflow/report/workflow.rst"
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/traces.smk"
+include: "workflow/rules/profile.smk"
+include: "workflow/rules/solve.smk"
+include: "workflow/rules/simulate.smk"
+include: "workflow/rules/serve.smk"
+include: "workflow/rules/calibrate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        rules.report.output,
+
+
+onstart:
+    moe_study.start_parent(RESULTS, config["study"], config["mlflow"]["experiment"],
+                           config["mlflow"]["tracking_uri"], tags={"skipped_real_data": ",".join(SKIPPED) or "none"})
+
+
+onsuccess:
+    moe_study.finish_parent(RESULTS, "FINISHED")
+
+
+onerror:
+    moe_study.finish_parent(RESULTS, "FAILED")

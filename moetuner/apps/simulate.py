@@ -1,0 +1,114 @@
+"""moetuner-simulate: predicted per-step layer times of a placement on (held-out) routing.
+
+    moetuner-simulate placement=results/eplb.json trace=traces/intent.heldout.safetensors \
+        topology=h200_2x8 out=sim/eplb dataflow=dispatch_combine replica_policy=balanced step_tokens=1024
+writes out/metrics.json, out/per_layer.csv, out/gpu_load_boxplot.png, out/a2a_tail_per_layer.png.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+from moetuner.apps.common import CONF_DIR
+from moetuner.atomic import atomic_path, write_json_atomic
+from moetuner.placement.layout import Placement, contiguous_phy2log, load_placement
+from moetuner.profiling.figures import plt, save_figure
+from moetuner.simulator import SimResult, SimulationError, cost_model, primary_column, simulate
+from moetuner.topology import Topology, topology_from_config
+from moetuner.trace import Trace, load_trace
+from moetuner.tracking import tracked_run
+
+
+def check_placement(placement: Placement, trace: Trace, topology: Topology) -> None:
+    """Raise SimulationError (or TopologyError) when placement, trace and topology disagree."""
+    topology.check_fits(trace.num_experts)
+    solved_for = placement.extra.get("num_experts")
+    if solved_for is not None and int(solved_for) != trace.num_experts:
+        raise SimulationError(f"the placement was solved for {solved_for} experts but the trace's model "
+                              f"has {trace.num_experts}; solve a placement from a trace of this model")
+    if placement.num_gpus != topology.num_gpus:
+        raise SimulationError(f"the placement is for {placement.num_gpus} GPUs but topology {topology.name} "
+                              f"has {topology.num_gpus}; pass the topology it was solved for")
+
+
+def run_simulation(placement: Placement, trace: Trace, topology: Topology, step_tokens: int,
+                   dataflow: str, policy: str) -> tuple[SimResult, SimResult, dict[str, float]]:
+    """(result, contiguous result, metrics) of `placement` on `trace`.
+
+    The contiguous baseline is Megatron's layout with ceil(E/G) slots per GPU and no replicas.
+    """
+    check_placement(placement, trace, topology)
+    cost = cost_model(topology, trace.hidden_size, trace.moe_intermediate_size)
+    ids, primary = trace.topk_ids.astype(np.int64), primary_column(trace.topk_ids, trace.topk_weights)
+    run = lambda phy: simulate(phy, topology.num_gpus, ids, primary, trace.num_experts, cost,  # noqa: E731
+                               step_tokens, dataflow, policy, progress=True)
+    result = run(placement.phy2log)
+    base = run(contiguous_phy2log(trace.num_layers, trace.num_experts, topology.num_gpus,
+                                  math.ceil(trace.num_experts / topology.num_gpus)))
+    metrics = result.metrics()
+    metrics["contiguous_layer_time_s"] = base.metrics()["layer_time_s"]
+    metrics["speedup_vs_contiguous"] = metrics["contiguous_layer_time_s"] / metrics["layer_time_s"]
+    return result, base, metrics
+
+
+def write_per_layer(result: SimResult, moe_layers: list[int], path: Path) -> Path:
+    """The per-layer table (means over steps) as CSV."""
+    columns = result.per_layer()
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["layer", "moe_layer", *columns])
+        for i, layer in enumerate(moe_layers):
+            writer.writerow([i, layer, *(f"{col[i]:.6g}" for col in columns.values())])
+    return path
+
+
+def gpu_load_boxplot(result: SimResult, path: Path) -> Path:
+    """Box plot per layer of tokens per GPU over all steps and GPUs (relative to the mean)."""
+    tokens = result.tokens  # [S, L, G]
+    share = tokens / np.maximum(tokens.mean(-1, keepdims=True), 1e-12)
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * share.shape[1]), 4))
+    ax.boxplot([share[:, layer].ravel() for layer in range(share.shape[1])], showfliers=False)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set(xlabel="MoE layer", ylabel="tokens per GPU / mean", title="per-GPU load per layer (all steps)")
+    return save_figure(fig, path)
+
+
+def a2a_tail_plot(result: SimResult, base: SimResult, path: Path) -> Path:
+    """Dispatch + combine tail per layer (mean over steps), this placement vs contiguous."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, res in (("placement", result), ("contiguous", base)):
+        ax.plot((res.dispatch_s + res.combine_s).mean(0) * 1e6, marker="o", ms=3, label=name)
+    ax.set(xlabel="MoE layer", ylabel="all-to-all tail (us)", title="dispatch + combine tail per layer")
+    ax.legend()
+    return save_figure(fig, path)
+
+
+def write_outputs(result: SimResult, base: SimResult, metrics: dict[str, float], moe_layers: list[int],
+                  out: str | Path) -> list[Path]:
+    """metrics.json, per_layer.csv and the two figures in folder `out`."""
+    out = Path(out)
+    return [write_json_atomic(out / "metrics.json", metrics), write_per_layer(result, moe_layers, out / "per_layer.csv"),
+            gpu_load_boxplot(result, out / "gpu_load_boxplot.png"),
+            a2a_tail_plot(result, base, out / "a2a_tail_per_layer.png")]
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="simulate")
+def main(cfg: DictConfig) -> None:
+    placement, trace = load_placement(cfg.placement), load_trace(cfg.trace)
+    topology = topology_from_config(cfg.topology)
+    check_placement(placement, trace, topology)  # bad input fails before a run is opened
+    tags = {"model": trace.model, "dataset": trace.extra.get("dataset", trace.source), "solver": placement.solver,
+            "topology": topology.name, "dataflow": str(cfg.dataflow)}
+    with tracked_run("simulate", cfg, tags=tags) as run:
+        result, base, metrics = run_simulation(placement, trace, topology, int(cfg.step_tokens),
+                                               str(cfg.dataflow), str(cfg.replica_policy))
+        paths = write_outputs(result, base, metrics, trace.moe_layers, cfg.out)
+        run.log_metrics(metrics)
+        for path in paths:
+            run.log_artifact(path)

@@ -1,0 +1,166 @@
+"""The MLflow side of a study run by Snakemake: one parent run per workflow invocation, one child per job.
+
+- `start_parent` (the Snakefile's `onstart`, never on a dry run) creates the store, the experiment and
+  a RUNNING parent run before any job starts, and writes its id to `<results>/mlflow_parent.json`.
+- `run_job` (`python -m moetuner.study job ...`, the prefix of every app rule) runs one app with
+  `mlflow.parent_run_id/tracking_uri/experiment` overrides appended and records the tags of its child
+  run: rule, wildcards, config hash (the app itself tags the git commit).
+- `finish_parent` (the report rule, `onsuccess`, `onerror`) applies those tags, logs the report on the
+  parent and ends it.
+MLflow failures are logged and never fail a job: outputs matter more than tracking.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from moetuner import tracking_study
+from moetuner.atomic import write_json_atomic
+from moetuner.tracking import default_tracking_uri
+
+log = logging.getLogger(__name__)
+
+PARENT_FILE = "mlflow_parent.json"
+JOBS_DIR = "mlflow_jobs"
+MLFLOW_KEYS = ("mlflow.tracking_uri", "mlflow.experiment", "mlflow.parent_run_id")
+
+
+def config_hash(overrides: Sequence[str]) -> str:
+    """12 hex digits naming a job's configuration: its app and overrides, order-free, minus out/mlflow."""
+    kept = sorted(o for o in overrides if not o.startswith(("out=", "mlflow.")))
+    return hashlib.sha256("\n".join(kept).encode()).hexdigest()[:12]
+
+
+def parent_path(results: str | Path) -> Path:
+    return Path(results) / PARENT_FILE
+
+
+def read_parent(results: str | Path) -> dict[str, Any] | None:
+    """The parent-run record of the current invocation ({run_id, tracking_uri, experiment}), or None."""
+    path = parent_path(results)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def start_parent(results: str | Path, study: str, experiment: str, tracking_uri: str | None = None,
+                 tags: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Create the experiment and a RUNNING parent run; record it in `<results>/mlflow_parent.json`."""
+    uri = tracking_uri or default_tracking_uri()
+    record: dict[str, Any] = {"run_id": None, "tracking_uri": uri, "experiment": experiment}
+    try:
+        record["run_id"] = tracking_study.create_parent_run(uri, experiment, f"study:{study}",
+                                                           {"study": study, **(tags or {})})
+    except Exception as err:  # noqa: BLE001 - the study runs without tracking rather than not at all
+        log.warning("MLflow: no parent run at %s (%s); jobs run untracked by the study", uri, err)
+    write_json_atomic(parent_path(results), record)
+    return record
+
+
+def finish_parent(results: str | Path, status: str, artifacts: Sequence[str | Path] = (),
+                  metrics: Mapping[str, float] | None = None) -> None:
+    """Log `artifacts`/`metrics` on the parent run and end it with `status` if it is still RUNNING."""
+    assert status in ("FINISHED", "FAILED"), status
+    record = read_parent(results)
+    if not record or not record["run_id"]:
+        return
+    uri, run_id = record["tracking_uri"], record["run_id"]
+    try:
+        tag_children(record, results)
+        run = tracking_study.run_logger(uri, run_id)
+        for path in artifacts:
+            run.log_artifact(path)
+        run.log_metrics(metrics or {})
+        if tracking_study.run_status(uri, run_id) == "RUNNING":
+            tracking_study.end_run(uri, run_id, status)
+    except Exception as err:  # noqa: BLE001
+        log.warning("MLflow: could not finish parent run %s (%s)", run_id, err)
+
+
+def mlflow_overrides(record: Mapping[str, Any]) -> list[str]:
+    """Hydra overrides that nest an app's run under the parent (none without a parent)."""
+    if not record.get("run_id"):
+        return []
+    values = (record["tracking_uri"], record["experiment"], record["run_id"])
+    return [f"{key}='{value}'" for key, value in zip(MLFLOW_KEYS, values)]
+
+
+def out_override(command: Sequence[str]) -> str | None:
+    """The value of the `out=` override in an app command line."""
+    return next((arg.removeprefix("out=") for arg in command if arg.startswith("out=")), None)
+
+
+def job_record_path(results: str | Path, out: str) -> Path:
+    return Path(results) / JOBS_DIR / f"{hashlib.sha256(out.encode()).hexdigest()[:16]}.json"
+
+
+def tag_children(record: Mapping[str, Any], results: str | Path) -> int:
+    """Tag every child run of this invocation with its job's rule, wildcards and config hash; return how many."""
+    tagged = 0
+    for path in sorted((Path(results) / JOBS_DIR).glob("*.json")):
+        job = json.loads(path.read_text())
+        if job["parent_run_id"] != record["run_id"]:
+            continue  # a job of an earlier invocation
+        run_id = tracking_study.find_child_run(record["tracking_uri"], record["run_id"], job["out"])
+        if run_id is None:
+            log.warning("MLflow: no child run with out=%s under %s to tag", job["out"], record["run_id"])
+            continue
+        tracking_study.run_logger(record["tracking_uri"], run_id).set_tags(job["tags"])
+        tagged += 1
+    return tagged
+
+
+def run_job(results: str | Path, rule: str, wildcards: Mapping[str, str], command: Sequence[str]) -> int:
+    """Run one app command nested under the study's parent run; return its exit status.
+
+    The tags for its child run are written to `<results>/mlflow_jobs/` (no MLflow import per job);
+    `finish_parent` applies them.
+    """
+    record = read_parent(results) or {}
+    out = out_override(command)
+    assert out is not None, f"the app command {list(command)} has no out= override"
+    status = subprocess.run([*command, *mlflow_overrides(record)], check=False).returncode
+    tags = {"rule": rule, "config_hash": config_hash(command),
+            **{f"wildcard.{k}": v for k, v in wildcards.items()}}
+    write_json_atomic(job_record_path(results, out),
+                      {"out": out, "parent_run_id": record.get("run_id"), "tags": tags})
+    return status
+
+
+def _parse_wildcards(text: str) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in text.split(",") if item)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m moetuner.study job|finish ...` (the Snakemake rules' helpers)."""
+    parser = argparse.ArgumentParser(prog="python -m moetuner.study")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    job = sub.add_parser("job", help="run an app command as a child of the study's parent run")
+    job.add_argument("--results", required=True)
+    job.add_argument("--rule", required=True)
+    job.add_argument("--wildcards", default="", help="k=v,k=v")
+    job.add_argument("command", nargs=argparse.REMAINDER, help="-- app arguments...")
+    fin = sub.add_parser("finish", help="log the report on the parent run and end it")
+    fin.add_argument("--results", required=True)
+    fin.add_argument("--status", default="FINISHED", choices=["FINISHED", "FAILED"])
+    fin.add_argument("--metrics", help="a JSON file of scalar metrics to log on the parent")
+    fin.add_argument("artifacts", nargs="*")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    if args.cmd == "job":
+        command = args.command[1:] if args.command[:1] == ["--"] else args.command
+        assert command, "give the app command after --"
+        return run_job(args.results, args.rule, _parse_wildcards(args.wildcards), command)
+    metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
+    finish_parent(args.results, args.status, args.artifacts, metrics)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""moetuner-calibrate recovers known cost constants and reports predicted vs measured per run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from moetuner.apps.calibrate import calibrate
+from moetuner.apps.common import CONF_DIR
+from moetuner.serving.calibration import CalibrationError, CostFit, fit_costs, predicted_row_times
+from moetuner.simulator import cost_model
+from moetuner.topology import topology_from_config
+
+TRUE = CostFit(expert_fixed_s=2e-4, expert_per_token_s=3e-6, comm_fixed_s=5e-4,
+               intra_node_bw=2e9, inter_node_bw=0.1e9)
+
+
+def synthetic_run(seed: int, load_scale: float) -> pd.DataFrame:
+    """per_layer rows whose times follow TRUE exactly: 3 steps x 2 layers x 4 ranks."""
+    rng = np.random.default_rng(seed)
+    n = 24
+    step, layer, rank = np.divmod(np.arange(n), 8)[0], np.arange(n) // 4 % 2, np.arange(n) % 4
+    table = pd.DataFrame({"step": step, "layer": layer, "rank": rank,
+                          "active_slots": rng.integers(1, 5, n),
+                          "pairs": (rng.integers(10, 200, n) * load_scale).astype(int),
+                          "bytes_intra": rng.integers(0, 10**6, n), "bytes_inter": rng.integers(0, 10**5, n)})
+    table["compute_s"] = TRUE.expert_fixed_s * table["active_slots"] + TRUE.expert_per_token_s * table["pairs"]
+    table["dispatch_s"] = (predicted_row_times(table, TRUE) - table["compute_s"]) / 2
+    table["combine_s"] = table["dispatch_s"]
+    table["layer_s"] = table["compute_s"] + 2 * table["dispatch_s"]
+    return table
+
+
+def test_fit_recovers_known_constants() -> None:
+    fit = fit_costs(pd.concat([synthetic_run(0, 1.0), synthetic_run(1, 2.0)]))
+    for got, want in zip(fit.__dict__.values(), TRUE.__dict__.values()):
+        assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_no_inter_node_traffic_leaves_that_bandwidth_unfitted() -> None:
+    table = synthetic_run(0, 1.0).assign(bytes_inter=0)
+    assert fit_costs(table).inter_node_bw is None
+
+
+def test_app_writes_calibrated_topology_and_report(tmp_path: Path) -> None:
+    dirs = []
+    for i, scale in enumerate([1.0, 2.0, 4.0]):  # heavier load -> slower, so the ranking is known
+        d = tmp_path / f"placement{i}"
+        d.mkdir()
+        synthetic_run(i, scale).to_csv(d / "per_layer.csv", index=False)
+        dirs.append(str(d))
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose("calibrate", overrides=[f"out={tmp_path / 'calib'}", f"runs=[{','.join(dirs)}]",
+                                              "mlflow.enabled=false"])
+    metrics = calibrate(cfg)
+    assert metrics["spearman"] == pytest.approx(1.0) and metrics["max_rel_error"] < 1e-6
+    topo = topology_from_config(OmegaConf.load(tmp_path / "calib" / "topology.yaml"))
+    assert topo.inter_node_bw == pytest.approx(0.1e9) and topo.intra_node_bw == pytest.approx(2e9)
+    assert topo.calibration["expert_per_token_s"] == pytest.approx(3e-6)
+    cost = cost_model(topo, hidden_size=8, intermediate_size=8)  # the simulator accepts every key
+    assert cost.per_token_s == pytest.approx(3e-6) and cost.fixed_s == pytest.approx(2e-4)
+    assert cost.latency[0, 3] == pytest.approx(TRUE.comm_fixed_s / 2)  # per exchange: dispatch, combine
+    report = pd.read_csv(tmp_path / "calib" / "report.csv")
+    assert list(report["run"]) == ["placement0", "placement1", "placement2"]
+    assert (tmp_path / "calib" / "calibration.png").stat().st_size > 0
+
+
+def test_folder_without_serve_outputs_is_refused(tmp_path: Path) -> None:
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose("calibrate", overrides=[f"out={tmp_path}/c", f"runs=[{tmp_path}]", "mlflow.enabled=false"])
+    with pytest.raises(CalibrationError, match="no per_layer.csv"):
+        calibrate(cfg)

@@ -1,0 +1,22 @@
+# Fit the simulator's constants to the serve runs (a calibrated copy of the serve topology).
+
+
+rule calibrate:
+    input:
+        serve=serve_targets(),
+    output:
+        metrics=f"{RESULTS}/calibrate/{config['serve']['topology']}/metrics.json",
+        topology=f"{RESULTS}/calibrate/{config['serve']['topology']}/topology.yaml",
+    params:
+        app=lambda w: app("calibrate", w),
+        runs=lambda w, input: overrides([f"runs=[{','.join(str(Path(m).parent) for m in input.serve)}]"]),
+        out=f"{RESULTS}/calibrate/{config['serve']['topology']}",
+        topology=config["serve"]["topology"],
+    log:
+        log_path("calibrate", config["serve"]["topology"]),
+    benchmark:
+        bench_path("calibrate", config["serve"]["topology"])
+    conda:
+        "../envs/moetuner.yaml"
+    shell:
+        "{params.app} moetuner-calibrate topology={params.topology} {params.runs} out={params.out} > {log} 2>&1"

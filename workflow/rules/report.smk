@@ -1,0 +1,33 @@
+# The final rule: results table, figures and a standalone report; logs them on the parent run and ends it.
+REPORT = f"{RESULTS}/report"
+FIGURES = ["load_heatmap", "gpu_load_box", "a2a_tail", "predicted_vs_measured", "solve_time"]
+
+
+rule report:
+    input:
+        simulate=simulation_targets(),
+        serve=serve_targets(),
+        profiles=profile_targets(),
+        calibration=rules.calibrate.output.metrics if serve_targets() else [],
+    output:
+        html=report(f"{REPORT}/report.html", caption="../report/report.rst", category="Report"),
+        table=report(f"{REPORT}/summary.csv", caption="../report/summary.rst", category="Report"),
+        markdown=f"{REPORT}/report.md",
+        metrics=f"{REPORT}/summary_metrics.json",
+        figures=[report(f"{REPORT}/{name}.png", caption=f"../report/{name}.rst", category="Figures")
+                 for name in FIGURES],
+    params:
+        app=lambda w: app("report", w),
+        results=RESULTS,
+        out=REPORT,
+        skipped=overrides([f"skipped=[{','.join(repr(s) for s in SKIPPED)}]"]),
+    log:
+        log_path("report", "report"),
+    benchmark:
+        bench_path("report", "report")
+    conda:
+        "../envs/moetuner.yaml"
+    shell:
+        "{params.app} moetuner-report results={params.results} out={params.out} {params.skipped} > {log} 2>&1 && "
+        "python -m moetuner.study finish --results {params.results} --metrics {output.metrics} "
+        "{output.html} {output.table} {output.figures} >> {log} 2>&1"

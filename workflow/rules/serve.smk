@@ -1,0 +1,30 @@
+# Serve placements for real on the emulated cluster (torchrun, one process per emulated GPU).
+# With config serve_srun=true (the slurm profile) each node of the allocation runs its own
+# moetuner-serve through srun: node rank from SLURM_NODEID, rendezvous on the first node.
+SRUN = ("srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c 'exec \"$0\" \"$@\" launch.node_rank=$SLURM_NODEID "
+        "launch.master_addr=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n1) launch.master_port=29500'")
+
+
+rule serve:
+    input:
+        placement=placement_path("{trace}", "{topology}", "{solver}", "{replicas}"),
+        trace=f"{RESULTS}/splits/{{trace}}/heldout.safetensors",
+    output:
+        metrics=f"{RESULTS}/serve/{{trace}}/{{topology}}/{{solver}}-r{{replicas}}/metrics.json",
+    params:
+        app=lambda w: app("serve", w),
+        launch=SRUN if config.get("serve_srun") else "",
+        args=overrides(config["serve"]["args"]),
+        out=lambda w: f"{RESULTS}/serve/{w.trace}/{w.topology}/{w.solver}-r{w.replicas}",
+    threads: config["serve"]["cores"]
+    resources:
+        serve_jobs=1,
+    log:
+        log_path("serve", "{trace}/{topology}/{solver}-r{replicas}"),
+    benchmark:
+        bench_path("serve", "{trace}/{topology}/{solver}-r{replicas}")
+    conda:
+        "../envs/moetuner.yaml"
+    shell:
+        "{params.app} {params.launch} moetuner-serve placement={input.placement} trace={input.trace} "
+        "topology={wildcards.topology} out={params.out} {params.args} > {log} 2>&1"

@@ -1,0 +1,28 @@
+# Score each placement with the cost model on routing it was not solved from (held-out / other domain).
+
+
+def evaluation_trace(wildcards):
+    if wildcards.eval == "heldout":
+        return f"{RESULTS}/splits/{wildcards.trace}/heldout.safetensors"
+    return trace_path(wildcards.eval)
+
+
+rule simulate:
+    input:
+        placement=placement_path("{trace}", "{topology}", "{solver}", "{replicas}"),
+        trace=evaluation_trace,
+    output:
+        metrics=f"{RESULTS}/simulate/{{trace}}/{{topology}}/{{solver}}-r{{replicas}}/{{eval}}/metrics.json",
+    params:
+        app=lambda w: app("simulate", w),
+        args=overrides(config["simulate"]),
+        out=lambda w: f"{RESULTS}/simulate/{w.trace}/{w.topology}/{w.solver}-r{w.replicas}/{w.eval}",
+    log:
+        log_path("simulate", "{trace}/{topology}/{solver}-r{replicas}/{eval}"),
+    benchmark:
+        bench_path("simulate", "{trace}/{topology}/{solver}-r{replicas}/{eval}")
+    conda:
+        "../envs/moetuner.yaml"
+    shell:
+        "{params.app} moetuner-simulate placement={input.placement} trace={input.trace} "
+        "topology={wildcards.topology} out={params.out} {params.args} > {log} 2>&1"

@@ -1,0 +1,96 @@
+# Traces: tiny preset models extract routing from text; real routing is imported; synthetic traces.
+
+
+rule build_model:
+    output:
+        directory(f"{RESULTS}/models/{{preset}}"),
+    log:
+        log_path("build_model", "{preset}"),
+    benchmark:
+        bench_path("build_model", "{preset}")
+    conda:
+        "../envs/moetuner.yaml"
+    shell:
+        "python -c 'import sys; from moetuner.extraction.presets import build_preset; "
+        "build_preset(sys.argv[1], sys.argv[2])' {wildcards.preset} {output} > {log} 2>&1"
+
+
+def extract_model(wildcards):
+    return f"{RESULTS}/models/{TRACES[wildcards.trace]['preset']}"
+
+
+rule extract:
+    input:
+        model=extract_model,
+    output:
+        trace=f"{RESULTS}/traces/{{trace}}.safetensors",
+    wildcard_constraints:
+        trace="|".join(re.escape(n) for n, s in TRACES.items() if s["kind"] == "extract") or "^$",
+    params:
+        app=lambda w: app("extract", w),
+        args=lambda w: overrides(TRACES[w.trace]["args"]),
+    log:
+        log_path("extract", "{trace}"),
+    benchmark:
+        bench_path("extract", "{trace}")
+    conda:
+        "../envs/moetuner.yaml"
+    shell:
+        "{params.app} moetuner-extract model={input.model} out={output.trace} {params.args} > {log} 2>&1"
+
+
+rule import_trace:
+    output:
+        trace=f"{RESULTS}/traces/{{trace}}.safetensors",
+    wildcard_constraints:
+        trace="|".join(re.escape(n) for n, s in TRACES.items() if s["kind"] == "import") or "^$",
+    params:
+        app=lambda w: app("import_trace", w),
+        path=lambda w: shlex.quote(str(SHARED / TRACES[w.trace]["real"])),
+        args=lambda w: overrides(TRACES[w.trace]["args"]),
+    log:
+        log_path("import_trace", "{trace}"),
+    benchmark:
+        bench_path("import_trace", "{trace}")
+    conda:
+        "../envs/moetuner.yaml"
+    shell:
+        "{params.app} moetuner-import path={params.path} out={output.trace} {params.args} > {log} 2>&1"
+
+
+rule synth:
+    output:
+        trace=f"{RESULTS}/traces/{{trace}}.safetensors",
+    wildcard_constraints:
+        trace="|".join(re.escape(n) for n, s in TRACES.items() if s["kind"] == "synth") or "^$",
+    params:
+        app=lambda w: app("synth", w),
+        args=lambda w: overrides(TRACES[w.trace]["args"]),
+    log:
+        log_path("synth", "{trace}"),
+    benchmark:
+        bench_path("synth", "{trace}")
+    conda:
+        "../envs/moetuner.yaml"
+    shell:
+        "{params.app} moetuner-synth out={output.trace} {params.args} > {log} 2>&1"
+
+
+rule split:
+    input:
+        trace=lambda w: trace_path(w.trace),
+    output:
+        profile=f"{RESULTS}/splits/{{trace}}/profile.safetensors",
+        heldout=f"{RESULTS}/splits/{{trace}}/heldout.safetensors",
+    params:
+        app=lambda w: app("split", w),
+        args=overrides(config["split"]),
+        out=lambda w: f"{RESULTS}/splits/{w.trace}",
+    log:
+        log_path("split", "{trace}"),
+    benchmark:
+        bench_path("split", "{trace}")
+    conda:
+        "../envs/moetuner.yaml"
+    shell:
+        "{params.app} moetuner-split trace={input.trace} out={params.out} {params.args} > {log} 2>&1"
