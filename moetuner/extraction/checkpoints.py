@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,8 @@ def _looks_local(path: str) -> bool:
 def load_model(path: str, dtype: str = "auto", device: str = "auto") -> tuple[torch.nn.Module, Any]:
     """(model in eval mode, tokenizer) from a local folder or hub id; unsupported families fail fast.
 
-    device `auto`: `device_map="auto"` when a GPU exists, else CPU.
+    device `auto`: the GPUs when one exists (`device_map="auto"` if `accelerate` is installed, else
+    the whole model on cuda:0), else CPU; or a device name such as `cpu` or `cuda:1`.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -41,6 +43,10 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto") -> tuple[to
         raise ExtractionError(f"cannot read a model config from {path!r} ({err}); offline machines need "
                               f"a local folder or a preset from {PRESET_DIR / 'model'}") from err
     check_supported(config)
-    device_map = ("auto" if torch.cuda.is_available() else None) if device == "auto" else device
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), device_map=device_map)
+    target = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if target != "cpu" and importlib.util.find_spec("accelerate") is not None:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype),
+                                                     device_map="auto" if device == "auto" else target)
+    else:  # a device_map needs `accelerate`; without it, load on CPU and move the whole model
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype)).to(target)
     return model.eval(), AutoTokenizer.from_pretrained(path)

@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -151,7 +150,7 @@ def write_shard(shard: Trace, path: Path, key: str) -> Trace:
 
 
 def merge(template: Trace, shards: list[Trace]) -> Trace:
-    """Concatenate shard traces in batch order. [sum T, L, k]"""
+    """Concatenate shard traces in batch order into `template` (its metadata). [sum T, L, k]"""
     weights = None if shards[0].topk_weights is None else np.concatenate([s.topk_weights for s in shards])
     return replace(template, topk_ids=np.concatenate([s.topk_ids for s in shards]),
                    seq_ids=np.concatenate([s.seq_ids for s in shards]), topk_weights=weights)
@@ -159,6 +158,8 @@ def merge(template: Trace, shards: list[Trace]) -> Trace:
 
 @dataclass(frozen=True)
 class ExtractResult:
+    """The merged trace and the run's metrics (tokens, sequences, layers, batches, tokens_per_s)."""
+
     trace: Trace
     metrics: dict[str, float]
 
@@ -166,14 +167,16 @@ class ExtractResult:
 def extract_trace(model: torch.nn.Module, tokenize: Callable[[str], list[int]], pad_id: int,
                   docs: Iterable[tuple[int, str]], out: str | Path, spec: ExtractSpec,
                   model_name: str, source: str) -> ExtractResult:
-    """Route `docs` through `model`, save the trace to `out` (resuming from `<out>.shards/`)."""
+    """Route `docs` through `model`, save the trace to `out` (resuming from `<out>.shards/`).
+
+    Only ids go to disk batch by batch; the shards are read back for the final merge.
+    """
     spec.check()
     out = Path(out)
     shards_dir = out.parent / f"{out.name}.shards"
     template = empty_trace(model, model_name, source)
     key = fingerprint(template, spec)
-    pieces: list[Trace] = []
-    resumed = 0
+    batches = resumed = 0
     forward_s = forward_tokens = 0.0
     with RouterCapture(model) as capture, tqdm(total=spec.max_tokens, unit="tok", desc="extract") as bar:
         for batch in plan_batches(docs, tokenize, spec):
@@ -186,14 +189,14 @@ def extract_trace(model: torch.nn.Module, tokenize: Callable[[str], list[int]], 
                 forward_tokens += batch.num_tokens
             else:
                 resumed += 1
-            pieces.append(replace(shard, extra={}))
+            batches += 1
             bar.update(batch.num_tokens)
-    if not pieces:
+    if not batches:
         raise ExtractionError(f"no text to route from {source!r}: the source has no non-empty document")
-    trace = merge(template, pieces)
+    trace = merge(template, [load_trace(shard_path(shards_dir, i)) for i in range(batches)])
     save_trace(trace, out)
     shutil.rmtree(shards_dir, ignore_errors=True)
     metrics = {"tokens": trace.num_tokens, "sequences": len(trace.sequences), "layers": trace.num_layers,
-               "batches": len(pieces), "resumed_batches": resumed,
+               "batches": batches, "resumed_batches": resumed,
                "tokens_per_s": forward_tokens / forward_s if forward_s else 0.0}
     return ExtractResult(trace, metrics)

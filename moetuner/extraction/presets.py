@@ -14,7 +14,6 @@ import functools
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -121,28 +120,25 @@ def build_model(name: str, seed: int = SEED) -> torch.nn.Module:
     return model.eval()
 
 
-def _build_into(name: str, folder: Path, tokenizer_factory: Callable[[], Any]) -> None:
-    build_model(name).save_pretrained(folder)
-    tokenizer_factory().save_pretrained(folder)
-
-
 def build_preset(name: str, dest: str | os.PathLike[str] | None = None) -> Path:
     """Save preset `name` as a checkpoint folder `dest` (default results/models/<name>) and return it.
 
-    Idempotent and atomic: an existing `dest` is reused; a new one is built in a temporary folder
-    beside it and renamed into place.
+    Idempotent and atomic: a complete `dest` is reused; a new one is built in a temporary folder
+    beside it and renamed into place (over an empty `dest`, e.g. one a workflow engine made).
     """
     dest = Path(dest) if dest is not None else DEFAULT_CACHE / name
     preset_config(name)  # fail fast on an unknown name
-    if dest.is_dir():
+    if (dest / "config.json").is_file():  # only a complete build is ever renamed into place
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
-        _build_into(name, tmp, train_tokenizer)
+        build_model(name).save_pretrained(tmp)
+        train_tokenizer().save_pretrained(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private
         os.replace(tmp, dest)
     except OSError:
-        if not dest.is_dir():  # not a concurrent build that finished first
+        if not (dest / "config.json").is_file():  # not a concurrent build that finished first
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

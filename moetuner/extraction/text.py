@@ -25,11 +25,18 @@ class TextSourceError(ValueError):
     """A text source cannot be read; the message names the source and the fix."""
 
 
+def _sorted_py_files(folder: Path) -> Iterator[Path]:
+    """.py files below `folder` in sorted path order, walked lazily; skips tests and site-packages."""
+    for entry in sorted(folder.iterdir()):
+        if entry.is_dir() and entry.name not in SKIPPED_STDLIB_DIRS:
+            yield from _sorted_py_files(entry)
+        elif entry.suffix == ".py" and entry.is_file():
+            yield entry
+
+
 def stdlib_docstrings(min_chars: int = MIN_DOC_CHARS) -> Iterator[str]:
     """Docstrings (module, class, function) of the standard library's .py files, sorted by path."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if not SKIPPED_STDLIB_DIRS & set(p.relative_to(root).parts))
-    for path in files:
+    for path in _sorted_py_files(Path(sysconfig.get_paths()["stdlib"])):
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):

@@ -3,7 +3,7 @@
 Objective: the simulator's step time (sum over layers of dispatch + compute tail + combine) averaged
 over the profile's steps of `step_tokens` tokens, so every step's tail counts, not the balance of the
 summed load. Steps:
-1. warm start: run each solver in `warm_starts`, keep per layer the row with the lowest profile
+1. warm start: run each solver in `warm_starts` (default WARM_STARTS), keep per layer the row with the lowest profile
    layer time (dispatch-combine layers are independent; for expert-to-expert the best whole map);
 2. per layer, within an equal share of `time_limit_s`: random moves, kept when the layer's mean time
    over the profile steps drops: swap two slots on different GPUs (one of them on the layer's
@@ -26,6 +26,8 @@ from moetuner.placement.layout import Placement, logical_replica_count
 from moetuner.placement.problem import PlacementProblem, get_solver
 from moetuner.profiling.stats import step_load
 from moetuner.simulator import CostModel, cost_model, layer_slots, primary_column, simulate, simulate_layer
+
+WARM_STARTS = ("eplb", "greedy", "exflow", "round_robin", "contiguous")
 
 
 def profile_steps(problem: PlacementProblem) -> tuple[np.ndarray, np.ndarray]:
@@ -110,7 +112,7 @@ def solve_steptail(problem: PlacementProblem, options: Mapping[str, Any]) -> Pla
     """Local search on the per-step tail objective of the profile (see module docstring).
 
     options: time_limit_s (10), dataflow (dispatch_combine), replica_policy (balanced),
-    warm_starts ([eplb, greedy]), seed (0).
+    warm_starts (WARM_STARTS), seed (0).
     """
     start = time.perf_counter()
     dataflow = str(options.get("dataflow", "dispatch_combine"))
@@ -122,7 +124,8 @@ def solve_steptail(problem: PlacementProblem, options: Mapping[str, Any]) -> Pla
     ids, primary = profile_steps(problem)
     objective = lambda phy: step_objective(phy, problem, cost, ids, primary, dataflow, policy)  # noqa: E731
 
-    warm = [get_solver(name)(problem, {}).phy2log for name in options.get("warm_starts", ["eplb", "greedy"])]
+    names = options.get("warm_starts", WARM_STARTS)
+    warm = [get_solver(name)(problem, {}).phy2log for name in names]
     warm_scores = [objective(phy) for phy in warm]
     phy2log = best_rows(warm, warm_scores, separable=dataflow == "dispatch_combine")
     warm_objective = float(min(s.sum() for s in warm_scores))

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
 from moetuner.placement.layout import load_placement, logical_replica_count
-from moetuner.profiling.figures import heatmap_grid, plt, save_figure
+from moetuner.profiling.figures import plt, save_figure, spread_layers
 from moetuner.report.collect import per_layer, placement_path
 from moetuner.trace import load_trace
 
@@ -68,9 +69,18 @@ def showcase_loads(results: Path, trace: str, topology: str, best: pd.Series) ->
 
 
 def load_heatmaps(loads: dict[str, np.ndarray], case: str, path: str | os.PathLike[str]) -> Path:
-    """Per-layer per-GPU load before/after placement, one panel each."""
-    return heatmap_grid([m for m in loads.values()], [f"{name}: max/mean {m.max(-1).mean():.2f}" for name, m in loads.items()],
-                        f"{case}: GPU load / layer mean (held-out routing)", "GPU", "MoE layer", path)
+    """Per-layer per-GPU load [L, G] before/after placement, one panel each, one colour scale."""
+    fig, axes = plt.subplots(1, len(loads), figsize=(4.5 * len(loads), 4.5), squeeze=False, sharey=True)
+    vmax = max(float(m.max()) for m in loads.values())
+    for ax, (name, load) in zip(axes[0], loads.items()):
+        image = ax.imshow(load, aspect="auto", cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
+        ax.set_xticks(spread_layers(load.shape[1], 8))
+        ax.set_yticks(spread_layers(load.shape[0], 8))
+        ax.set(title=f"{name}: mean max/mean {load.max(-1).mean():.2f}", xlabel="GPU")
+    axes[0, 0].set_ylabel("MoE layer")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.85, label="GPU tokens / layer mean")
+    fig.suptitle(f"{case}: per-GPU load on held-out routing, before and after placement")
+    return save_figure(fig, path)
 
 
 def load_boxplots(loads: dict[str, np.ndarray], case: str, path: str | os.PathLike[str]) -> Path:
@@ -99,6 +109,7 @@ def a2a_tail(results: Path, table: pd.DataFrame, trace: str, topology: str, path
         layers = per_layer(results, trace, topology, run.solver, int(run.replicas))
         ax.plot(layers["layer"], (layers["dispatch_s"] + layers["combine_s"]) * 1e6, marker=".",
                 label=f"{run.solver}-r{run.replicas}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="MoE layer", ylabel="all-to-all tail (us)", title=f"{trace} on {topology}: all-to-all tail per layer")
     ax.legend(fontsize=7, ncol=2)
     return save_figure(fig, path)
@@ -113,6 +124,9 @@ def predicted_vs_measured(table: pd.DataFrame, path: str | os.PathLike[str]) -> 
     for i, (_, row) in enumerate(pairs.iterrows()):
         ax.scatter(row.predicted_layer_time_s * 1e3, row.measured_layer_time_s * 1e3, color=f"C{i}",
                    label=f"{row.trace}/{row.solver}-r{row.replicas}")
+    top = 1.1e3 * float(pairs[["predicted_layer_time_s", "measured_layer_time_s"]].to_numpy().max())
+    ax.plot([0, top], [0, top], color="grey", lw=0.8, ls="--", label="measured = predicted")
+    ax.set(xlim=(0, top), ylim=(0, top))
     rho = pairs["predicted_layer_time_s"].rank().corr(pairs["measured_layer_time_s"].rank())
     ax.set(xlabel="predicted (simulator, ms per step)", ylabel="measured (serve, ms per step)",
            title=f"{pairs.topology.iloc[0]}: predicted vs measured (Spearman {rho:.2f})")

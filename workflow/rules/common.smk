@@ -74,7 +74,9 @@ def serve_targets():
 
 
 def profile_targets():
-    return [f"{RESULTS}/profiles/{trace}/summary.json" for trace in AVAILABLE]
+    """Profiles of the traces placements are solved from."""
+    solved = {point[0] for point in grid_points()} | {point[0] for point in serve_points()}
+    return [f"{RESULTS}/profiles/{trace}/summary.json" for trace in sorted(solved)]
 
 
 def app(rule_name, wildcards):
