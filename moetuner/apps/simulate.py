@@ -93,7 +93,8 @@ def write_outputs(result: SimResult, base: SimResult, metrics: dict[str, float],
                   out: str | Path) -> list[Path]:
     """metrics.json, per_layer.csv and the two figures in folder `out`."""
     out = Path(out)
-    return [write_json_atomic(out / "metrics.json", metrics), write_per_layer(result, moe_layers, out / "per_layer.csv"),
+    return [write_json_atomic(out / "metrics.json", metrics),
+            write_per_layer(result, moe_layers, out / "per_layer.csv"),
             gpu_load_boxplot(result, out / "gpu_load_boxplot.png"),
             a2a_tail_plot(result, base, out / "a2a_tail_per_layer.png")]
 

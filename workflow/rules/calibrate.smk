@@ -10,7 +10,7 @@ rule calibrate:
     params:
         app=lambda w: app("calibrate", w),
         runs=lambda w, input: overrides([f"runs=[{','.join(str(Path(m).parent) for m in input.serve)}]"]),
-        out=f"{RESULTS}/calibrate/{config['serve']['topology']}",
+        out=lambda w, output: str(Path(output.metrics).parent),
         topology=config["serve"]["topology"],
     log:
         log_path("calibrate", config["serve"]["topology"]),

@@ -34,6 +34,18 @@ def placement_path(trace, topology, solver, replicas):
     return f"{RESULTS}/placements/{trace}/{topology}/{solver}-r{replicas}.json"
 
 
+def extract_model(wildcards):
+    """The checkpoint folder a preset trace is extracted from."""
+    return f"{RESULTS}/models/{TRACES[wildcards.trace]['preset']}"
+
+
+def evaluation_trace(wildcards):
+    """What a placement is scored on: its trace's held-out part, or another domain's whole trace."""
+    if wildcards.eval == "heldout":
+        return f"{RESULTS}/splits/{wildcards.trace}/heldout.safetensors"
+    return trace_path(wildcards.eval)
+
+
 def grid_points():
     """(trace, topology, solver, replicas, evaluate_on) of every available point of the grids."""
     points = []

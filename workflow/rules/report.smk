@@ -18,8 +18,8 @@ rule report:
                  for name in FIGURES],
     params:
         app=lambda w: app("report", w),
-        results=RESULTS,
-        out=REPORT,
+        results=lambda w, output: str(Path(output.html).parent.parent),
+        out=lambda w, output: str(Path(output.html).parent),
         skipped=overrides([f"skipped=[{','.join(repr(s) for s in SKIPPED)}]"]),
     log:
         log_path("report", "report"),

@@ -1,12 +1,6 @@
 # Score each placement with the cost model on routing it was not solved from (held-out / other domain).
 
 
-def evaluation_trace(wildcards):
-    if wildcards.eval == "heldout":
-        return f"{RESULTS}/splits/{wildcards.trace}/heldout.safetensors"
-    return trace_path(wildcards.eval)
-
-
 rule simulate:
     input:
         placement=placement_path("{trace}", "{topology}", "{solver}", "{replicas}"),

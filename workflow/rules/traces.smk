@@ -15,10 +15,6 @@ rule build_model:
         "build_preset(sys.argv[1], sys.argv[2])' {wildcards.preset} {output} > {log} 2>&1"
 
 
-def extract_model(wildcards):
-    return f"{RESULTS}/models/{TRACES[wildcards.trace]['preset']}"
-
-
 rule extract:
     input:
         model=extract_model,

@@ -1,0 +1,125 @@
+"""The Snakemake study: lint, dry run, and an end-to-end tiny study with its MLflow parent/child runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from moetuner import PROJECT_ROOT, tracking_study
+from moetuner.study import config_hash
+
+BIN = Path(sys.executable).parent
+APPS = ["synth", "split", "profile", "solve", "simulate", "serve", "calibrate", "report"]
+MISSING = [a for a in APPS if not (PROJECT_ROOT / "moetuner" / "apps" / f"{a}.py").exists()]
+
+
+def snakemake(workdir: Path, *args: str, study: str = "tiny", uri: str | None = None) -> subprocess.CompletedProcess:
+    """Run the project's Snakefile with conf/study/<study>.yaml in `workdir` (its own store when `uri`)."""
+    config = ["--config", f"mlflow={json.dumps({'experiment': f'test-{study}', 'tracking_uri': uri})}"] if uri else []
+    cmd = [str(BIN / "snakemake"), "-s", str(PROJECT_ROOT / "Snakefile"), "-d", str(workdir), "--cores", "2",
+           "--configfile", str(PROJECT_ROOT / "conf" / "study" / f"{study}.yaml"), *config, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
+
+
+def test_config_hash_ignores_order_out_and_mlflow() -> None:
+    a = config_hash(["moetuner-solve", "solver=eplb", "replicas=1", "out=a.json"])
+    assert a == config_hash(["moetuner-solve", "replicas=1", "solver=eplb", "out=b.json", "mlflow.parent_run_id='x'"])
+    assert a != config_hash(["moetuner-solve", "solver=eplb", "replicas=2", "out=a.json"])
+
+
+def test_lint() -> None:
+    done = subprocess.run([str(BIN / "snakemake"), "--lint", "-s", str(PROJECT_ROOT / "Snakefile")],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_dry_run_plans_every_stage_and_creates_no_run(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = snakemake(tmp_path, "-n", study="default", uri=uri)
+    assert done.returncode == 0, done.stderr[-3000:]
+    jobs = {line.split()[0] for line in done.stdout.splitlines() if line.strip()}
+    assert {"synth", "extract", "build_model", "split", "profile", "solve", "simulate", "serve", "calibrate",
+            "report"} <= jobs
+    assert not (tmp_path / "mlflow.db").exists()
+    assert not list(tmp_path.rglob("mlflow_parent.json"))
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, subprocess.CompletedProcess]:
+    if MISSING:
+        pytest.skip(f"stages not built yet: {MISSING}")
+    workdir = tmp_path_factory.mktemp("study")
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    return workdir, uri, snakemake(workdir, uri=uri)
+
+
+def test_tiny_study_outputs_and_report(tiny_study: tuple[Path, str, subprocess.CompletedProcess]) -> None:
+    workdir, _, done = tiny_study
+    assert done.returncode == 0, done.stderr[-5000:]
+    report = workdir / "results" / "tiny" / "report"
+    table = pd.read_csv(report / "summary.csv")
+    # 2 solvers at r0 on held-out and the other domain, eplb at r1 on held-out
+    assert len(table) == 5
+    assert set(zip(table.solver, table.replicas, table["eval"])) == {
+        ("contiguous", 0, "heldout"), ("eplb", 0, "heldout"), ("contiguous", 0, "synth-b"), ("eplb", 0, "synth-b"),
+        ("eplb", 1, "heldout")}
+    contiguous = table[(table.solver == "contiguous")]
+    assert (contiguous.speedup_vs_contiguous == 1.0).all()
+    served = table.dropna(subset=["measured_layer_time_s"])
+    assert set(served.solver) == {"contiguous", "eplb"} and (served["eval"] == "heldout").all()
+    assert (table.predicted_layer_time_s > 0).all() and (served.measured_layer_time_s > 0).all()
+    html = (report / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 5 and "speedup_vs_contiguous" in html
+    for png in report.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tiny_study_mlflow_parent_and_children(tiny_study: tuple[Path, str, subprocess.CompletedProcess]) -> None:
+    workdir, uri, done = tiny_study
+    assert done.returncode == 0, done.stderr[-5000:]
+    record = json.loads((workdir / "results" / "tiny" / "mlflow_parent.json").read_text())
+    client = tracking_study.client(uri)
+    parent = client.get_run(record["run_id"])
+    assert parent.info.status == "FINISHED"
+    assert client.get_experiment(parent.info.experiment_id).name == "test-tiny"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"report.html", "summary.csv"} <= artifacts
+    children = tracking_study.child_runs(uri, record["run_id"])
+    # one child per app job: synth x2, split, profile, solve x3, simulate x5, serve x2, calibrate, report
+    rules = sorted(run.data.tags["rule"] for run in children)
+    assert rules == sorted(["synth"] * 2 + ["split", "profile"] + ["solve"] * 3 + ["simulate"] * 5 + ["serve"] * 2
+                           + ["calibrate", "report"])
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert len(run.data.tags["config_hash"]) == 12 and run.data.tags["git_commit"]
+    solves = [run for run in children if run.data.tags["rule"] == "solve"]
+    assert {run.data.tags["wildcard.solver"] for run in solves} == {"contiguous", "eplb"}
+
+
+def test_tiny_study_second_run_has_nothing_to_do(tiny_study: tuple[Path, str, subprocess.CompletedProcess]) -> None:
+    workdir, uri, first = tiny_study
+    assert first.returncode == 0, first.stderr[-5000:]
+    runs_before = len(tracking_study.client(uri).search_runs(
+        [tracking_study.ensure_experiment(uri, "test-tiny")], max_results=1000))
+    again = snakemake(workdir, uri=uri)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Nothing to be done" in again.stdout + again.stderr
+    runs_after = len(tracking_study.client(uri).search_runs(
+        [tracking_study.ensure_experiment(uri, "test-tiny")], max_results=1000))
+    assert runs_after == runs_before
+
+
+def test_tiny_study_snakemake_report(tiny_study: tuple[Path, str, subprocess.CompletedProcess]) -> None:
+    workdir, uri, first = tiny_study
+    assert first.returncode == 0, first.stderr[-5000:]
+    done = snakemake(workdir, "--report", str(workdir / "report.html"), uri=uri)
+    assert done.returncode == 0, done.stderr[-3000:]
+    page = (workdir / "report.html").read_text(errors="replace")
+    assert "predicted_vs_measured.png" in page and "solve_time.png" in page
