@@ -8,9 +8,9 @@ from pathlib import Path
 
 from moetuner import study as moe_study
 
-configfile: "conf/study/default.yaml"
-
 PROJECT = Path(workflow.basedir).resolve()
+
+configfile: str(PROJECT / "conf" / "study" / "default.yaml")
 
 report: "workflow/report/workflow.rst"
 

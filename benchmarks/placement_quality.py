@@ -15,7 +15,6 @@ logs every number to MLflow (experiment `benchmarks`, run `placement_quality`).
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 from pathlib import Path
 
@@ -25,7 +24,6 @@ from tqdm import tqdm
 
 from moetuner import PROJECT_ROOT
 from moetuner.apps.solve import solve_placement
-from moetuner.atomic import atomic_path
 from moetuner.importers.esft import DEFAULT_INFO, read_esft
 from moetuner.placement.layout import contiguous_phy2log
 from moetuner.placement.problem import PlacementProblem
@@ -34,6 +32,7 @@ from moetuner.simulator import cost_model, primary_column, simulate
 from moetuner.topology import Topology, topology_from_config
 from moetuner.trace import Trace, split_by_sequence
 from moetuner.tracking import tracked_run
+from table import markdown, write_csv  # benchmarks/table.py
 
 DATA = PROJECT_ROOT.parent / "shared" / "data" / "esft-deepseek-v2-lite"
 DOMAINS = ("intent", "law")
@@ -112,21 +111,10 @@ def main() -> None:
                     rows.append(row)
                     key = f"{prof}-{ev}.{topo_name}.r{replicas}"
                     run.log_metrics({f"{key}.{c}": row[c] for c in columns[4:]})
-        print(markdown(rows, columns))
-        with atomic_path(args.out) as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
+        print(markdown(rows, columns, ".3f"))
+        write_csv(Path(args.out), rows, columns)
         run.log_artifact(Path(args.out))
 
-
-def markdown(rows: list[dict], columns: list[str]) -> str:
-    """Rows as a Markdown table; solver columns are speedups vs contiguous (no replicas)."""
-    def cell(v: object) -> str:
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from moetuner.placement.problem import PlacementProblem, get_solver
 from moetuner.serving.calibration import calibrated_topology, compare, fit_costs
 from moetuner.simulator import cost_model, primary_column, simulate
 from moetuner.topology import topology_from_config
-from moetuner.trace import Trace, split_by_sequence
+from moetuner.trace import Trace, save_trace, split_by_sequence
 from moetuner.tracking import tracked_run
 
 ESFT = PROJECT_ROOT.parent / "shared" / "data" / "esft-deepseek-v2-lite" / "intent"
@@ -88,8 +88,6 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     trace = import_routing("esft", ESFT)
     profile, heldout = split_by_sequence(trace, 0.3, seed=0)
-    from moetuner.trace import save_trace
-
     held_path = save_trace(heldout, args.out / "heldout.safetensors")
     topo_cfg = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "topology" / f"{args.topology}.yaml"))
     placements, metrics, tables = {}, {}, {}

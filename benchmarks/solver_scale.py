@@ -13,7 +13,6 @@ to MLflow (experiment `benchmarks`, run `solver_scale`).
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,6 @@ from tqdm import tqdm
 
 from moetuner import PROJECT_ROOT
 from moetuner.apps.solve import placement_metrics, solve_placement
-from moetuner.atomic import atomic_path
 from moetuner.importers import import_routing
 from moetuner.placement.layout import Placement
 from moetuner.placement.problem import PlacementProblem
@@ -31,6 +29,7 @@ from moetuner.synth import SynthSpec, synthesize
 from moetuner.topology import topology_from_config
 from moetuner.trace import split_by_sequence
 from moetuner.tracking import tracked_run
+from table import markdown, write_csv  # benchmarks/table.py
 
 
 @dataclass(frozen=True)
@@ -110,14 +109,6 @@ def esft_rows(folder: Path, time_limit: float) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], columns: list[str]) -> str:
-    """The rows as a Markdown table (numbers to 3 significant digits, '-' for none)."""
-    def cell(v: object) -> str:
-        return "-" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -145,10 +136,7 @@ def main() -> None:
         for key, row in zip(keys, rows):
             run.log_metrics({f"{key}.{k}": v for k, v in row.items()})  # numbers only; strings are skipped
         print(markdown(rows, columns))
-        with atomic_path(args.out) as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(Path(args.out), rows, columns)
         run.log_artifact(Path(args.out))
 
 

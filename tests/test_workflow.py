@@ -123,3 +123,11 @@ def test_tiny_study_snakemake_report(tiny_study: tuple[Path, str, subprocess.Com
     assert done.returncode == 0, done.stderr[-3000:]
     page = (workdir / "report.html").read_text(errors="replace")
     assert "predicted_vs_measured.png" in page and "solve_time.png" in page
+
+
+def test_dry_run_without_real_data_says_what_it_skips(tmp_path: Path) -> None:
+    done = snakemake(tmp_path, "-n", "--config", f"shared_data={tmp_path / 'absent'}", study="default")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "real data not found, skipped: intent" in done.stderr
+    jobs = {line.split()[0] for line in done.stdout.splitlines() if line.strip()}
+    assert "import_trace" not in jobs and {"extract", "synth", "serve", "report"} <= jobs

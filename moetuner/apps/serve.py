@@ -13,6 +13,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from moetuner.apps.common import CONF_DIR
+from moetuner.atomic import write_text_atomic
 from moetuner.placement.layout import Placement, PlacementError, load_placement
 from moetuner.serving.launcher import NodeCommand, free_port, run_nodes, terminate_on_signal, torchrun_argv
 from moetuner.serving.netns import emulated_cluster, netns_unavailable_reason
@@ -73,8 +74,6 @@ def serve(cfg: DictConfig) -> dict:
     resolved["launch"]["emulated_network"] = emulate
     resolved.pop("hydra", None)
     config = out / "config.yaml"
-    from moetuner.atomic import write_text_atomic
-
     write_text_atomic(config, OmegaConf.to_yaml(OmegaConf.create(resolved)))
     (out / "metrics.json").unlink(missing_ok=True)
     nodes = topology.nodes

@@ -86,7 +86,7 @@ def load_heatmaps(loads: dict[str, np.ndarray], case: str, path: str | os.PathLi
 def load_boxplots(loads: dict[str, np.ndarray], case: str, path: str | os.PathLike[str]) -> Path:
     """Per layer, the spread of per-GPU load for each placement (boxes side by side)."""
     num_layers = next(iter(loads.values())).shape[0]
-    fig, ax = plt.subplots(figsize=(max(6, 0.45 * num_layers * len(loads)), 4))
+    fig, ax = plt.subplots(figsize=(min(16, max(6, 0.3 * num_layers * len(loads))), 4))
     width = 0.8 / len(loads)
     for i, (name, load) in enumerate(loads.items()):
         positions = np.arange(num_layers) + (i - (len(loads) - 1) / 2) * width

@@ -9,7 +9,7 @@ the measured ones (sum over layers per rank, max over ranks, mean over steps).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 

@@ -7,7 +7,6 @@ DIR/per_layer.csv and logs one MLflow run.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
