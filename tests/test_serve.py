@@ -59,9 +59,9 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_model_mode_logits_match_single_process(tmp_path: Path, checkpoint: Path) -> None:
-    """2 nodes x 2 ranks (intra- and inter-node exchange; one launch keeps the suite fast)."""
-    nodes = 2
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_model_mode_logits_match_single_process(tmp_path: Path, checkpoint: Path, nodes: int) -> None:
+    """1 node x 2 ranks (intra-node exchange only) and 2 nodes x 2 ranks (intra and inter node)."""
     placement = write_placement(tmp_path, three_kinds(2 * nodes), nodes)
     metrics = serve(config(tmp_path, "mode=model", f"model.path={checkpoint}", f"placement={placement}",
                            f"topology.nodes={nodes}"))
@@ -110,6 +110,21 @@ def test_killed_rank_ends_job_with_named_rank(tmp_path: Path) -> None:
     with pytest.raises(LaunchError, match=r"rank 1\b.*SIGKILL|rank 1\b.*-9"):
         serve(cfg)
     assert time.monotonic() - start < 60
+    assert descendants(__import__("os").getpid()) == []
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_hung_rank_ends_job_within_timeout(tmp_path: Path) -> None:
+    tiny_trace(tmp_path / "trace.safetensors")
+    placement = write_placement(tmp_path, three_kinds(2), 1)
+    timeout_s = 20
+    cfg = config(tmp_path, f"trace={tmp_path / 'trace.safetensors'}", f"placement={placement}",
+                 "topology.nodes=1", "replay.step_tokens=16", "+fault.rank=1", "+fault.phase=run",
+                 "+fault.kind=hang", f"launch.timeout_s={timeout_s}")
+    start = time.monotonic()
+    with pytest.raises(LaunchError, match=r"rank"):
+        serve(cfg)
+    assert time.monotonic() - start < timeout_s + 30  # bounded: the limit plus tear-down
     assert descendants(__import__("os").getpid()) == []
     assert not (tmp_path / "run" / "metrics.json").exists()
 
