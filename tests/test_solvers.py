@@ -10,7 +10,8 @@ import itertools
 import numpy as np
 import pytest
 
-from moetuner.placement.baselines import (fill_hot_replicas, gpu_loads, greedy_phy2log, round_robin_phy2log,
+from moetuner.placement.layout import gpu_loads
+from moetuner.placement.baselines import (fill_hot_replicas, greedy_phy2log, round_robin_phy2log,
                                           solve_contiguous)
 from moetuner.placement.exflow import assign_to_gpus, cross_gpu_mass, exflow_gpus
 from moetuner.placement.layout import contiguous_phy2log

@@ -14,8 +14,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from moetuner.apps.common import CONF_DIR
-from moetuner.placement.baselines import gpu_loads
-from moetuner.placement.layout import Placement, export_torch, export_vllm, save_placement
+from moetuner.placement.layout import Placement, export_torch, export_vllm, gpu_loads, save_placement
 from moetuner.placement.mip import relative_gap
 from moetuner.placement.problem import PlacementProblem, get_solver
 from moetuner.topology import topology_from_config

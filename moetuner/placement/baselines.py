@@ -12,22 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from moetuner.placement.layout import Placement, contiguous_phy2log
+from moetuner.placement.layout import Placement, contiguous_phy2log, gpu_loads
 from moetuner.placement.problem import PlacementProblem
-
-
-def gpu_loads(phy2log: np.ndarray, load: np.ndarray, num_gpus: int) -> np.ndarray:
-    """Profile tokens per GPU, a replicated expert's load split evenly over its slots. [L, G]
-
-    phy2log: [L, P]; load: [L, E].
-    """
-    num_layers, num_slots = phy2log.shape
-    counts = np.zeros_like(load)
-    for layer, row in enumerate(phy2log):
-        np.add.at(counts[layer], row[row >= 0], 1)
-    share = np.divide(load, counts, out=np.zeros_like(load, dtype=float), where=counts > 0)
-    per_slot = np.where(phy2log >= 0, np.take_along_axis(share, np.maximum(phy2log, 0), axis=1), 0.0)
-    return per_slot.reshape(num_layers, num_gpus, num_slots // num_gpus).sum(-1)
 
 
 def fill_hot_replicas(phy2log: np.ndarray, load: np.ndarray, num_gpus: int) -> np.ndarray:

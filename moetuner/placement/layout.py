@@ -117,6 +117,16 @@ def logical_replica_count(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
     return counts
 
 
+def gpu_loads(phy2log: np.ndarray, load: np.ndarray, num_gpus: int) -> np.ndarray:
+    """Tokens per GPU, a replicated expert's load split evenly over its slots. [L, P], [L, E] -> [L, G]"""
+    num_layers, num_slots = phy2log.shape
+    assert num_slots % num_gpus == 0, f"{num_slots} slots do not divide over {num_gpus} GPUs"
+    replicas = logical_replica_count(phy2log, load.shape[1])
+    share = np.where(replicas > 0, load / np.maximum(replicas, 1), 0.0)  # [L, E] tokens per replica
+    per_slot = np.where(phy2log >= 0, np.take_along_axis(share, np.maximum(phy2log, 0), axis=1), 0.0)
+    return per_slot.reshape(num_layers, num_gpus, -1).sum(-1)
+
+
 def logical_to_physical_map(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
     """vLLM's [L, E, max replicas] map of each expert's slots, -1 padded."""
     counts = logical_replica_count(phy2log, num_experts)

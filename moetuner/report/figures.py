@@ -10,27 +10,11 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
-from moetuner.placement.layout import load_placement, logical_replica_count
+from moetuner.placement.layout import gpu_loads, load_placement
+from moetuner.profiling.stats import expert_load
 from moetuner.profiling.figures import plt, save_figure, spread_layers
 from moetuner.report.collect import per_layer, placement_path
 from moetuner.trace import load_trace
-
-
-def expert_counts(ids: np.ndarray, num_experts: int) -> np.ndarray:
-    """Token-expert pairs per expert and layer. ids [T, L, k] -> [L, E]"""
-    num_layers = ids.shape[1]
-    flat = ids.transpose(1, 0, 2).reshape(num_layers, -1).astype(np.int64)
-    return np.stack([np.bincount(row, minlength=num_experts) for row in flat])
-
-
-def gpu_load(counts: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
-    """Tokens per GPU when an expert's tokens are split evenly over its replicas. counts [L, E], phy2log [L, P] -> [L, G]"""
-    num_layers, num_slots = phy2log.shape
-    assert num_slots % num_gpus == 0, f"{num_slots} slots do not divide over {num_gpus} GPUs"
-    replicas = logical_replica_count(phy2log, counts.shape[1])
-    share = np.where(replicas > 0, counts / np.maximum(replicas, 1), 0.0)  # [L, E] tokens per replica
-    slot = np.where(phy2log >= 0, np.take_along_axis(share, np.maximum(phy2log, 0), axis=1), 0.0)  # [L, P]
-    return slot.reshape(num_layers, num_gpus, -1).sum(-1)
 
 
 def relative_load(load: np.ndarray) -> np.ndarray:
@@ -63,8 +47,8 @@ def showcase_loads(results: Path, trace: str, topology: str, best: pd.Series) ->
     loads = {}
     for solver, replicas in (("contiguous", 0), (best.solver, int(best.replicas))):
         placement = load_placement(placement_path(results, trace, topology, solver, replicas))
-        counts = expert_counts(heldout.topk_ids, heldout.num_experts)
-        loads[f"{solver}-r{replicas}"] = relative_load(gpu_load(counts, placement.phy2log, placement.num_gpus))
+        counts = expert_load(heldout.topk_ids, heldout.num_experts)
+        loads[f"{solver}-r{replicas}"] = relative_load(gpu_loads(placement.phy2log, counts, placement.num_gpus))
     return loads
 
 
