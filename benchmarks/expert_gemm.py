@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from moetuner import PROJECT_ROOT
-from moetuner.apps.common import CONF_DIR
+from moetuner.topology import topology_preset
 from moetuner.atomic import write_atomic, write_text_atomic
 from moetuner.serving.calibration import nonneg_lstsq
 from moetuner.tracking import tracked_run
@@ -66,7 +66,7 @@ def main() -> None:
     rows = [{"shape": name, "tokens": n, "seconds": time_expert(h, i, n, args.reps)}
             for name, (h, i) in SHAPES.items() for n in TOKENS]
     table = pd.DataFrame(rows)
-    base = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "topology" / f"{args.topology}.yaml"))
+    base = topology_preset(args.topology)
     fits = {}
     for name, part in table.groupby("shape"):
         fixed, per_token = nonneg_lstsq(np.column_stack([np.ones(len(part)), part["tokens"]]),

@@ -19,7 +19,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from moetuner import PROJECT_ROOT
@@ -29,7 +28,7 @@ from moetuner.placement.layout import contiguous_phy2log
 from moetuner.placement.problem import PlacementProblem
 from moetuner.placement.steptail import lower_bound, profile_steps
 from moetuner.simulator import cost_model, primary_column, simulate
-from moetuner.topology import Topology, topology_from_config
+from moetuner.topology import Topology, topology_from_config, topology_preset
 from moetuner.trace import Trace, split_by_sequence
 from moetuner.tracking import tracked_run
 from table import markdown, write_csv  # benchmarks/table.py
@@ -41,7 +40,7 @@ SOLVERS = ("contiguous", "round_robin", "greedy", "eplb", "exflow", "moetuner", 
 
 
 def load_topology(name: str) -> Topology:
-    return topology_from_config(OmegaConf.load(PROJECT_ROOT / "conf" / "topology" / f"{name}.yaml"))
+    return topology_from_config(topology_preset(name))
 
 
 def score(phy2log: np.ndarray, trace: Trace, topology: Topology, step_tokens: int, dataflow: str,

@@ -30,7 +30,7 @@ from moetuner.placement.layout import save_placement
 from moetuner.placement.problem import PlacementProblem, get_solver
 from moetuner.serving.calibration import calibrated_topology, compare, fit_costs
 from moetuner.simulator import cost_model, primary_column, simulate
-from moetuner.topology import topology_from_config
+from moetuner.topology import topology_from_config, topology_preset
 from moetuner.trace import Trace, save_trace, split_by_sequence
 from moetuner.tracking import tracked_run
 
@@ -89,7 +89,7 @@ def main() -> None:
     trace = import_routing("esft", ESFT)
     profile, heldout = split_by_sequence(trace, 0.3, seed=0)
     held_path = save_trace(heldout, args.out / "heldout.safetensors")
-    topo_cfg = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "topology" / f"{args.topology}.yaml"))
+    topo_cfg = topology_preset(args.topology)
     placements, metrics, tables = {}, {}, {}
     for name in args.solvers:
         placements[name] = solve(name, profile, topo_cfg, args.replicas, args)

@@ -17,16 +17,14 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from moetuner import PROJECT_ROOT
 from moetuner.apps.solve import placement_metrics, solve_placement
 from moetuner.importers import import_routing
 from moetuner.placement.layout import Placement
 from moetuner.placement.problem import PlacementProblem
 from moetuner.synth import SynthSpec, synthesize
-from moetuner.topology import topology_from_config
+from moetuner.topology import topology_from_config, topology_preset
 from moetuner.trace import split_by_sequence
 from moetuner.tracking import tracked_run
 from table import markdown, write_csv  # benchmarks/table.py
@@ -58,7 +56,7 @@ ALL_SOLVERS = ["contiguous", "round_robin", "greedy", "eplb", "exflow", "moetune
 
 def h100_cluster(nodes: int, gpus_per_node: int) -> dict:
     """The H100 preset (conf/topology/h100_1x8.yaml) resized to nodes x gpus_per_node."""
-    preset = OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "topology" / "h100_1x8.yaml"))
+    preset = topology_preset("h100_1x8")
     return {**preset, "name": f"h100_{nodes}x{gpus_per_node}", "nodes": nodes, "gpus_per_node": gpus_per_node}
 
 
@@ -95,7 +93,7 @@ def esft_rows(folder: Path, time_limit: float) -> list[dict]:
     """Real routing: solve on 70% of `intent` (h200_2x8), score on its held-out 30% and on `law`."""
     profile, heldout = split_by_sequence(import_routing("esft", folder / "intent"), 0.3, seed=0)
     law = import_routing("esft", folder / "law")
-    topology = topology_from_config(OmegaConf.load(PROJECT_ROOT / "conf" / "topology" / "h200_2x8.yaml"))
+    topology = topology_from_config(topology_preset("h200_2x8"))
     rows = []
     for replicas in (0, 1):
         problem = PlacementProblem(profile, topology, replicas=replicas)

@@ -74,6 +74,19 @@ class Topology:
 GB = 1e9
 
 
+def topology_preset(name: str) -> dict[str, Any]:
+    """The preset `conf/topology/<name>.yaml` as a plain dict (GB/s, us, TFLOP/s units)."""
+    from omegaconf import OmegaConf
+
+    from moetuner import PROJECT_ROOT
+
+    path = PROJECT_ROOT / "conf" / "topology" / f"{name}.yaml"
+    if not path.is_file():
+        presets = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise TopologyError(f"no topology preset {name!r}; choose one of {presets}")
+    return dict(OmegaConf.to_container(OmegaConf.load(path)))
+
+
 def topology_from_config(cfg: Mapping[str, Any]) -> Topology:
     """Build and validate a Topology from a `topology/` config (bandwidths in GB/s, latency in us)."""
     name = str(cfg.get("name", "custom"))

@@ -82,3 +82,11 @@ def test_slots_that_cannot_hold_every_expert() -> None:
         topo.slots_per_gpu(8, replicas=1)
     with pytest.raises(TopologyError, match="replicas must be >= 0"):
         topo.slots_per_gpu(8, replicas=-1)
+
+
+def test_unknown_preset_lists_the_presets() -> None:
+    from moetuner.topology import topology_preset
+
+    assert topology_preset("cpu_2x2")["nodes"] == 2
+    with pytest.raises(TopologyError, match="no topology preset 'nope'.*h100_1x8"):
+        topology_preset("nope")
