@@ -3,10 +3,9 @@
 - `start_parent` (the Snakefile's `onstart`, never on a dry run) creates the store, the experiment and
   a RUNNING parent run before any job starts, and writes its id to `<results>/mlflow_parent.json`.
 - `run_job` (`python -m moetuner.study job ...`, the prefix of every app rule) runs one app with
-  `mlflow.parent_run_id/tracking_uri/experiment` overrides appended and records the tags of its child
-  run: rule, wildcards, config hash (the app itself tags the git commit).
-- `finish_parent` (the report rule, `onsuccess`, `onerror`) applies those tags, logs the report on the
-  parent and ends it.
+  `mlflow.parent_run_id/tracking_uri/experiment` overrides appended and its child run's tags (rule,
+  wildcards, config hash; the app itself tags the git commit) in `$MOETUNER_RUN_TAGS`.
+- `finish_parent` (the report rule, `onsuccess`, `onerror`) logs the report on the parent and ends it.
 MLflow failures are logged and never fail a job: outputs matter more than tracking.
 """
 
@@ -16,6 +15,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -24,12 +24,11 @@ from typing import Any
 
 from moetuner import tracking_study
 from moetuner.atomic import write_json_atomic
-from moetuner.tracking import default_tracking_uri
+from moetuner.tracking import RUN_TAGS_ENV, default_tracking_uri
 
 log = logging.getLogger(__name__)
 
 PARENT_FILE = "mlflow_parent.json"
-JOBS_DIR = "mlflow_jobs"
 MLFLOW_KEYS = ("mlflow.tracking_uri", "mlflow.experiment", "mlflow.parent_run_id")
 
 
@@ -72,7 +71,6 @@ def finish_parent(results: str | Path, status: str, artifacts: Sequence[str | Pa
         return
     uri, run_id = record["tracking_uri"], record["run_id"]
     try:
-        tag_children(record, results)
         run = tracking_study.run_logger(uri, run_id)
         for path in artifacts:
             run.log_artifact(path)
@@ -96,41 +94,18 @@ def out_override(command: Sequence[str]) -> str | None:
     return next((arg.removeprefix("out=") for arg in command if arg.startswith("out=")), None)
 
 
-def job_record_path(results: str | Path, out: str) -> Path:
-    return Path(results) / JOBS_DIR / f"{hashlib.sha256(out.encode()).hexdigest()[:16]}.json"
-
-
-def tag_children(record: Mapping[str, Any], results: str | Path) -> int:
-    """Tag every child run of this invocation with its job's rule, wildcards and config hash; return how many."""
-    tagged = 0
-    for path in sorted((Path(results) / JOBS_DIR).glob("*.json")):
-        job = json.loads(path.read_text())
-        if job["parent_run_id"] != record["run_id"]:
-            continue  # a job of an earlier invocation
-        run_id = tracking_study.find_child_run(record["tracking_uri"], record["run_id"], job["out"])
-        if run_id is None:
-            log.warning("MLflow: no child run with out=%s under %s to tag", job["out"], record["run_id"])
-            continue
-        tracking_study.run_logger(record["tracking_uri"], run_id).set_tags(job["tags"])
-        tagged += 1
-    return tagged
-
 
 def run_job(results: str | Path, rule: str, wildcards: Mapping[str, str], command: Sequence[str]) -> int:
     """Run one app command nested under the study's parent run; return its exit status.
 
-    The tags for its child run are written to `<results>/mlflow_jobs/` (no MLflow import per job);
-    `finish_parent` applies them.
+    Its child run is tagged with the rule, the wildcards and the config hash via `$MOETUNER_RUN_TAGS`.
     """
     record = read_parent(results) or {}
-    out = out_override(command)
-    assert out is not None, f"the app command {list(command)} has no out= override"
-    status = subprocess.run([*command, *mlflow_overrides(record)], check=False).returncode
+    assert out_override(command) is not None, f"the app command {list(command)} has no out= override"
     tags = {"rule": rule, "config_hash": config_hash(command),
             **{f"wildcard.{k}": v for k, v in wildcards.items()}}
-    write_json_atomic(job_record_path(results, out),
-                      {"out": out, "parent_run_id": record.get("run_id"), "tags": tags})
-    return status
+    env = {**os.environ, RUN_TAGS_ENV: json.dumps(tags)}
+    return subprocess.run([*command, *mlflow_overrides(record)], check=False, env=env).returncode
 
 
 def _parse_wildcards(text: str) -> dict[str, str]:

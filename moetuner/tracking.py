@@ -7,6 +7,7 @@ params, the resolved config as an artifact, metrics, figures and output files as
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -23,6 +24,8 @@ from moetuner import PROJECT_ROOT
 log = logging.getLogger(__name__)
 
 MAX_PARAM_CHARS = 500
+RUN_TAGS_ENV = "MOETUNER_RUN_TAGS"
+"""A JSON object of extra tags for the runs an app opens (a workflow sets it per job: rule, wildcards)."""
 
 
 def default_tracking_uri() -> str:
@@ -38,6 +41,20 @@ def git_commit() -> str:
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def env_tags() -> dict[str, str]:
+    """Tags from `$MOETUNER_RUN_TAGS` (a JSON object); malformed JSON is reported and ignored."""
+    text = os.environ.get(RUN_TAGS_ENV)
+    if not text:
+        return {}
+    try:
+        tags = json.loads(text)
+        assert isinstance(tags, dict)
+    except (ValueError, AssertionError):
+        log.warning("%s must be a JSON object of tags, got %r; ignored", RUN_TAGS_ENV, text)
+        return {}
+    return {str(k): str(v) for k, v in tags.items()}
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -148,7 +165,7 @@ def tracked_run(app: str, cfg: DictConfig | Mapping[str, Any], tags: Mapping[str
     """Open an MLflow run for one app invocation; log config params/artifact; close it at the end.
 
     `cfg.mlflow` (the `mlflow/` config group) gives `enabled`, `experiment`, `tracking_uri`,
-    `parent_run_id`. The run ends FINISHED, or FAILED if the block raises.
+    `parent_run_id`. `$MOETUNER_RUN_TAGS` adds tags. The run ends FINISHED, or FAILED if the block raises.
     """
     container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     settings = dict(container.get("mlflow") or {})
@@ -157,7 +174,7 @@ def tracked_run(app: str, cfg: DictConfig | Mapping[str, Any], tags: Mapping[str
         return
     uri = settings.get("tracking_uri") or default_tracking_uri()
     run = _open_run(app, settings.get("experiment") or "moetuner", settings.get("parent_run_id"),
-                    tags or {}, uri)
+                    {**env_tags(), **(tags or {})}, uri)
     run.log_params(flatten({k: v for k, v in container.items() if k not in ("mlflow", "hydra")}))
     with tempfile.TemporaryDirectory() as tmp:
         resolved = Path(tmp) / "config.yaml"

@@ -54,16 +54,6 @@ def end_run(tracking_uri: str, run_id: str, status: str) -> None:
     client(tracking_uri).set_terminated(run_id, status=status)
 
 
-def find_child_run(tracking_uri: str, parent_run_id: str, out: str) -> str | None:
-    """Id of the newest child of `parent_run_id` whose `out` param is `out`, or None."""
-    mlflow_client = client(tracking_uri)
-    exp_id = mlflow_client.get_run(parent_run_id).info.experiment_id
-    runs = mlflow_client.search_runs(
-        [exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and params.out = '{out}'",
-        order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0].info.run_id if runs else None
-
-
 def child_runs(tracking_uri: str, parent_run_id: str) -> list[Any]:
     """All runs nested under `parent_run_id` (mlflow.entities.Run)."""
     mlflow_client = client(tracking_uri)

@@ -82,3 +82,22 @@ def test_disabled_tracking_creates_no_store(tmp_path: Path, monkeypatch: pytest.
 ])
 def test_hydra_record_sits_beside_outputs(out: str, run_dir: str, subdir: str) -> None:
     assert out_dir(out) == run_dir and hydra_subdir(out) == subdir
+
+
+def test_env_tags_reach_the_run(mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MOETUNER_RUN_TAGS", '{"rule": "solve", "wildcard.solver": "eplb"}')
+    with tracked_run("solve", _cfg(), tags={"model": "tiny"}):
+        pass
+    mlflow.set_tracking_uri(mlflow_uri)
+    row = mlflow.search_runs(experiment_names=["t"]).iloc[0]
+    assert (row["tags.rule"], row["tags.wildcard.solver"], row["tags.model"]) == ("solve", "eplb", "tiny")
+
+
+def test_malformed_env_tags_are_ignored_with_a_warning(monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    from moetuner.tracking import env_tags
+
+    monkeypatch.setenv("MOETUNER_RUN_TAGS", "[1, 2]")
+    with caplog.at_level(logging.WARNING):
+        assert env_tags() == {}
+    assert "must be a JSON object" in caplog.text
