@@ -21,6 +21,8 @@ include: "workflow/rules/solve.smk"
 include: "workflow/rules/simulate.smk"
 include: "workflow/rules/serve.smk"
 include: "workflow/rules/calibrate.smk"
+include: "workflow/rules/regime.smk"
+include: "workflow/rules/online.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -36,6 +38,7 @@ onstart:
 
 onsuccess:
     moe_study.finish_parent(RESULTS, "FINISHED")
+    print(moe_study.browse_hint(RESULTS) or "", file=sys.stderr)  # sys: imported in common.smk
 
 
 onerror:

@@ -24,6 +24,15 @@ export PATH="$PWD/$venv/bin:$PATH"
 cmd="${1:-}"; shift || true
 case "$cmd" in
   study) exec snakemake --cores "${MOETUNER_CORES:-2}" "$@" ;;
-  test)  exec python -m pytest "$@" ;;
+  test)
+    # SGLang's wheel alone (--no-deps: 39 MB, once) for tests/test_engine_conformance.py, which runs its
+    # EPLB and its --init-expert-location loader; MOETUNER_REQUIRE_SGLANG=1: fail, not skip, without it.
+    sglang_stamp="$venv/.sglang-0.5.23-installed"
+    if [ ! -f "$sglang_stamp" ]; then
+      echo "[bootstrap] installing sglang==0.5.23 without dependencies (test only)"
+      python -m pip install -q --no-deps "sglang==0.5.23"
+      touch "$sglang_stamp"
+    fi
+    MOETUNER_REQUIRE_SGLANG=1 exec python -m pytest "$@" ;;
   *) echo "usage: bash bootstrap.sh study|test [args...]" >&2; exit 2 ;;
 esac

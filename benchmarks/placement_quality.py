@@ -1,21 +1,34 @@
-"""Predicted layer time of every solver's placement on routing it was not computed from (ESFT traces).
+"""Predicted step time of every solver's placement on routing it was not computed from (ESFT traces),
+under every engine dispatch, and the aims of issue 9.
 
-    .venv/bin/python benchmarks/placement_quality.py --time-limit 8 --step-tokens 1024
+    .venv/bin/python benchmarks/placement_quality.py --time-limit 5
 
-Traces: ESFT DeepSeek-V2-Lite `intent` and `law` (../shared/data/esft-deepseek-v2-lite), each split by
-sequence (30% held out, seed 0). Scenarios: profile split -> held-out split of the same domain, and
-profile of one domain -> held-out split of the other. Topologies h100_1x8, h200_2x8, h100_4x8; replica
-budgets 0 and 1. Every placement is scored by the simulator (dispatch-combine, balanced replicas);
-speedups are vs contiguous without replicas. `oracle` is EPLB computed on the evaluation tokens
-themselves (not a fair competitor: a reference for how much the profile can still give); `bound` is
-the steptail compute lower bound on the evaluation steps. Prints a Markdown table, writes it as CSV and
-logs every number to MLflow (experiment `benchmarks`, run `placement_quality`).
+Traces: ESFT DeepSeek-V2-Lite `intent` and `law` (../shared/data/esft-deepseek-v2-lite). Each is split
+by sequence order: the first half of the sequences is the profile, the rest is held out. Rows:
+topology (h100_1x8, h200_2x8, h100_4x8) x replicas (0, 1) x dataflow (dispatch_combine, hierarchical;
+one node has no inter-node hop, so h100_1x8 runs dispatch_combine only) x the dispatch the engine
+uses when scoring (dynamic, static, lp, lp_comm). Columns: speedup vs contiguous (same slot budget,
+same dispatch) on held-out `intent`, of placements solved on the `intent` profile; load-based solvers
+are solved once, steptail once per dispatch (for the dispatch it is scored with). `bound_us` is the
+simulator's lower bound (compute + communication, any placement and dispatch) on the held-out steps.
+
+The aims table, per topology x replicas x dataflow:
+- `dyn_vs_eplb`: EPLB time / steptail time, both under dynamic;
+- `lp_comm_vs_best_eplb`: EPLB's best time under an engine dispatch (dynamic, static, lp) / steptail
+  solved for lp_comm and served with lp_comm;
+- `robust_intent`, `robust_law`: steptail solved on both profiles (equal weights, robust=mean,
+  dynamic) scored on each domain's held-out half; `worst_*` the same with robust=worst;
+  `intent_on_law` and `law_on_intent`: single-domain steptail placements scored on the other domain;
+  all as speedups vs the contiguous layout whose hot replicas (replicas=1) follow the two-domain
+  profile;
+- `gap`: steptail (dynamic) time / lower bound.
+Prints Markdown tables, writes them as CSV and logs every number to MLflow (experiment `benchmarks`,
+run `placement_quality`).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import numpy as np
@@ -24,96 +37,124 @@ from tqdm import tqdm
 from moetuner import PROJECT_ROOT
 from moetuner.apps.solve import solve_placement
 from moetuner.importers.esft import DEFAULT_INFO, read_esft
-from moetuner.placement.layout import contiguous_phy2log
 from moetuner.placement.problem import PlacementProblem
-from moetuner.placement.steptail import lower_bound, profile_steps
-from moetuner.simulator import cost_model, primary_column, simulate
+from moetuner.simulator import cost_model, lower_bound, primary_column, simulate
 from moetuner.topology import Topology, topology_from_config, topology_preset
-from moetuner.trace import Trace, split_by_sequence
+from moetuner.trace import Trace
 from moetuner.tracking import tracked_run
 from table import markdown, write_csv  # benchmarks/table.py
 
 DATA = PROJECT_ROOT.parent / "shared" / "data" / "esft-deepseek-v2-lite"
 DOMAINS = ("intent", "law")
 TOPOLOGIES = ("h100_1x8", "h200_2x8", "h100_4x8")
-SOLVERS = ("contiguous", "round_robin", "greedy", "eplb", "exflow", "moetuner", "steptail")
+DATAFLOWS = ("dispatch_combine", "hierarchical")
+DISPATCHES = ("dynamic", "static", "lp", "lp_comm")
+ENGINE_DISPATCHES = ("dynamic", "static", "lp")  # what engines ship (lp_comm is ours)
+LOAD_SOLVERS = ("contiguous", "greedy", "eplb", "partition")
 
 
-def load_topology(name: str) -> Topology:
-    return topology_from_config(topology_preset(name))
+def first_part(trace: Trace, fraction: float = 0.5) -> tuple[Trace, Trace]:
+    """(profile, held-out): the first `fraction` of the sequences in trace order, and the rest."""
+    seqs = trace.sequences
+    cut = min(len(seqs) - 1, max(1, round(fraction * len(seqs))))
+    return trace.select_sequences(seqs[:cut], ":profile"), trace.select_sequences(seqs[cut:], ":heldout")
 
 
 def score(phy2log: np.ndarray, trace: Trace, topology: Topology, step_tokens: int, dataflow: str,
-          policy: str) -> float:
+          dispatch: str) -> float:
     """Simulated mean step time (s) of a placement on `trace`."""
     cost = cost_model(topology, trace.hidden_size, trace.moe_intermediate_size)
     ids, primary = trace.topk_ids.astype(np.int64), primary_column(trace.topk_ids, trace.topk_weights)
     return simulate(phy2log, topology.num_gpus, ids, primary, trace.num_experts, cost, step_tokens,
-                    dataflow, policy).metrics()["layer_time_s"]
+                    dataflow, dispatch).metrics()["layer_time_s"]
 
 
-def evaluation_bound(trace: Trace, topology: Topology, replicas: int, step_tokens: int) -> float:
-    """steptail's compute lower bound on the evaluation steps."""
-    problem = PlacementProblem(trace, topology, replicas=replicas, step_tokens=step_tokens)
+def bound(trace: Trace, topology: Topology, slots_per_gpu: int, step_tokens: int, dataflow: str) -> float:
+    """The simulator's lower bound on `trace`'s steps."""
     cost = cost_model(topology, trace.hidden_size, trace.moe_intermediate_size)
-    return lower_bound(problem, cost, profile_steps(problem)[0])
+    return lower_bound(trace.topk_ids, cost, slots_per_gpu, step_tokens, dataflow)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--time-limit", type=float, default=8.0, help="steptail seconds per solve (default 8)")
-    parser.add_argument("--mip-time-limit", type=float, default=1.0, help="moetuner seconds per MIP (default 1)")
-    parser.add_argument("--step-tokens", type=int, default=1024, help="tokens per step (default 1024)")
-    parser.add_argument("--dataflow", default="dispatch_combine", help="dispatch_combine | expert_to_expert")
-    parser.add_argument("--policy", default="balanced", help="replica policy (default balanced)")
+    parser.add_argument("--time-limit", type=float, default=5.0, help="steptail seconds per solve (default 5)")
+    parser.add_argument("--step-tokens", type=int, default=2048, help="tokens per step (default 2048)")
     parser.add_argument("--topologies", nargs="*", default=list(TOPOLOGIES))
     parser.add_argument("--replicas", nargs="*", type=int, default=[0, 1])
+    parser.add_argument("--dataflows", nargs="*", default=list(DATAFLOWS))
+    parser.add_argument("--ilp", action="store_true", help="also the MoETuner ILPs (1 s per MIP; slow)")
     parser.add_argument("--out", default="results/benchmarks/placement_quality.csv", help="CSV of the table")
     args = parser.parse_args()
     if not DATA.exists():
         raise SystemExit(f"{DATA} is absent: this benchmark needs the ESFT traces in ../shared/data")
-    splits = {d: split_by_sequence(read_esft(DATA / d, DEFAULT_INFO), 0.3, seed=0) for d in DOMAINS}
-    scenarios = [(p, e) for p in DOMAINS for e in DOMAINS]  # (profile domain, evaluation domain)
-    options = {"time_limit_s": args.time_limit, "mip_solver": "highs", "gap_rel": 0.025,
-               "dataflow": args.dataflow, "replica_policy": args.policy}
-    config = {**{k: v for k, v in vars(args).items()}, "mlflow": {"experiment": "benchmarks"}}
-    columns = ["profile", "eval", "topology", "replicas", "contiguous_us", *SOLVERS, "oracle", "steptail_us",
-               "bound_us", "steptail_vs_bound", "steptail_vs_eplb"]
-    rows = []
+    splits = {d: first_part(read_esft(DATA / d, DEFAULT_INFO)) for d in DOMAINS}
+    (profile, held), (law_profile, law_held) = splits["intent"], splits["law"]
+    load_solvers = LOAD_SOLVERS + (("moetuner",) if args.ilp else ())
+    options = {"time_limit_s": args.time_limit, "mip_solver": "highs", "gap_rel": 0.025}
+    mip_options = {**options, "time_limit_s": 1.0}
+    config = {**vars(args), "mlflow": {"experiment": "benchmarks"}}
+    columns = ["topology", "replicas", "dataflow", "dispatch", "contiguous_us", *load_solvers[1:], "steptail",
+               "steptail_vs_eplb", "bound_us", "steptail_vs_bound"]
+    aim_columns = ["topology", "replicas", "dataflow", "dyn_vs_eplb", "lp_comm_vs_best_eplb", "robust_intent",
+                   "robust_law", "worst_intent", "worst_law", "intent_on_law", "law_on_intent", "gap"]
+    rows, aims = [], []
+    grid = [(t, r, f) for t in args.topologies for r in args.replicas for f in args.dataflows
+            if not (f == "hierarchical" and topology_from_config(topology_preset(t)).nodes == 1)]
     with tracked_run("placement_quality", config, tags={"benchmark": "placement_quality"}) as run:
-        for topo_name in tqdm(args.topologies, desc="topologies"):
-            topology = load_topology(topo_name)
-            base_phy = contiguous_phy2log(26, 64, topology.num_gpus, math.ceil(64 / topology.num_gpus))
-            for replicas in args.replicas:
-                placements = {}
-                for domain in DOMAINS:
-                    problem = PlacementProblem(splits[domain][0], topology, replicas=replicas,
-                                               step_tokens=args.step_tokens)
-                    for solver in SOLVERS:
-                        solver_options = {**options, "time_limit_s": args.mip_time_limit} \
-                            if solver == "moetuner" else options
-                        placements[domain, solver] = solve_placement(problem, solver, solver_options).phy2log
-                for prof, ev in scenarios:
-                    held = splits[ev][1]
-                    evaluate = lambda phy: score(phy, held, topology, args.step_tokens,  # noqa: E731
-                                                 args.dataflow, args.policy)
-                    base = evaluate(base_phy)
-                    times = {s: evaluate(placements[prof, s]) for s in SOLVERS}
-                    oracle = PlacementProblem(held, topology, replicas=replicas, step_tokens=args.step_tokens)
-                    times["oracle"] = evaluate(solve_placement(oracle, "eplb", {}).phy2log)
-                    bound = evaluation_bound(held, topology, replicas, args.step_tokens)
-                    row = {"profile": prof, "eval": ev, "topology": topo_name, "replicas": replicas,
-                           "contiguous_us": base * 1e6, **{s: base / t for s, t in times.items()},
-                           "steptail_us": times["steptail"] * 1e6, "bound_us": bound * 1e6,
-                           "steptail_vs_bound": times["steptail"] / bound,
-                           "steptail_vs_eplb": times["eplb"] / times["steptail"]}
-                    rows.append(row)
-                    key = f"{prof}-{ev}.{topo_name}.r{replicas}"
-                    run.log_metrics({f"{key}.{c}": row[c] for c in columns[4:]})
+        for topo_name, replicas, dataflow in tqdm(grid, desc="rows"):
+            topology = topology_from_config(topology_preset(topo_name))
+            problem = lambda traces, dispatch, **kw: PlacementProblem.from_traces(  # noqa: E731
+                traces, topology, replicas=replicas, step_tokens=args.step_tokens, dispatch=dispatch,
+                dataflow=dataflow, **kw)
+            base = problem([profile], "dynamic")
+            fixed = {s: solve_placement(base, s, mip_options if s == "moetuner" else options).phy2log
+                     for s in load_solvers}
+            ours = {d: solve_placement(problem([profile], d), "steptail", options).phy2log for d in DISPATCHES}
+            times = {}  # (placement, dispatch) -> held-out intent seconds
+            lb = bound(held, topology, base.slots_per_gpu, args.step_tokens, dataflow)
+            for dispatch in DISPATCHES:
+                run_on = lambda phy: score(phy, held, topology, args.step_tokens, dataflow, dispatch)  # noqa: E731
+                for name, phy in fixed.items():
+                    times[name, dispatch] = run_on(phy)
+                times["steptail", dispatch] = run_on(ours[dispatch])
+                contiguous = times["contiguous", dispatch]
+                row = {"topology": topo_name, "replicas": replicas, "dataflow": dataflow, "dispatch": dispatch,
+                       "contiguous_us": contiguous * 1e6,
+                       **{s: contiguous / times[s, dispatch] for s in (*load_solvers[1:], "steptail")},
+                       "steptail_vs_eplb": times["eplb", dispatch] / times["steptail", dispatch],
+                       "bound_us": lb * 1e6, "steptail_vs_bound": times["steptail", dispatch] / lb}
+                rows.append(row)
+                key = f"{topo_name}.r{replicas}.{dataflow}.{dispatch}"
+                run.log_metrics({f"{key}.{c}": row[c] for c in columns[4:]})
+            # cross-domain: one placement from both profiles, scored on each domain's held-out half, vs
+            # the contiguous layout whose hot replicas follow the same two-domain profile
+            both = problem([profile, law_profile], "dynamic")
+            robust = solve_placement(both, "steptail", options).phy2log
+            worst = solve_placement(problem([profile, law_profile], "dynamic", robust="worst"), "steptail",
+                                    options).phy2log
+            law_only = solve_placement(problem([law_profile], "dynamic"), "steptail", options).phy2log
+            on = lambda phy, trace: score(phy, trace, topology, args.step_tokens, dataflow, "dynamic")  # noqa: E731
+            reference = solve_placement(both, "contiguous", {}).phy2log
+            ref_intent, ref_law = on(reference, held), on(reference, law_held)
+            aim = {"topology": topo_name, "replicas": replicas, "dataflow": dataflow,
+                   "dyn_vs_eplb": times["eplb", "dynamic"] / times["steptail", "dynamic"],
+                   "lp_comm_vs_best_eplb": min(times["eplb", d] for d in ENGINE_DISPATCHES)
+                   / times["steptail", "lp_comm"],
+                   "robust_intent": ref_intent / on(robust, held), "robust_law": ref_law / on(robust, law_held),
+                   "worst_intent": ref_intent / on(worst, held), "worst_law": ref_law / on(worst, law_held),
+                   "intent_on_law": ref_law / on(ours["dynamic"], law_held),
+                   "law_on_intent": ref_intent / on(law_only, held),
+                   "gap": times["steptail", "dynamic"] / lb}
+            aims.append(aim)
+            run.log_metrics({f"{topo_name}.r{replicas}.{dataflow}.aim.{c}": aim[c] for c in aim_columns[3:]})
         print(markdown(rows, columns, ".3f"))
-        write_csv(Path(args.out), rows, columns)
-        run.log_artifact(Path(args.out))
-
+        print()
+        print(markdown(aims, aim_columns, ".3f"))
+        out = Path(args.out)
+        write_csv(out, rows, columns)
+        write_csv(out.with_name(out.stem + "_aims.csv"), aims, aim_columns)
+        run.log_artifact(out)
+        run.log_artifact(out.with_name(out.stem + "_aims.csv"))
 
 
 if __name__ == "__main__":

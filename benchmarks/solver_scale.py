@@ -2,12 +2,14 @@
 
     .venv/bin/python benchmarks/solver_scale.py --time-limit 2 --tokens 4096
     .venv/bin/python benchmarks/solver_scale.py --esft ../shared/data/esft-deepseek-v2-lite
+    .venv/bin/python benchmarks/solver_scale.py --cases dsv3-g64 --replicas 1 --steptail-time-limit 45
 
 Synthetic traces (moetuner.synth: Zipf skew 1.0, inter-layer affinity 0.3) with each model's shape;
-every solver gets the same per-MIP time limit. With --esft: the real DeepSeek-V2-Lite routing
-instead, solved on 70% of the `intent` sequences and scored (profile-token imbalance per GPU) on the
-held-out 30% and on the `law` task. Prints a Markdown table, writes it as CSV and logs every number
-to MLflow (experiment `benchmarks`, run `solver_scale`).
+every solver gets the same per-MIP time limit; steptail gets --steptail-time-limit for its whole
+solve. With --esft: the real DeepSeek-V2-Lite routing instead, solved on 70% of the `intent`
+sequences and scored (profile-token imbalance per GPU) on the held-out 30% and on the `law` task.
+Prints a Markdown table, writes it as CSV and logs every number to MLflow (experiment `benchmarks`,
+run `solver_scale`).
 """
 
 from __future__ import annotations
@@ -74,16 +76,20 @@ def make_problem(case: Case, tokens: int, replicas: int) -> PlacementProblem:
                             replicas=replicas)
 
 
-def solve(problem: PlacementProblem, solver: str, time_limit: float) -> tuple[Placement, dict]:
+def solve(problem: PlacementProblem, solver: str, time_limit: float,
+          steptail_time_limit: float | None = None) -> tuple[Placement, dict]:
     """Solve with the benchmark's MIP settings; the placement and its metrics on the profile."""
+    if solver == "steptail" and steptail_time_limit is not None:
+        time_limit = steptail_time_limit
     placement = solve_placement(problem, solver, {"time_limit_s": time_limit, "mip_solver": "highs",
                                                   "gap_rel": 0.025, "equal_cluster_size": True})
     return placement, placement_metrics(placement, problem.load)
 
 
-def run_case(case: Case, problem: PlacementProblem, solver: str, time_limit: float) -> dict:
+def run_case(case: Case, problem: PlacementProblem, solver: str, time_limit: float,
+             steptail_time_limit: float | None = None) -> dict:
     """Solve one case with one solver; a table row."""
-    placement, metrics = solve(problem, solver, time_limit)
+    placement, metrics = solve(problem, solver, time_limit, steptail_time_limit)
     return {"case": case.name, "E": case.experts, "L": case.layers, "G": problem.num_gpus, "solver": solver,
             "status": placement.status, "seconds": metrics["solve_seconds"], "objective": metrics["objective"],
             "bound": metrics["bound"], "gap": metrics["gap"], "imbalance": metrics["imbalance"]}
@@ -113,12 +119,17 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=2.0, help="seconds per MIP (default 2)")
     parser.add_argument("--tokens", type=int, default=4096, help="profile tokens per trace (default 4096)")
     parser.add_argument("--replicas", type=int, default=0, help="extra slots per GPU (default 0)")
+    parser.add_argument("--steptail-time-limit", type=float, default=None,
+                        help="steptail's whole-solve limit in seconds (default: --time-limit)")
+    parser.add_argument("--solvers", nargs="*", default=None,
+                        help="solver names (default greedy eplb moetuner steptail)")
     parser.add_argument("--cases", nargs="*", default=None, help="case names (default all), e.g. mixtral-g4")
     parser.add_argument("--esft", type=Path, default=None, help="ESFT DeepSeek-V2-Lite folder: held-out mode")
     parser.add_argument("--out", default="results/benchmarks/solver_scale.csv", help="CSV of the table")
     args = parser.parse_args()
     cases = [c for c in CASES if args.cases is None or c.name in args.cases]
-    config = {"time_limit_s": args.time_limit, "tokens": args.tokens, "replicas": args.replicas,
+    config = {"time_limit_s": args.time_limit, "steptail_time_limit_s": args.steptail_time_limit,
+              "tokens": args.tokens, "replicas": args.replicas,
               "cases": [c.name for c in cases], "esft": str(args.esft), "mlflow": {"experiment": "benchmarks"}}
     with tracked_run("solver_scale", config, tags={"benchmark": "solver_scale"}) as run:
         if args.esft:
@@ -128,8 +139,8 @@ def main() -> None:
             rows, columns, keys = [], COLUMNS, []
             for case in tqdm(cases, desc="cases"):
                 problem = make_problem(case, args.tokens, args.replicas)
-                for solver in solvers():
-                    rows.append(run_case(case, problem, solver, args.time_limit))
+                for solver in args.solvers or solvers():
+                    rows.append(run_case(case, problem, solver, args.time_limit, args.steptail_time_limit))
                     keys.append(f"{case.name}.{solver}")
         for key, row in zip(keys, rows):
             run.log_metrics({f"{key}.{k}": v for k, v in row.items()})  # numbers only; strings are skipped

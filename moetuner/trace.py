@@ -22,6 +22,7 @@ from safetensors.numpy import save_file
 from moetuner.atomic import atomic_path
 
 TRACE_FORMAT = "moetuner-trace/1"
+WEIGHT_DTYPES = {"float16": np.float16, "float32": np.float32, "none": None}  # topk_weights storage choices
 REQUIRED_METADATA = (
     "format", "model", "num_experts", "top_k", "moe_layers", "source", "dtype",
     "hidden_size", "moe_intermediate_size",
@@ -116,6 +117,15 @@ class Trace:
             "moe_intermediate_size": str(self.moe_intermediate_size),
         })
         return meta
+
+    def with_weights(self, weights: str) -> "Trace":
+        """This trace with topk_weights [T, L, k] stored as `weights` (float16 | float32 | none: dropped)."""
+        if weights not in WEIGHT_DTYPES:
+            raise TraceError(f"weights={weights!r}; choose one of {sorted(WEIGHT_DTYPES)}")
+        dtype = WEIGHT_DTYPES[weights]
+        if self.topk_weights is None or dtype is None:
+            return replace(self, topk_weights=None)
+        return replace(self, topk_weights=self.topk_weights.astype(dtype))
 
     def select_tokens(self, mask: np.ndarray, source_suffix: str = "") -> "Trace":
         """The sub-trace of tokens where `mask` [T] is true."""

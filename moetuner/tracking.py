@@ -26,6 +26,13 @@ log = logging.getLogger(__name__)
 MAX_PARAM_CHARS = 500
 RUN_TAGS_ENV = "MOETUNER_RUN_TAGS"
 """A JSON object of extra tags for the runs an app opens (a workflow sets it per job: rule, wildcards)."""
+RUN_NAME_TAG = "mlflow.runName"
+"""A tag in `$MOETUNER_RUN_TAGS` under this key names the run (default: the app's name)."""
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+"""Tags of every experiment the project creates. MLflow 3 marks an experiment's kind with
+`mlflow.experimentKind` (genai_development | custom_model_development | ...): this one is a classic ML
+experiment (runs, metrics, artifacts), not a GenAI one (traces). The 3.17 UI picks its pages by its own
+GenAI / Model training switch (`?workflowType=machine_learning`; docs/study.md)."""
 
 
 def default_tracking_uri() -> str:
@@ -131,27 +138,38 @@ def _artifact_location(tracking_uri: str) -> str | None:
     return None
 
 
+def experiment_id(client: Any, experiment: str, tracking_uri: str) -> str:
+    """The id of `experiment`, created (with EXPERIMENT_TAGS, artifacts beside a sqlite store) if missing;
+    an existing experiment without the EXPERIMENT_TAGS gets them."""
+    import mlflow
+
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        try:
+            return client.create_experiment(experiment, artifact_location=_artifact_location(tracking_uri),
+                                            tags=EXPERIMENT_TAGS)
+        except mlflow.exceptions.MlflowException:  # created by a concurrent job meanwhile
+            exp = client.get_experiment_by_name(experiment)
+    for key, value in EXPERIMENT_TAGS.items():
+        if exp.tags.get(key) != value:
+            client.set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id
+
+
 def _open_run(app: str, experiment: str, parent_run_id: str | None, tags: Mapping[str, str],
               tracking_uri: str) -> RunLogger:
     try:
-        import mlflow
         from mlflow.tracking import MlflowClient
 
         if tracking_uri.startswith("file:") or "://" not in tracking_uri:
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         client = MlflowClient(tracking_uri=tracking_uri)
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            try:
-                exp_id = client.create_experiment(experiment, artifact_location=_artifact_location(tracking_uri))
-            except mlflow.exceptions.MlflowException:  # created by a concurrent job meanwhile
-                exp_id = client.get_experiment_by_name(experiment).experiment_id
-        else:
-            exp_id = exp.experiment_id
+        exp_id = experiment_id(client, experiment, tracking_uri)
         all_tags = {"app": app, "git_commit": git_commit(), **tags}
+        run_name = all_tags.pop(RUN_NAME_TAG, app)
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        run = client.create_run(exp_id, tags={k: str(v) for k, v in all_tags.items()}, run_name=app)
+        run = client.create_run(exp_id, tags={k: str(v) for k, v in all_tags.items()}, run_name=str(run_name))
         return RunLogger(run.info.run_id, client)
     except Exception as err:  # noqa: BLE001
         log.warning("MLflow: could not open a run at %s (%s); the app's outputs are written "

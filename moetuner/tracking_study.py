@@ -10,7 +10,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from moetuner.tracking import RunLogger, _artifact_location, git_commit
+from moetuner.tracking import RunLogger, experiment_id, git_commit
 
 
 def client(tracking_uri: str) -> Any:
@@ -23,12 +23,8 @@ def client(tracking_uri: str) -> Any:
 
 
 def ensure_experiment(tracking_uri: str, experiment: str) -> str:
-    """Create the store (schema migrations) and the experiment if missing; return the experiment id."""
-    mlflow_client = client(tracking_uri)
-    exp = mlflow_client.get_experiment_by_name(experiment)
-    if exp is not None:
-        return exp.experiment_id
-    return mlflow_client.create_experiment(experiment, artifact_location=_artifact_location(tracking_uri))
+    """Create the store (schema migrations) and the experiment (tagged EXPERIMENT_TAGS) if missing; return its id."""
+    return experiment_id(client(tracking_uri), experiment, tracking_uri)
 
 
 def create_parent_run(tracking_uri: str, experiment: str, name: str, tags: Mapping[str, str]) -> str:

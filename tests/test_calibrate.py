@@ -75,3 +75,27 @@ def test_folder_without_serve_outputs_is_refused(tmp_path: Path) -> None:
         cfg = compose("calibrate", overrides=[f"out={tmp_path}/c", f"runs=[{tmp_path}]", "mlflow.enabled=false"])
     with pytest.raises(CalibrationError, match="no per_layer.csv"):
         calibrate(cfg)
+
+
+def test_emulated_runs_are_read_in_target_units(tmp_path: Path) -> None:
+    """An emulated run (dilation D, target bytes per replayed byte b): seconds / D and bytes x b, so
+    the fit recovers the target's constants from the dilated rows."""
+    import json
+
+    from moetuner.apps.calibrate import read_runs
+
+    dilation, per_byte = 1000.0, 16.0
+    target = synthetic_run(0, 1.0)
+    emulated = target.copy()
+    for col in ("compute_s", "dispatch_s", "combine_s", "layer_s"):
+        emulated[col] = target[col] * dilation
+    for col in ("bytes_intra", "bytes_inter"):
+        emulated[col] = target[col] / per_byte
+    run = tmp_path / "emulated"
+    run.mkdir()
+    emulated.to_csv(run / "per_layer.csv", index=False)
+    (run / "metrics.json").write_text(json.dumps({"dilation": dilation, "target_bytes_per_byte": per_byte}))
+    table = read_runs([str(run)])["emulated"]
+    fit = fit_costs(pd.concat([table, synthetic_run(1, 2.0)]))
+    assert fit.inter_node_bw == pytest.approx(TRUE.inter_node_bw, rel=1e-6)
+    assert fit.expert_fixed_s == pytest.approx(TRUE.expert_fixed_s, rel=1e-6)

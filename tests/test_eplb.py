@@ -46,6 +46,14 @@ def test_balanced_packing_by_hand() -> None:
     assert pack.tolist() == [[0, 1, 2]] and rank.tolist() == [[0, 0, 0]]
 
 
+def test_packing_sums_in_float64() -> None:
+    """Pack totals 10,000,000 + 6,777,217 = 16,777,217 vs 9,000,000 + 7,777,216 = 16,777,216: pack 1 is
+    lighter, so 100 goes there. In float32 the first total rounds to 2**24, a tie that pack 0 would win."""
+    weight = torch.tensor([[10_000_000.0, 9_000_000, 7_777_216, 6_777_217, 100, 50]])
+    pack, rank = balanced_packing(weight, 2)
+    assert pack.tolist() == [[0, 1, 1, 0, 1, 0]] and rank.tolist() == [[0, 0, 1, 1, 2, 2]]
+
+
 def test_replicate_by_hand() -> None:
     phy2log, rank, count = replicate_experts(torch.tensor([[6.0, 5, 1]]), 5)
     # 6 > 5: copy 0 (3 each); then 5 > 3: copy 1 (2.5 each)

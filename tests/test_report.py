@@ -13,6 +13,10 @@ from moetuner.report.document import markdown_table
 from moetuner.placement.layout import gpu_loads
 from moetuner.profiling.stats import expert_load
 from moetuner.report.figures import relative_load
+from moetuner.report.headline import (headline_metrics, headline_sentences, headline_tables, headline_trace,
+                                      html_headline, markdown_headline, regime_sentence)
+from moetuner.report.regime import regime_table, tile_tokens
+from moetuner.simulator import CostModel
 
 
 def test_expert_counts_by_hand() -> None:
@@ -60,3 +64,144 @@ def test_speedup_is_against_contiguous_of_the_same_case() -> None:
 def test_markdown_table() -> None:
     table = pd.DataFrame({"solver": ["eplb"], "time": [0.123456], "gap": [float("nan")]})
     assert markdown_table(table).splitlines() == ["| solver | time | gap |", "|---|---|---|", "| eplb | 0.1235 | - |"]
+
+
+# --- headline: tables, bold best, metrics and generated sentences on a hand-made table ------------------------
+
+HELD = {("h100_1x8", 0): {"eplb": 1.015, "steptail": 1.023}, ("h200_2x8", 0): {"eplb": 1.120, "steptail": 1.144},
+        ("h200_2x8", 1): {"eplb": 0.967, "steptail": 1.098}}
+OTHER = {("h100_1x8", 0): {"eplb": 0.999, "steptail": 1.009}, ("h200_2x8", 0): {"eplb": 0.993, "steptail": 0.994},
+         ("h200_2x8", 1): {"eplb": 0.954, "steptail": 0.987}}
+
+
+def results_rows(cells: dict, trace: str, ev: str) -> list[dict]:
+    """Rows of a results table (the columns the headline reads), contiguous r0 at 1.0 included."""
+    rows = [{"trace": trace, "topology": g, "solver": s, "replicas": r, "eval": ev, "speedup_vs_contiguous": v}
+            for (g, r), by_solver in cells.items() for s, v in by_solver.items()]
+    rows += [{"trace": trace, "topology": g, "solver": "contiguous", "replicas": 0, "eval": ev,
+              "speedup_vs_contiguous": 1.0} for g in sorted({g for g, _ in cells})]
+    return rows
+
+
+def hand_table(held: dict = HELD, other: dict = OTHER) -> pd.DataFrame:
+    # a second trace with more rows but no other-domain evaluation must not take the headline
+    extra = {(f"t{i}", 0): {"eplb": 1.5} for i in range(8)}
+    return pd.DataFrame(results_rows(held, "a", "heldout") + results_rows(other, "a", "b")
+                        + results_rows(extra, "z", "heldout"))
+
+
+def test_headline_tables_pick_the_transferred_trace_and_drop_contiguous() -> None:
+    table = hand_table()
+    assert headline_trace(table) == "a"
+    tables = headline_tables(table, "a")
+    assert list(tables) == ["heldout", "b"]
+    held = tables["heldout"]
+    assert list(held.columns) == ["eplb", "steptail"]
+    assert list(held.index) == [("h100_1x8", 0), ("h200_2x8", 0), ("h200_2x8", 1)]
+    assert held.loc[("h200_2x8", 1), "eplb"] == 0.967
+    assert headline_trace(hand_table().query("trace == 'z'")) == "z"
+
+
+def test_headline_markdown_and_html_bold_the_row_best() -> None:
+    tables = headline_tables(hand_table(), "a")
+    assert markdown_headline(tables["heldout"]).splitlines() == [
+        "| topology | replicas | eplb | steptail |", "|---|---|---|---|",
+        "| h100_1x8 | r0 | 1.015 | **1.023** |", "| h200_2x8 | r0 | 1.120 | **1.144** |",
+        "| h200_2x8 | r1 | 0.967 | **1.098** |"]
+    page = html_headline(tables["b"])
+    assert "<td>h100_1x8</td><td>r0</td><td>0.999</td><td><b>1.009</b></td>" in page
+    assert page.count("<b>") == 3
+
+
+def test_headline_metrics_name_every_cell() -> None:
+    metrics = headline_metrics(headline_tables(hand_table(), "a"))
+    assert len(metrics) == 12
+    assert metrics["speedup.heldout.h200_2x8.r1.steptail"] == 1.098
+    assert metrics["speedup.b.h100_1x8.r0.eplb"] == 0.999
+
+
+def test_headline_sentences_from_hand_computed_numbers() -> None:
+    sentences = headline_sentences(headline_tables(hand_table(), "a"), "a")
+    # mean best per setting: held-out (1.023 + 1.144 + 1.098) / 3 = 1.088, b (1.009 + 0.994 + 0.987) / 3 = 0.997
+    assert sentences == [
+        "On held-out a routing, steptail is the fastest placement in all 3 settings, from 1.023x to 1.144x "
+        "contiguous (largest on h200_2x8 r0).",
+        "Placement matters most on h200_2x8 r0 (best 1.144x) and least on h100_1x8 r0 (best 1.023x).",
+        "On h200_2x8, going from r0 to r1 replicas lowers the best speedup from 1.144x to 1.098x.",
+        "Scored on b, another domain, the best speedup per setting falls from 1.088x to 0.997x on average, "
+        "and 2 of 3 settings are no faster than contiguous."]
+
+
+def test_headline_sentences_with_split_winners_and_a_limit() -> None:
+    held = {**HELD, ("h100_1x8", 0): {"eplb": 1.030, "steptail": 1.023}}
+    tables = headline_tables(hand_table(held=held), "a")
+    sentences = headline_sentences(tables, "a", limit=2)
+    assert sentences == [
+        "On held-out a routing, the fastest placement is steptail in 2 of 3 settings and eplb in 1; the largest "
+        "speedup is 1.144x contiguous (steptail on h200_2x8 r0).",
+        "Scored on b, another domain, the best speedup per setting falls from 1.091x to 0.997x on average, "
+        "and 2 of 3 settings are no faster than contiguous; the winner changes in 1 of 3."]
+
+
+def test_headline_of_one_setting_without_another_domain() -> None:
+    table = pd.DataFrame(results_rows({("cpu_2x2", 0): {"eplb": 0.95}}, "s", "heldout"))
+    tables = headline_tables(table, headline_trace(table))
+    assert headline_sentences(tables, "s") == [
+        "On held-out s routing, the fastest placement is eplb, at 0.950x contiguous (cpu_2x2 r0)."]
+
+
+def test_regime_sentence() -> None:
+    regime = pd.DataFrame({"topology": ["g"] * 4, "step_tokens": [256, 256, 16384, 16384],
+                           "speedup_vs_contiguous": [1.01, 1.002, 1.2, 1.1]})
+    assert regime_sentence(regime) == ("The best placement's speedup vs contiguous goes on g from 1.010x at 256 "
+                                       "tokens per step to 1.200x at 16384.")
+
+
+# --- regime: tiling and the speedup against tokens per step -----------------------------------------------------
+
+def test_tile_tokens_repeats_in_order_only_when_short() -> None:
+    ids = np.arange(6).reshape(3, 1, 2)  # [T=3, L=1, k=2]
+    primary = np.array([[0], [1], [0]])
+    same, same_p = tile_tokens(ids, primary, 3)
+    assert same is ids and same_p is primary
+    tiled, tiled_p = tile_tokens(ids, primary, 7)
+    np.testing.assert_array_equal(tiled[:, 0, 0], [0, 2, 4, 0, 2, 4, 0])
+    np.testing.assert_array_equal(tiled_p[:, 0], [0, 1, 0, 0, 1, 0, 0])
+
+
+def test_regime_table_by_hand() -> None:
+    # 2 GPUs, 4 experts, 1 layer, top-1; tokens alternate experts 0 and 1. Free links, 1 s per token:
+    # contiguous [0 1 | 2 3] puts every token on GPU 0, [0 2 | 1 3] splits them evenly, so the compute
+    # tail (= the step time) halves at every step size.
+    cost = CostModel(per_token_s=1.0, floor_s=0.0, fixed_s=0.0, token_bytes=2.0,
+                     bandwidth=np.full((2, 2), np.inf), latency=np.zeros((2, 2)), node=np.zeros(2, dtype=int))
+    ids = np.array([0, 1, 0, 1]).reshape(4, 1, 1)
+    table = regime_table({("split", 0): np.array([[0, 2, 1, 3]])}, "g", cost, ids, np.zeros((4, 1), dtype=int),
+                         4, [8, 2, 4], {"dataflow": "dispatch_combine"})
+    assert list(table["step_tokens"]) == [2, 4, 8]
+    assert list(table["num_steps"]) == [2, 1, 1] and list(table["tiled"]) == [False, False, True]
+    np.testing.assert_allclose(table["contiguous_layer_time_s"], [2.0, 4.0, 8.0])
+    np.testing.assert_allclose(table["layer_time_s"], [1.0, 2.0, 4.0])
+    np.testing.assert_allclose(table["speedup_vs_contiguous"], 2.0)
+    assert set(table["label"]) == {"split-r0"}
+
+
+def test_regime_memory_bound_floor_hides_placement_at_small_steps() -> None:
+    # A weight-read floor of 4 s per active slot. Experts 0 and 1 are hot (3 tokens each of every 8),
+    # 2 and 3 cold (1 each). At 8 tokens per step every slot pays the floor: contiguous [0 1 | 2 3] and
+    # split [0 2 | 1 3] both take 4 + 4 = 8 s. At 64 tokens (the 8 repeated) counts are 24/24/8/8:
+    # contiguous 24 + 24 = 48 s on GPU 0, split 24 + 8 = 32 s on each GPU, so placement gives 1.5x.
+    cost = CostModel(per_token_s=1.0, floor_s=4.0, fixed_s=0.0, token_bytes=2.0,
+                     bandwidth=np.full((2, 2), np.inf), latency=np.zeros((2, 2)), node=np.zeros(2, dtype=int))
+    ids = np.array([0, 1, 0, 1, 0, 1, 2, 3]).reshape(8, 1, 1)
+    table = regime_table({("split", 0): np.array([[0, 2, 1, 3]])}, "g", cost, ids, np.zeros((8, 1), dtype=int),
+                         4, [8, 64], {"dataflow": "dispatch_combine"})
+    np.testing.assert_allclose(table["contiguous_layer_time_s"], [8.0, 48.0])
+    np.testing.assert_allclose(table["speedup_vs_contiguous"], [1.0, 1.5])
+
+
+def test_transfer_sentence_of_one_setting() -> None:
+    table = pd.DataFrame(results_rows({("g", 0): {"eplb": 1.2}}, "a", "heldout")
+                         + results_rows({("g", 0): {"eplb": 0.9}}, "a", "b"))
+    assert headline_sentences(headline_tables(table, "a"), "a")[-1] == \
+        "Scored on b, another domain, the best speedup on g r0 falls from 1.200x to 0.900x, no faster than contiguous."

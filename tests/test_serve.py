@@ -19,6 +19,7 @@ from moetuner.serving.ep_moe import choose_slots
 from moetuner.serving.launcher import LaunchError, descendants, failure_cause
 from moetuner.serving.measure import summarize
 from moetuner.serving.netns import leftover_namespaces, netns_unavailable_reason
+from moetuner.simulator import CostModel, simulate
 from moetuner.trace import Trace, save_trace
 
 E, K = 6, 2
@@ -100,6 +101,36 @@ def test_replay_delivers_every_pair_exactly_once(tmp_path: Path) -> None:
     assert metrics["moe_layer_time_s"] >= metrics["moe_layer_time_mean_s"] > 0
 
 
+def test_hierarchical_replay_relays_like_the_simulator(tmp_path: Path) -> None:
+    """cpu_2x2, replicas split by `lp`: every pair computed once, and the bytes each phase moves equal
+    the simulator's hierarchical copies: dispatch rows carry hidden + k gate weights, combine rows hidden."""
+    trace = tiny_trace(tmp_path / "trace.safetensors")
+    phy2log = three_kinds(4)
+    placement = write_placement(tmp_path, phy2log, 2)
+    metrics = serve(config(tmp_path, f"trace={tmp_path / 'trace.safetensors'}", f"placement={placement}",
+                           "replay.step_tokens=16", "replay.check_delivery=true", "replay.dataflow=hierarchical",
+                           "replay.dispatch=lp", "replay.shape_scale=4"))
+    delivered = np.load(tmp_path / "run" / "delivered.npy")
+    expected = np.zeros_like(delivered)
+    t, layer = np.indices(trace.topk_ids.shape[:2])
+    for j in range(K):
+        expected[t, layer, trace.topk_ids[:, :, j]] += 1
+    np.testing.assert_array_equal(delivered, expected)
+    node = np.arange(4) // 2
+    links = np.ones((4, 4))
+    np.fill_diagonal(links, np.inf)
+    cost = CostModel(1.0, 0.0, 0.0, 1.0, links, np.zeros((4, 4)), node)  # token_bytes 1: bytes = copies
+    measured = trace.topk_ids[16:].astype(np.int64)  # the 2 steps after the warm-up step
+    sim = simulate(phy2log, 4, measured, np.zeros(measured.shape[:2], dtype=np.int64), E, cost, 16,
+                   "hierarchical", "lp").metrics()
+    row_bytes = 4 * (2 * (32 // 4) + K)  # float32: a dispatch row (hidden + k) and its combine row (hidden)
+    assert metrics["bytes_inter_per_step"] == sim["bytes_inter_per_step"] / 2 * row_bytes
+    assert metrics["bytes_intra_per_step"] == sim["bytes_intra_per_step"] / 2 * row_bytes
+    flat = simulate(phy2log, 4, measured, np.zeros(measured.shape[:2], dtype=np.int64), E, cost, 16,
+                    "dispatch_combine", "lp").metrics()
+    assert sim["bytes_inter_per_step"] < flat["bytes_inter_per_step"]  # relaying saves inter-node copies
+
+
 def test_killed_rank_ends_job_with_named_rank(tmp_path: Path) -> None:
     tiny_trace(tmp_path / "trace.safetensors")
     placement = write_placement(tmp_path, three_kinds(2), 1)
@@ -142,7 +173,7 @@ def test_placement_for_other_topology_is_refused_before_launch(tmp_path: Path) -
     assert not (tmp_path / "run" / "logs").exists()
 
 
-def test_round_robin_replica_choice() -> None:
+def test_dynamic_replica_choice() -> None:
     # expert 0 has slots 3 and 7, expert 1 slot 2: token t takes replica t % count
     log2phy = torch.tensor([[3, 7], [2, -1]])
     counts = torch.tensor([2, 1])
@@ -171,3 +202,79 @@ def test_failure_cause_names_rank_and_signal(tmp_path: Path) -> None:
                    "Root Cause (first observed failure):\n[0]:\n  rank      : 3 (local_rank: 1)\n  exitcode  : -9 (pid: 12)\n  traceback : Signal 9 (SIGKILL) received\n")
     assert failure_cause(log) == ("rank 3 (local_rank: 1); exitcode -9 (pid: 12); "
                                   "traceback Signal 9 (SIGKILL) received; ValueError: other")
+
+
+def hand_cost(gpus: int = 4, per_node: int = 2) -> "CostModel":
+    """f(n) = max(n * 1 ms, 2 ms) + 0.5 ms; latency 1 ms inside a node, 3 ms across."""
+    from moetuner.simulator import CostModel
+
+    node = np.arange(gpus) // per_node
+    same = node[:, None] == node[None, :]
+    latency = np.where(same, 1e-3, 3e-3)
+    np.fill_diagonal(latency, 0.0)
+    return CostModel(per_token_s=1e-3, floor_s=2e-3, fixed_s=0.5e-3, token_bytes=64.0,
+                     bandwidth=np.full((gpus, gpus), 1e9), latency=latency, node=node)
+
+
+def test_timed_compute_and_latency_wait_what_the_cost_model_says() -> None:
+    from moetuner.serving.emulation import RankEmulator
+
+    emu = RankEmulator(hand_cost(), dilation=10, rank=0)
+    start = time.perf_counter()
+    emu.start_step()
+    emu.expert(0, torch.zeros(5, 3))  # 10 x (max(5 ms, 2 ms) + 0.5 ms) = 55 ms
+    emu.expert(1, torch.zeros(1, 3))  # 10 x (2 ms + 0.5 ms) = 25 ms, after the first
+    assert time.perf_counter() - start == pytest.approx(0.080, abs=0.015)
+    emu.after_payload()
+    start = time.perf_counter()
+    emu.before_payload(torch.tensor([0, 4, 0, 0]), torch.tensor([0, 0, 0, 0]))  # same node: 10 x 1 ms
+    emu.after_payload()
+    emu.before_payload(torch.tensor([0, 0, 0, 0]), torch.tensor([0, 1, 0, 2]))  # rank 3 across: 10 x 3 ms
+    assert time.perf_counter() - start == pytest.approx(0.040, abs=0.015)
+
+
+def test_dilation_rates_and_predictions_by_hand() -> None:
+    from moetuner.serving.emulation import add_predictions, converged_dilation, wire_row_bytes
+    from moetuner.simulator import SimResult
+
+    # overhead c / D on a 1.0 target: 1 + 200/D; 2000 -> 4000 moves it 1.10 -> 1.05 (4.8%, within 5%)
+    probes = [(d, 1.0 + 200 / d) for d in (500, 1000, 2000, 4000)]
+    assert converged_dilation(probes, 0.05) == 2000
+    assert converged_dilation(probes[:3], 0.05) is None  # 1000 -> 2000 still moves it 9%
+    # a dispatch row: 4 * (8 values + 2 gate weights) + 8 * (2 + 2) meta = 72 bytes; combine rows padded to it
+    assert wire_row_bytes(8, 2) == 72
+    sim = SimResult(dispatch_s=np.array([[1.0]]), combine_s=np.array([[2.0]]),
+                    compute_s=np.array([[[3.0, 1.0]]]), tokens=np.ones((1, 1, 2)),
+                    bytes_intra=np.zeros((1, 1)), bytes_inter=np.zeros((1, 1)))
+    table = pd.DataFrame({"step": [1, 1], "layer": [0, 0], "rank": [0, 1]})
+    out = add_predictions(table, sim, warmup_steps=1, dilation=10)
+    assert out["predicted_layer_s"].tolist() == [60.0, 60.0]  # 10 x (1 + max(3, 1) + 2)
+    assert out["predicted_compute_s"].tolist() == [30.0, 10.0]
+    assert out["predicted_combine_s"].tolist() == [20.0, 40.0]  # rank 1 waits for rank 0's compute
+
+
+@pytest.mark.slow
+def test_sixteen_emulated_ranks_start_and_stop_cleanly(tmp_path: Path) -> None:
+    """h200_2x8 at full rank count: 16 processes, 16 namespaces, timed compute; nothing left after."""
+    if netns_unavailable_reason():
+        pytest.skip(f"network namespaces unavailable: {netns_unavailable_reason()}")
+    rng = np.random.default_rng(2)
+    experts, tokens = 16, 64
+    ids = np.array([[rng.choice(experts, K, replace=False) for _ in range(2)] for _ in range(tokens)])
+    save_trace(Trace(topk_ids=ids.astype(np.int16), seq_ids=np.zeros(tokens, dtype=np.int32), model="toy",
+                     num_experts=experts, moe_layers=[0, 1], source="test", hidden_size=64,
+                     moe_intermediate_size=32), tmp_path / "trace.safetensors")
+    path = tmp_path / "placement.json"
+    save_placement(Placement(contiguous_phy2log(2, experts, 16, 1), 16, 2, "contiguous"), path)
+    start = time.monotonic()
+    metrics = serve(config(tmp_path, f"trace={tmp_path / 'trace.safetensors'}", f"placement={path}",
+                           "topology=h200_2x8", "emulation.enabled=true", "emulation.dilation=20",
+                           "replay.step_tokens=32", "replay.shape_scale=4"))
+    assert metrics["ranks"] == 16 and metrics["dilation"] == 20 and metrics["emulated_network"] is True
+    assert metrics["predicted_moe_layer_time_s"] > 0 and metrics["target_moe_layer_time_s"] > 0
+    table = pd.read_csv(tmp_path / "run" / "per_layer.csv")
+    assert sorted(table["rank"].unique()) == list(range(16))
+    assert {"predicted_layer_s", "predicted_dispatch_s", "predicted_compute_s"} <= set(table.columns)
+    assert not leftover_namespaces(f"mt{__import__('os').getpid()}")
+    assert descendants(__import__("os").getpid()) == []
+    assert time.monotonic() - start < 120

@@ -47,7 +47,7 @@ def test_write_placement(tmp_path: Path) -> None:
     problem = PlacementProblem(random_trace(100, 2, 8, 2), topology(2, 2), replicas=1)
     placement = solve_placement(problem, "eplb", {})
     paths = write_placement(placement, 8, tmp_path / "eplb.json")
-    assert [p.name for p in paths] == ["eplb.json", "eplb.vllm.json", "eplb.pt"]
+    assert [p.name for p in paths] == ["eplb.json", "eplb.vllm.json", "eplb.pt", "eplb.sglang.json"]
     back = load_placement(paths[0]).validate(8)
     assert np.array_equal(back.phy2log, placement.phy2log) and back.extra["replicas"] == 1
     vllm = json.loads(paths[1].read_text())
@@ -98,3 +98,43 @@ def test_app_refuses_experts_that_do_not_fit(tmp_path: Path, trace_file: Path, m
     assert proc.returncode != 0
     assert "cannot hold 8 experts" in proc.stderr
     assert not out.exists() and mlflow_runs(mlflow_uri) == []
+
+
+def test_problem_from_config_reads_one_or_several_traces(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from moetuner.apps.solve import problem_from_config
+    from moetuner.placement.problem import ProblemError
+
+    a = save_trace(random_trace(96, 2, 8, 2, seed=1), tmp_path / "a.safetensors")
+    b = save_trace(random_trace(32, 2, 8, 2, seed=2), tmp_path / "b.safetensors")
+    topo = {"name": "test_1x2", "nodes": 1, "gpus_per_node": 2, "intra_node_bw_GBps": 450.0,
+            "inter_node_bw_GBps": 50.0, "gpu_peak_tflops": 1.0, "hbm_bw_GBps": 1.0}
+    base = {"topology": topo, "replicas": 0, "step_tokens": 16,
+            "dispatch": "static", "dataflow": "hierarchical", "robust": "mean", "trace_weights": None}
+    one = problem_from_config(OmegaConf.create({**base, "trace": str(a)}))
+    assert len(one.domains) == 1 and one.dispatch == "static" and one.dataflow == "hierarchical"
+    two = problem_from_config(OmegaConf.create({**base, "trace": [str(a), str(b)], "trace_weights": [3, 1]}))
+    assert two.weights == (0.75, 0.25) and two.profile.num_tokens == 128
+    assert np.allclose(two.load, one.load + PlacementProblem(random_trace(32, 2, 8, 2, seed=2),
+                                                             one.topology).load)  # token shares = concatenation
+    placement = solve_placement(two, "greedy", {})
+    assert placement.extra["dispatch"] == "static" and placement.extra["domain_weights"] == [0.75, 0.25]
+    with pytest.raises(ProblemError, match="non-empty list of paths"):
+        problem_from_config(OmegaConf.create({**base, "trace": []}))
+
+
+@pytest.mark.slow
+def test_app_two_domains_worst_case(tmp_path: Path, mlflow_uri: str) -> None:
+    a = save_trace(random_trace(128, 2, 8, 2, seed=1), tmp_path / "a.safetensors")
+    b = save_trace(random_trace(128, 2, 8, 2, seed=2), tmp_path / "b.safetensors")
+    out = tmp_path / "robust.json"
+    proc = run_app(f"trace=[{a},{b}]", "trace_weights=[0.5,0.5]", "robust=worst", "dispatch=lp_comm",
+                   "topology=cpu_2x2", "solver=steptail", "solver.time_limit_s=1", "step_tokens=64",
+                   "replicas=1", f"out={out}")
+    assert proc.returncode == 0, proc.stderr
+    placement = load_placement(out).validate(8)
+    assert placement.extra["robust"] == "worst" and placement.extra["dispatch"] == "lp_comm"
+    assert placement.extra["domains"] == ["random", "random"] and placement.extra["search_dispatch"] == "dynamic"
+    [run] = mlflow_runs(mlflow_uri)
+    assert run.data.tags["dispatch"] == "lp_comm"

@@ -20,7 +20,7 @@ from moetuner.profiling.stats import transitions
 from moetuner.topology import Topology, topology_from_config
 from moetuner.trace import Trace
 
-OURS = ["contiguous", "round_robin", "greedy", "eplb", "exflow", "moetuner"]
+OURS = ["contiguous", "round_robin", "greedy", "eplb", "exflow", "moetuner", "partition"]
 FAST_MIP = {"time_limit_s": 10, "gap_rel": 0.05}
 
 
@@ -127,3 +127,82 @@ def test_registry() -> None:
     assert set(OURS) <= set(SOLVERS)
     with pytest.raises(UnknownSolverError, match="unknown solver 'nope'"):
         get_solver("nope")
+
+
+def test_multi_domain_profile_with_token_share_weights_equals_the_concatenation() -> None:
+    # two domains of 96 and 32 tokens; weights 0.75 / 0.25 are their token shares
+    a, b = random_trace(96, 3, 8, 2, seed=1), random_trace(32, 3, 8, 2, seed=2)
+    both = make_trace(np.concatenate([a.topk_ids, b.topk_ids]), 8)
+    multi = PlacementProblem.from_traces([a, b], topology(2, 2), weights=[3.0, 1.0])
+    single = PlacementProblem(both, topology(2, 2))
+    assert multi.weights == (0.75, 0.25) and multi.profile.num_tokens == 128
+    assert np.allclose(multi.load, single.load)
+    assert np.allclose(multi.transitions, transitions(both.topk_ids, 8))
+    assert np.allclose(multi.coactivation, single.coactivation)
+    for name in ("greedy", "eplb", "exflow"):  # load- and affinity-based solvers see the same statistics
+        assert np.array_equal(get_solver(name)(multi, {}).phy2log, get_solver(name)(single, {}).phy2log)
+
+
+def test_multi_domain_weights_by_hand() -> None:
+    # domain a: 4 tokens all on expert 0; domain b: 2 tokens on expert 1; equal weights (default):
+    # per-token loads (1, 0) and (0, 1), mean (0.5, 0.5), times the 6 tokens -> (3, 3)
+    a = make_trace(np.zeros((4, 1, 1), dtype=int), 2)
+    b = make_trace(np.ones((2, 1, 1), dtype=int), 2)
+    problem = PlacementProblem.from_traces([a, b], topology(1, 2))
+    assert problem.weights == (0.5, 0.5) and problem.load.tolist() == [[3.0, 3.0]]
+    assert problem.combine(np.array([1.0, 3.0])) == 2.0
+    worst = PlacementProblem.from_traces([a, b], topology(1, 2), weights=[0.9, 0.1], robust="worst")
+    assert worst.combine(np.array([1.0, 3.0])) == 3.0
+    assert len(set(problem.profile.seq_ids[:4]) & set(problem.profile.seq_ids[4:])) == 0  # distinct sequences
+
+
+def test_multi_domain_bad_input_names_the_fix() -> None:
+    from moetuner.placement.problem import ProblemError
+
+    a, b = random_trace(32, 2, 8, 2), random_trace(32, 3, 8, 2)
+    with pytest.raises(ProblemError, match="one model"):
+        PlacementProblem.from_traces([a, b], topology(1, 2))
+    with pytest.raises(ProblemError, match="one weight per trace"):
+        PlacementProblem.from_traces([a, a], topology(1, 2), weights=[1.0])
+    with pytest.raises(ProblemError, match="positive sum"):
+        PlacementProblem.from_traces([a, a], topology(1, 2), weights=[0.0, 0.0])
+    with pytest.raises(ProblemError, match="robust"):
+        PlacementProblem.from_traces([a, a], topology(1, 2), robust="median")
+    with pytest.raises(ProblemError, match="dispatch='nope' is unknown"):
+        PlacementProblem(a, topology(1, 2), dispatch="nope")
+    with pytest.raises(ProblemError, match="dataflow='nope' is unknown"):
+        PlacementProblem(a, topology(1, 2), dataflow="nope")
+    with pytest.raises(ProblemError, match="no profile trace"):
+        PlacementProblem.from_traces([], topology(1, 2))
+
+
+def test_balanced_partition_keeps_coactivated_experts_together() -> None:
+    from moetuner.placement.partition import balanced_partition, cut_mass, lpt_parts
+
+    # equal loads; experts 0&3 and 1&2 always chosen together: LPT splits 0,1 | 2,3 (cut 20), the
+    # partition must find 0,3 | 1,2 (cut 0, loads still equal)
+    coact = np.zeros((4, 4))
+    coact[0, 3] = coact[3, 0] = coact[1, 2] = coact[2, 1] = 10
+    load = np.ones(4)
+    assert cut_mass(coact, lpt_parts(load, 2)) == 20
+    part = balanced_partition(load, coact, 2)
+    assert part[0] == part[3] != part[1] == part[2] and cut_mass(coact, part) == 0
+
+
+def test_balanced_partition_against_brute_force() -> None:
+    from moetuner.placement.partition import balanced_partition, cut_mass
+
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        load = rng.integers(1, 10, 6).astype(float)
+        c = rng.integers(0, 5, (6, 6)).astype(float)
+        coact = np.triu(c, 1) + np.triu(c, 1).T
+        part = balanced_partition(load, coact, 2, tolerance=10.0)  # the cap never binds: pure min cut
+        best = min(cut_mass(coact, np.isin(np.arange(6), list(a)).astype(int))
+                   for a in itertools.combinations(range(6), 3))
+        assert np.bincount(part).tolist() == [3, 3]
+        for a, b in itertools.combinations(range(6), 2):  # no single swap improves (what the search promises)
+            swapped = part.copy()
+            swapped[a], swapped[b] = part[b], part[a]
+            assert cut_mass(coact, swapped) >= cut_mass(coact, part) - 1e-9
+        assert cut_mass(coact, part) == best  # and on these instances it is the optimum

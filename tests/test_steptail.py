@@ -1,8 +1,10 @@
-"""steptail: valid output, never worse than its warm start on its own objective, objective >= bound."""
+"""steptail: valid output, never worse than its warm start on its own objective, objective >= bound,
+every dispatch and dataflow, several profile domains, the time limit."""
 
 from __future__ import annotations
 
 import itertools
+import time
 
 import numpy as np
 import pytest
@@ -10,59 +12,95 @@ import pytest
 from moetuner.placement.problem import PlacementProblem, get_solver
 from moetuner.placement.steptail import lower_bound, profile_steps, step_objective
 from moetuner.simulator import cost_model
-from test_solvers import random_trace, topology
+from moetuner.simulator import lower_bound as simulator_bound
+from test_solvers import make_trace, random_trace, topology
 
 FAST = {"time_limit_s": 1.0}
 
 
-def objective(problem: PlacementProblem, phy2log: np.ndarray, dataflow: str, policy: str = "balanced") -> float:
+def objective(problem: PlacementProblem, phy2log: np.ndarray, dispatch: str | None = None) -> float:
+    """steptail's objective recomputed: per-domain step time, combined (worst: vs the contiguous layout's)."""
     cost = cost_model(problem.topology, problem.profile.hidden_size, problem.profile.moe_intermediate_size)
-    ids, primary = profile_steps(problem)
-    return float(step_objective(phy2log, problem, cost, ids, primary, dataflow, policy).sum())
+    per_domain = lambda phy: step_objective(phy, problem, cost, profile_steps(problem), dispatch).sum(1)  # noqa: E731
+    if problem.robust == "worst":
+        return float((per_domain(phy2log) / per_domain(get_solver("contiguous")(problem, {}).phy2log)).max())
+    return float(per_domain(phy2log) @ np.array(problem.weights))
 
 
-@pytest.mark.parametrize("dataflow,replicas", [("dispatch_combine", 0), ("dispatch_combine", 1),
-                                               ("expert_to_expert", 0)])
-def test_valid_and_never_worse_than_warm_start(dataflow: str, replicas: int) -> None:
+@pytest.mark.parametrize("dataflow,dispatch,replicas", [
+    ("dispatch_combine", "dynamic", 0), ("dispatch_combine", "dynamic", 1), ("dispatch_combine", "static", 1),
+    ("dispatch_combine", "lp", 1), ("hierarchical", "dynamic", 1), ("expert_to_expert", "dynamic", 0)])
+def test_valid_and_never_worse_than_warm_start(dataflow: str, dispatch: str, replicas: int) -> None:
     problem = PlacementProblem(random_trace(256, 3, 16, 2, seed=3), topology(2, 2), replicas=replicas,
-                               step_tokens=64)
-    placement = get_solver("steptail")(problem, {**FAST, "dataflow": dataflow})
+                               step_tokens=64, dispatch=dispatch, dataflow=dataflow)
+    placement = get_solver("steptail")(problem, FAST)
     placement.validate(16)
     assert placement.phy2log.shape == (3, problem.num_slots) and placement.solver == "steptail"
-    assert placement.objective == pytest.approx(objective(problem, placement.phy2log, dataflow))
-    for warm in ("eplb", "greedy"):
-        assert placement.objective <= objective(problem, get_solver(warm)(problem, {}).phy2log, dataflow) + 1e-12
+    assert placement.extra["dispatch"] == dispatch and placement.extra["dataflow"] == dataflow
+    assert placement.objective == pytest.approx(objective(problem, placement.phy2log))
+    for warm in ("eplb", "greedy", "partition"):
+        assert placement.objective <= objective(problem, get_solver(warm)(problem, {}).phy2log) + 1e-12
     assert placement.extra["warm_objective"] >= placement.objective
     assert 0 < placement.bound <= placement.objective
 
 
-def test_bound_below_brute_force_optimum() -> None:
+def test_lp_comm_is_searched_with_dynamic_and_scored_with_lp_comm() -> None:
+    problem = PlacementProblem(random_trace(128, 2, 8, 2, seed=4), topology(2, 2), replicas=1, step_tokens=64,
+                               dispatch="lp_comm")
+    placement = get_solver("steptail")(problem, {"time_limit_s": 0.5, "warm_starts": ["eplb", "greedy"]})
+    assert placement.extra["search_dispatch"] == "dynamic"
+    assert placement.objective == pytest.approx(objective(problem, placement.phy2log, "lp_comm"))
+    assert placement.extra["search_objective"] == pytest.approx(objective(problem, placement.phy2log, "dynamic"))
+    assert placement.extra["search_objective"] <= objective(problem, get_solver("eplb")(problem, {}).phy2log,
+                                                            "dynamic") + 1e-12
+    assert 0 < placement.bound <= placement.objective
+
+
+def test_bound_is_the_simulator_bound_and_below_brute_force_optimum() -> None:
     # 4 experts on 2 GPUs (2 slots each): all 6 ways to split them; the best is still >= the bound
     problem = PlacementProblem(random_trace(64, 1, 4, 2, seed=5), topology(1, 2), step_tokens=16)
     cost = cost_model(problem.topology, 8, 8)
-    ids, _ = profile_steps(problem)
-    best = min(objective(problem, np.array([[a, b, *sorted(set(range(4)) - {a, b})]]), "dispatch_combine")
+    steps = profile_steps(problem)
+    best = min(objective(problem, np.array([[a, b, *sorted(set(range(4)) - {a, b})]]))
                for a, b in itertools.combinations(range(4), 2))
-    bound = lower_bound(problem, cost, ids)
+    bound = lower_bound(problem, cost, steps)
+    assert bound == pytest.approx(simulator_bound(problem.profile.topk_ids, cost, 2, 16))
     assert 0 < bound <= best
     placement = get_solver("steptail")(problem, FAST)
     assert placement.objective == pytest.approx(best)  # the tiny instance is solved to optimality
 
 
-def test_bound_by_hand() -> None:
-    # one step of 4 tokens, top-1, experts 0,0,0,1 on 2 GPUs, f(n) = max(n * a, w) with a = 6*8*8 / 1e12
-    # and w = 3*8*8*2 / 1e9: n <= 3 is memory-bound (w); spread = (w + w) / 2 = w, hottest = f(3 / 1) = w
-    from test_solvers import make_trace
-
-    problem = PlacementProblem(make_trace(np.array([0, 0, 0, 1])[:, None, None], 2), topology(1, 2), step_tokens=4)
-    cost = cost_model(problem.topology, 8, 8)
-    assert lower_bound(problem, cost, profile_steps(problem)[0]) == pytest.approx(3 * 8 * 8 * 2 / 1e9)
-
-
 def test_options_are_honoured() -> None:
-    problem = PlacementProblem(random_trace(128, 2, 8, 2), topology(1, 2), step_tokens=32)
+    problem = PlacementProblem(random_trace(128, 2, 8, 2), topology(1, 2), step_tokens=32, dispatch="static")
     placement = get_solver("steptail")(problem, {"time_limit_s": 0.2, "warm_starts": ["contiguous"],
-                                                 "replica_policy": "round_robin"})
-    assert placement.extra["replica_policy"] == "round_robin"
+                                                 "search_dispatch": "dynamic"})
+    assert placement.extra["search_dispatch"] == "dynamic" and placement.extra["dispatch"] == "static"
     contiguous = get_solver("contiguous")(problem, {}).phy2log
-    assert placement.objective <= objective(problem, contiguous, "dispatch_combine", "round_robin")
+    assert placement.extra["search_objective"] <= objective(problem, contiguous, "dynamic")
+
+
+def test_time_limit_is_kept() -> None:
+    problem = PlacementProblem(random_trace(2048, 8, 32, 4, seed=1), topology(2, 4), replicas=1, step_tokens=256)
+    start = time.perf_counter()
+    get_solver("steptail")(problem, {"time_limit_s": 2.0})
+    assert time.perf_counter() - start < 2.0 + 1.5  # + warm-start solvers and the final scoring
+
+
+def test_several_domains_scored_on_their_own_steps() -> None:
+    # domain a: 64 tokens all on experts {0, 1}; domain b: 64 tokens on {2, 3}; 2 GPUs of 2 slots
+    a = make_trace(np.tile([[[0, 1]]], (64, 1, 1)), 4)
+    b = make_trace(np.tile([[[2, 3]]], (64, 1, 1)), 4)
+    mean = PlacementProblem.from_traces([a, b], topology(1, 2), step_tokens=32)
+    worst = PlacementProblem.from_traces([a, b], topology(1, 2), step_tokens=32, robust="worst", weights=[0.9, 0.1])
+    cost = cost_model(mean.topology, 8, 8)
+    phy = np.array([[0, 1, 2, 3]])  # a's experts both on GPU 0: a is slow, b is slow likewise
+    per_domain = step_objective(phy, mean, cost, profile_steps(mean)).sum(1)
+    assert len(profile_steps(mean)) == 2 and all(len(s.ids) == 2 for s in profile_steps(mean))
+    assert objective(mean, phy) == pytest.approx(per_domain.mean())
+    assert mean.combine(per_domain) == pytest.approx(per_domain.mean())
+    assert worst.combine(per_domain, per_domain / [2.0, 4.0]) == pytest.approx(4.0)  # the worst ratio
+    splits = [np.array([[0, x, *sorted({1, 2, 3} - {x})]]) for x in (1, 2, 3)]  # every 2 + 2 split
+    for problem in (mean, worst):
+        placement = get_solver("steptail")(problem, FAST)
+        assert placement.objective == pytest.approx(min(objective(problem, s) for s in splits))  # brute force
+        assert placement.objective < objective(problem, phy)

@@ -115,3 +115,16 @@ def test_failed_write_keeps_the_old_file_and_no_temporary(tmp_path: Path, monkey
         save_trace(replace(small_trace(), model="other"), path)
     assert path.read_bytes() == before and leftovers(tmp_path) == ["t.safetensors"]
     assert load_trace(path).model == "tiny"
+
+
+def test_with_weights_casts_or_drops_the_gate_weights(tmp_path: Path) -> None:
+    original = small_trace()  # weights 0, 1/11, ..., 1
+    half = original.with_weights("float16")
+    assert half.topk_weights.dtype == np.float16 and original.topk_weights.dtype == np.float32
+    # float16 has 11 significant bits: values in [0.5, 1] move by at most 2**-12
+    assert np.abs(half.topk_weights.astype(np.float32) - original.topk_weights).max() <= 2.0 ** -12
+    assert load_trace(save_trace(half, tmp_path / "h.safetensors")).topk_weights.dtype == np.float16
+    assert original.with_weights("none").topk_weights is None
+    np.testing.assert_array_equal(original.with_weights("float32").topk_weights, original.topk_weights)
+    with pytest.raises(TraceError, match=r"weights='bfloat16'; choose one of \['float16', 'float32', 'none'\]"):
+        original.with_weights("bfloat16")

@@ -101,3 +101,59 @@ def test_malformed_env_tags_are_ignored_with_a_warning(monkeypatch: pytest.Monke
     with caplog.at_level(logging.WARNING):
         assert env_tags() == {}
     assert "must be a JSON object" in caplog.text
+
+
+def test_experiments_are_machine_learning_kind_and_runs_named_from_env(mlflow_uri: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from moetuner.tracking import EXPERIMENT_TAGS
+
+    monkeypatch.setenv("MOETUNER_RUN_TAGS", '{"mlflow.runName": "solve:intent/h200_2x8/steptail-r1", "rule": "solve"}')
+    with tracked_run("solve", _cfg()):
+        pass
+    monkeypatch.delenv("MOETUNER_RUN_TAGS")
+    with tracked_run("simulate", _cfg()):
+        pass
+    client = mlflow.MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("t")
+    assert EXPERIMENT_TAGS == {"mlflow.experimentKind": "custom_model_development"}
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    names = {run.data.tags["app"]: run.info.run_name for run in client.search_runs([exp.experiment_id])}
+    assert names == {"solve": "solve:intent/h200_2x8/steptail-r1", "simulate": "simulate"}
+
+
+def test_an_existing_experiment_gets_the_kind_tag(mlflow_uri: str) -> None:
+    from moetuner import tracking_study
+
+    client = mlflow.MlflowClient(mlflow_uri)
+    exp_id = client.create_experiment("old")
+    assert "mlflow.experimentKind" not in client.get_experiment(exp_id).tags
+    assert tracking_study.ensure_experiment(mlflow_uri, "old") == exp_id
+    assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_child_run_names_follow_the_file_layout() -> None:
+    from moetuner.study import run_name
+
+    assert run_name("solve", {"trace": "intent", "topology": "h200_2x8", "solver": "steptail", "replicas": "1"}) \
+        == "solve:intent/h200_2x8/steptail-r1"
+    assert run_name("simulate", {"trace": "a", "topology": "g", "solver": "eplb", "replicas": "0", "eval": "law"}) \
+        == "simulate:a/g/eplb-r0/law"
+    assert run_name("report", {}) == "report"
+    assert run_name("split", {"trace": "intent"}) == "split:intent"
+
+
+def test_finish_parent_logs_headline_metrics_note_and_artifacts(mlflow_uri: str, tmp_path: Path) -> None:
+    from moetuner import study, tracking_study
+
+    results = tmp_path / "results"
+    record = study.start_parent(results, "s", "t", mlflow_uri, tags={"skipped_real_data": "none"})
+    headline = tmp_path / "headline.md"
+    headline.write_text("| topology | replicas | eplb |\n|---|---|---|\n| g | r0 | **1.100** |\n")
+    study.finish_parent(results, "FINISHED", [headline], {"speedup.heldout.g.r0.eplb": 1.1}, headline.read_text())
+    client = tracking_study.client(mlflow_uri)
+    run = client.get_run(record["run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "study:s"
+    assert run.data.metrics == {"speedup.heldout.g.r0.eplb": 1.1}
+    assert run.data.tags["mlflow.note.content"] == headline.read_text()
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["headline.md"]
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"

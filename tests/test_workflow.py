@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -15,7 +16,7 @@ from moetuner import PROJECT_ROOT, tracking_study
 from moetuner.study import config_hash
 
 BIN = Path(sys.executable).parent
-APPS = ["synth", "split", "profile", "solve", "simulate", "serve", "calibrate", "report"]
+APPS = ["synth", "split", "profile", "solve", "simulate", "serve", "calibrate", "regime", "report"]
 MISSING = [a for a in APPS if not (PROJECT_ROOT / "moetuner" / "apps" / f"{a}.py").exists()]
 
 
@@ -76,7 +77,26 @@ def test_tiny_study_outputs_and_report(tiny_study: tuple[Path, str, subprocess.C
     assert set(served.solver) == {"contiguous", "eplb"} and (served["eval"] == "heldout").all()
     assert (table.predicted_layer_time_s > 0).all() and (served.measured_layer_time_s > 0).all()
     html = (report / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 5 and "speedup_vs_contiguous" in html
+    pngs = sorted(report.glob("*.png"))  # the six figures of the report, plus those of any further section
+    assert {"regime.png", "load_heatmap.png", "solve_time.png"} <= {p.name for p in pngs}
+    assert html.count("data:image/png;base64,") == len(pngs) and "speedup_vs_contiguous" in html
+    # the report opens with the headline (sentences, then a table per evaluation); the raw table is the appendix
+    markdown = (report / "report.md").read_text()
+    sections = [line for line in markdown.splitlines() if line.startswith("## ")]
+    assert sections[:2] == ["## Headline", "## Where placement matters: tokens per step"]
+    assert sections[-1] == "## Appendix: all results"
+    assert markdown.index("### Placements solved on synth-a, scored on held-out synth-a") \
+        < markdown.index("### Placements solved on synth-a, scored on synth-b (other domain)")
+    held = table[(table["eval"] == "heldout") & (table.solver == "eplb") & (table.replicas == 0)]
+    assert f"| cpu_2x2 | r0 | **{held.speedup_vs_contiguous.iloc[0]:.3f}** |" in markdown
+    assert "On held-out synth-a routing, " in markdown
+    # the regime job: 3 placements of synth-a on cpu_2x2 at 3 step sizes; 512 > 256 held-out tokens is tiled
+    regime = pd.read_csv(workdir / "results" / "tiny" / "regime" / "regime.csv")
+    assert len(regime) == 9 and set(regime.label) == {"contiguous-r0", "eplb-r0", "eplb-r1"}
+    assert set(regime.step_tokens) == {32, 128, 512} and regime.tiled.tolist() == (regime.step_tokens == 512).tolist()
+    np.testing.assert_allclose(regime[regime.label == "contiguous-r0"].speedup_vs_contiguous, 1.0)
+    at_128 = regime[(regime.label == "eplb-r0") & (regime.step_tokens == 128)].speedup_vs_contiguous.iloc[0]
+    assert at_128 == pytest.approx(held.speedup_vs_contiguous.iloc[0], rel=1e-9)  # same steps as the simulate rule
     for png in report.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -90,17 +110,32 @@ def test_tiny_study_mlflow_parent_and_children(tiny_study: tuple[Path, str, subp
     assert parent.info.status == "FINISHED"
     assert client.get_experiment(parent.info.experiment_id).name == "test-tiny"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"report.html", "summary.csv"} <= artifacts
+    assert {"report.html", "report.md", "headline.md", "headline.csv", "summary.csv", "regime.png"} <= artifacts
+    # the experiment opens as a classic ML experiment; the parent carries the headline numbers and text
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    headline = pd.read_csv(workdir / "results" / "tiny" / "report" / "headline.csv")
+    assert len(headline) == 3  # eplb at r0 and r1 on held-out, eplb at r0 on synth-b
+    for row in headline.itertuples():
+        key = f"speedup.{row.eval}.{row.topology}.r{row.replicas}.{row.solver}"
+        assert parent.data.metrics[key] == pytest.approx(row.speedup_vs_contiguous)
+    assert parent.data.tags["mlflow.note.content"].startswith("# moetuner study: tiny")
+    assert parent.info.run_name == "study:tiny"
     children = tracking_study.child_runs(uri, record["run_id"])
-    # one child per app job: synth x2, split, profile, solve x3, simulate x5, serve x2, calibrate, report
+    # one child per app job: synth x2, split, profile, solve x3, simulate x5, serve x2, calibrate, regime, report,
+    # and one online job per policy of an `online:` stream (merged from the default config when tiny has none)
+    online = ["online"] * len(list((workdir / "results" / "tiny" / "online").glob("*/*/*/metrics.json")))
     rules = sorted(run.data.tags["rule"] for run in children)
     assert rules == sorted(["synth"] * 2 + ["split", "profile"] + ["solve"] * 3 + ["simulate"] * 5 + ["serve"] * 2
-                           + ["calibrate", "report"])
+                           + ["calibrate", "regime", "report"] + online)
     for run in children:
         assert run.info.status == "FINISHED"
         assert len(run.data.tags["config_hash"]) == 12 and run.data.tags["git_commit"]
     solves = [run for run in children if run.data.tags["rule"] == "solve"]
     assert {run.data.tags["wildcard.solver"] for run in solves} == {"contiguous", "eplb"}
+    names = {run.info.run_name for run in children}
+    assert {"solve:synth-a/cpu_2x2/eplb-r1", "simulate:synth-a/cpu_2x2/eplb-r0/synth-b", "synth:synth-b",
+            "regime", "report"} <= names
 
 
 def test_tiny_study_second_run_has_nothing_to_do(tiny_study: tuple[Path, str, subprocess.CompletedProcess]) -> None:
@@ -125,9 +160,5 @@ def test_tiny_study_snakemake_report(tiny_study: tuple[Path, str, subprocess.Com
     assert "predicted_vs_measured.png" in page and "solve_time.png" in page
 
 
-def test_dry_run_without_real_data_says_what_it_skips(tmp_path: Path) -> None:
-    done = snakemake(tmp_path, "-n", "--config", f"shared_data={tmp_path / 'absent'}", study="default")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "real data not found, skipped: intent" in done.stderr
-    jobs = {line.split()[0] for line in done.stdout.splitlines() if line.strip()}
-    assert "import_trace" not in jobs and {"extract", "synth", "serve", "report"} <= jobs
+# Without ../shared/data: tests/test_default_study.py (the default study reads data/; missing
+# `import` traces are skipped and reported).

@@ -19,7 +19,7 @@ MODEL_FIELDS = ("model", "hidden_size", "moe_intermediate_size", "dtype")
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="import")
 def main(cfg: DictConfig) -> None:
-    trace = import_routing(cfg.format, cfg.path, **{k: cfg[k] for k in MODEL_FIELDS})
+    trace = import_routing(cfg.format, cfg.path, **{k: cfg[k] for k in MODEL_FIELDS}).with_weights(cfg.weights)
     with tracked_run("import", cfg, tags={**trace_tags(trace), "format": cfg.format}) as run:
         save_trace(trace, cfg.out)
         run.log_metrics(trace_sizes(trace))

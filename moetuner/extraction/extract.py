@@ -20,9 +20,7 @@ import torch
 from tqdm import tqdm
 
 from moetuner.extraction.capture import RouterCapture, model_shape
-from moetuner.trace import Trace, TraceError, load_trace, save_trace
-
-WEIGHT_DTYPES = {"float16": np.float16, "float32": np.float32, "none": None}
+from moetuner.trace import WEIGHT_DTYPES, Trace, TraceError, load_trace, save_trace
 
 
 class ExtractionError(ValueError):

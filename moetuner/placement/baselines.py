@@ -16,11 +16,13 @@ from moetuner.placement.layout import Placement, contiguous_phy2log, gpu_loads
 from moetuner.placement.problem import PlacementProblem
 
 
-def fill_hot_replicas(phy2log: np.ndarray, load: np.ndarray, num_gpus: int) -> np.ndarray:
+def fill_hot_replicas(phy2log: np.ndarray, load: np.ndarray, num_gpus: int,
+                      gpus_per_node: int | None = None) -> np.ndarray:
     """Fill every empty slot (-1) with a replica of a hot expert; the placed experts stay put.
 
     As EPLB: each extra copy goes to the expert with the largest load per copy; then the copies,
-    heaviest first, go to the least-loaded GPU with room, preferring GPUs without that expert.
+    heaviest first, go to the least-loaded GPU with room, preferring GPUs without that expert (and,
+    with `gpus_per_node`, first the GPUs on the node of the expert's first copy).
     Returns a new [L, P] map; phy2log: [L, P], load: [L, E].
     """
     out = phy2log.copy()
@@ -38,7 +40,12 @@ def fill_hot_replicas(phy2log: np.ndarray, load: np.ndarray, num_gpus: int) -> n
         for expert in sorted(extra, key=lambda e: -per_copy[e]):
             free = (grid < 0).any(1)
             fresh = free & ~(grid == expert).any(1)
-            gpu = int(np.argmin(np.where(fresh if fresh.any() else free, per_gpu, np.inf)))
+            allowed = fresh if fresh.any() else free
+            if gpus_per_node is not None and (grid == expert).any():
+                node = np.flatnonzero((grid == expert).any(1))[0] // gpus_per_node
+                near = allowed & (np.arange(num_gpus) // gpus_per_node == node)
+                allowed = near if near.any() else allowed
+            gpu = int(np.argmin(np.where(allowed, per_gpu, np.inf)))
             grid[gpu, int(np.argmax(grid[gpu] < 0))] = expert
             per_gpu[gpu] += per_copy[expert]
     return out

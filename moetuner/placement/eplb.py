@@ -4,7 +4,10 @@ Hierarchical policy (num_groups % num_nodes == 0): pack expert groups onto nodes
 balanced load), replicate hot experts inside each node (each new replica goes to the expert with the
 largest load per replica), then pack each node's replicas onto its GPUs (heaviest first, into the
 lightest GPU with room). Otherwise the global policy: the same with one group and one node.
-Ties follow sort order (stable descending sort, first minimum/maximum wins).
+Ties follow upstream's order: torch's default (unstable) descending sort, the first minimum or
+maximum wins, and pack loads add up in float64. So on the same torch the result equals SGLang
+0.5.23's copy of DeepSeek's code bit for bit, log2phy included, on tied loads too
+(tests/test_engine_conformance.py).
 """
 
 from __future__ import annotations
@@ -35,18 +38,19 @@ def balanced_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor
     if capacity == 1:
         identity = torch.arange(n, dtype=torch.int64).expand(rows, n).clone()
         return identity, torch.zeros(rows, n, dtype=torch.int64)
-    pack = torch.full((rows, n), -1, dtype=torch.int64)
-    rank = torch.full((rows, n), -1, dtype=torch.int64)
-    order = weight.float().sort(dim=-1, descending=True, stable=True).indices
-    for row in range(rows):
-        totals = torch.zeros(num_packs, dtype=torch.float32)
-        sizes = torch.zeros(num_packs, dtype=torch.int64)
-        for item in order[row].tolist():
-            target = int(torch.where(sizes < capacity, totals, torch.inf).argmin())
-            pack[row, item], rank[row, item] = target, sizes[target]
-            totals[target] += weight[row, item]
+    pack = [[-1] * n for _ in range(rows)]
+    rank = [[-1] * n for _ in range(rows)]
+    # torch's default sort, as upstream: a stable sort orders tied loads (idle experts) differently
+    order = weight.float().sort(dim=-1, descending=True).indices.tolist()
+    for row, items in enumerate(weight.tolist()):
+        # pack totals add up in float64, as upstream: float32 sums can round two totals to a tie
+        totals, sizes = [0.0] * num_packs, [0] * num_packs
+        for item in order[row]:
+            target = min((p for p in range(num_packs) if sizes[p] < capacity), key=totals.__getitem__)
+            pack[row][item], rank[row][item] = target, sizes[target]
+            totals[target] += items[item]
             sizes[target] += 1
-    return pack, rank
+    return torch.tensor(pack, dtype=torch.int64), torch.tensor(rank, dtype=torch.int64)
 
 
 def replicate_experts(weight: torch.Tensor, num_phy: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -16,7 +16,6 @@ from scipy.optimize import linear_sum_assignment
 from moetuner.placement.baselines import finish
 from moetuner.placement.layout import Placement
 from moetuner.placement.problem import PlacementProblem
-from moetuner.profiling.stats import transitions
 
 
 def assign_to_gpus(score: np.ndarray, capacity: int) -> np.ndarray:
@@ -68,7 +67,7 @@ def exflow_gpus(transition: np.ndarray, num_experts: int, num_gpus: int) -> np.n
 def solve_exflow(problem: PlacementProblem, options: Mapping[str, Any]) -> Placement:
     """ExFlow-style affinity placement; objective = cross-GPU transition mass (lower is better)."""
     start = time.perf_counter()
-    transition = transitions(problem.profile.topk_ids, problem.num_experts).astype(float)
+    transition = problem.transitions  # [L-1, E, E], weighted over the profile's domains
     gpu_of = exflow_gpus(transition, problem.num_experts, problem.num_gpus)
     phy2log = phy2log_from_gpus(gpu_of, problem.num_gpus, problem.slots_per_gpu)
     return finish(problem, phy2log, "exflow", start, objective=cross_gpu_mass(transition, gpu_of),

@@ -29,7 +29,6 @@ from moetuner.placement.exflow import follow_affinity, phy2log_from_gpus
 from moetuner.placement.layout import Placement
 from moetuner.placement.mip import MipResult, solve_mip
 from moetuner.placement.problem import PlacementProblem
-from moetuner.profiling.stats import transitions
 
 
 def ilp1_objective(load: np.ndarray, cluster_of: np.ndarray, num_clusters: int) -> float:
@@ -269,7 +268,7 @@ def solve_moetuner(problem: PlacementProblem, options: Mapping[str, Any]) -> Pla
     else:
         min_size, max_size = int(num_experts >= num_gpus), problem.slots_per_gpu  # no empty cluster if E >= G
     cluster_of, ilp1, fallbacks = cluster_layers(problem, min_size, max_size, mip)
-    transition = transitions(problem.profile.topk_ids, num_experts).astype(float)
+    transition = problem.transitions  # [L-1, E, E], weighted over the profile's domains
     cluster_mass = cluster_transitions(transition, cluster_of, num_gpus)
     sizes = np.stack([np.bincount(row, minlength=num_gpus) for row in cluster_of])
     cost = link_cost(problem.topology.bandwidth())

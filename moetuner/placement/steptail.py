@@ -1,22 +1,33 @@
 """steptail: local search over the simulator's per-step tail objective, warm-started from heuristics.
 
 Objective: the simulator's step time (sum over layers of dispatch + compute tail + combine) averaged
-over the profile's steps of `step_tokens` tokens, so every step's tail counts, not the balance of the
-summed load. Steps:
-1. warm start: run each solver in `warm_starts` (default WARM_STARTS), keep per layer the row with the lowest profile
-   layer time (dispatch-combine layers are independent; for expert-to-expert the best whole map);
-2. per layer, within an equal share of `time_limit_s`: random moves, kept when the layer's mean time
-   over the profile steps drops: swap two slots on different GPUs (one of them on the layer's
-   slowest GPU half of the time), or, with replicas, point a replica slot at a hotter expert;
-3. return the better of the result and the warm start on the full profile objective.
-Bound: per step and layer, compute >= max(sum_e f(n_e) / G, f(n_max / c_max)) with c_max =
-min(G, 1 + P - E) copies of an expert, communication >= 0; summed over layers, averaged over steps.
+over the profile's steps of `step_tokens` tokens, with the problem's `dispatch` (how the engine splits
+tokens over replicas) and `dataflow`, so every step's tail counts, not the balance of the summed load.
+With several profile domains each domain's own steps are scored and the per-domain step times are
+combined by the problem's `robust` rule: weighted mean, or with robust=worst the largest ratio of a
+domain's time to the contiguous layout's time on that domain (the objective is then that ratio). Steps:
+1. warm start: run each solver in `warm_starts` (default WARM_STARTS; with several domains also on
+   each domain alone), keep per layer the row with the
+   lowest profile layer time (layers are independent unless the dataflow is expert-to-expert; then
+   the best whole map);
+2. per layer, within an equal share of what is left of `time_limit_s`: random moves, kept when the
+   objective drops: swap two slots on different GPUs (one of them on the layer's busiest GPU half of
+   the time), or, with replicas, point a spare replica slot at an expert drawn by load per copy;
+3. return the better of the result and the best warm start on the full profile objective.
+Warm starts and moves are scored with `search_dispatch` (default SEARCH_DISPATCH: the problem's
+dispatch, but dynamic for lp_comm, whose per-step MILP is too slow for thousands of moves and which
+measured better that way); `objective` is then recomputed with the problem's dispatch.
+`time_limit_s` bounds the whole solve except the warm-start solvers themselves and one scoring of
+each (a reserve for the final scoring is kept); the partition warm start gets 20% of it.
+Bound: the simulator's lower bound (compute and communication; `moetuner.simulator.lower_bound`) on
+the profile steps, combined over domains like the objective.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -24,60 +35,108 @@ import numpy as np
 from moetuner.placement.baselines import finish
 from moetuner.placement.layout import Placement, logical_replica_count
 from moetuner.placement.problem import PlacementProblem, get_solver
-from moetuner.profiling.stats import step_load
 from moetuner.simulator import CostModel, cost_model, layer_slots, primary_column, simulate, simulate_layer
+from moetuner.simulator import lower_bound as simulator_bound
+from moetuner.trace import Trace
 
-WARM_STARTS = ("eplb", "greedy", "exflow", "round_robin", "contiguous")
-
-
-def profile_steps(problem: PlacementProblem) -> tuple[np.ndarray, np.ndarray]:
-    """Profile ids and primary columns cut into steps. -> [S, B, L, k], [S, B, L]"""
-    trace = problem.profile
-    tokens = min(problem.step_tokens, trace.num_tokens)
-    steps = trace.num_tokens // tokens
-    ids = trace.topk_ids[:steps * tokens].astype(np.int64)
-    primary = primary_column(trace.topk_ids, trace.topk_weights)[:steps * tokens]
-    return ids.reshape(steps, tokens, *ids.shape[1:]), primary.reshape(steps, tokens, -1)
+WARM_STARTS = ("eplb", "greedy", "partition", "exflow", "round_robin", "contiguous")
+SEARCH_DISPATCH = {"dynamic": "dynamic", "static": "static", "lp": "lp", "lp_comm": "dynamic"}
+"""The dispatch each move (and warm start) is scored with, by the problem's dispatch."""
 
 
-def step_objective(phy2log: np.ndarray, problem: PlacementProblem, cost: CostModel, ids: np.ndarray,
-                   primary: np.ndarray, dataflow: str, policy: str) -> np.ndarray:
-    """Mean over profile steps of each layer's time. phy2log [L, P], ids [S, B, L, k] -> [L]"""
-    flat_ids, flat_primary = ids.reshape(-1, *ids.shape[2:]), primary.reshape(-1, primary.shape[-1])
-    result = simulate(phy2log, problem.num_gpus, flat_ids, flat_primary, problem.num_experts, cost,
-                      ids.shape[1], dataflow, policy)
-    return result.layer_time_s.mean(0)
+@dataclass(frozen=True)
+class Steps:
+    """One domain's profile cut into steps: ids [S, B, L, k], primary expert column [S, B, L]."""
+
+    ids: np.ndarray
+    primary: np.ndarray
+
+    @property
+    def flat(self) -> tuple[np.ndarray, np.ndarray]:
+        """ids [S*B, L, k], primary [S*B, L]"""
+        return self.ids.reshape(-1, *self.ids.shape[2:]), self.primary.reshape(-1, self.primary.shape[-1])
+
+    def subset(self, count: int) -> "Steps":
+        """At most `count` steps, evenly spaced."""
+        if len(self.ids) <= count:
+            return self
+        pick = np.linspace(0, len(self.ids) - 1, count).round().astype(int)
+        return Steps(self.ids[pick], self.primary[pick])
 
 
-def lower_bound(problem: PlacementProblem, cost: CostModel, ids: np.ndarray) -> float:
-    """Mean over steps of the summed per-layer compute bound (communication bound 0). ids [S, B, L, k]"""
-    loads = step_load(ids.reshape(-1, *ids.shape[2:]), problem.num_experts, ids.shape[1])  # [S, L, E]
-    max_copies = min(problem.num_gpus, 1 + problem.num_slots - problem.num_experts)
-    spread = cost.expert_time(loads).sum(-1) / problem.num_gpus
-    hottest = cost.expert_time(loads.max(-1) / max_copies)
-    return float(np.maximum(spread, hottest).sum(1).mean())
+def trace_steps(trace: Trace, step_tokens: int) -> Steps:
+    """A trace cut into steps of min(step_tokens, T) tokens (a trailing partial step is left out)."""
+    tokens = min(step_tokens, trace.num_tokens)
+    count = trace.num_tokens // tokens
+    ids = trace.topk_ids[:count * tokens].astype(np.int64)
+    primary = primary_column(trace.topk_ids, trace.topk_weights)[:count * tokens]
+    return Steps(ids.reshape(count, tokens, *ids.shape[1:]), primary.reshape(count, tokens, -1))
+
+
+def profile_steps(problem: PlacementProblem) -> list[Steps]:
+    """Each profile domain cut into steps of the problem's step_tokens."""
+    return [trace_steps(domain, problem.step_tokens) for domain in problem.domains]
+
+
+def step_objective(phy2log: np.ndarray, problem: PlacementProblem, cost: CostModel, steps: list[Steps],
+                   dispatch: str | None = None) -> np.ndarray:
+    """Per domain, the mean over its steps of each layer's time. phy2log [L, P] -> [D, L]"""
+    out = []
+    for domain in steps:
+        ids, primary = domain.flat
+        result = simulate(phy2log, problem.num_gpus, ids, primary, problem.num_experts, cost, domain.ids.shape[1],
+                          problem.dataflow, dispatch or problem.dispatch)
+        out.append(result.layer_time_s.mean(0))
+    return np.stack(out)
+
+
+def lower_bound(problem: PlacementProblem, cost: CostModel, steps: list[Steps],
+                reference: np.ndarray | None = None) -> float:
+    """The simulator's lower bound (compute + communication, any placement with this slot count, any
+    dispatch) on each domain's steps, combined over domains like the objective (reference [D]: see
+    PlacementProblem.combine)."""
+    return problem.combine(np.array([
+        simulator_bound(domain.flat[0], cost, problem.slots_per_gpu, domain.ids.shape[1], problem.dataflow)
+        for domain in steps]), reference)
 
 
 class LayerSearch:
-    """Mean time of one layer over the profile steps, for a candidate row of slots."""
+    """Mean time of one layer over each domain's profile steps, for a candidate row of slots."""
 
-    def __init__(self, problem: PlacementProblem, cost: CostModel, ids: np.ndarray, primary: np.ndarray,
-                 src: np.ndarray, back: np.ndarray | None, policy: str) -> None:
-        self.problem, self.cost, self.policy = problem, cost, policy
-        self.ids, self.primary, self.src, self.back = ids, primary, src, back  # [S, B, k], [S, B], [S, B]
-        self.token = np.arange(ids.shape[1])
+    def __init__(self, problem: PlacementProblem, cost: CostModel, layer: int, steps: list[Steps],
+                 src: list[np.ndarray], dispatch: str) -> None:
+        self.problem, self.cost, self.layer, self.dispatch = problem, cost, layer, dispatch
+        self.steps, self.src = steps, src  # src: per domain [S, B] GPU each token starts the layer on
+        last = layer == problem.num_layers - 1
+        self.to_home = problem.dataflow != "expert_to_expert" or last
+        self.hierarchical = problem.dataflow == "hierarchical"
 
-    def evaluate(self, row: np.ndarray) -> tuple[float, np.ndarray]:
-        """(mean layer time, per-GPU compute + traffic time summed over steps [G]) of a row [P]."""
+    def evaluate(self, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(per-domain mean layer time [D], per-GPU compute summed over all steps [G]) of a row [P]."""
         slots = layer_slots(row[None], self.problem.num_gpus, self.problem.num_experts)[0]
-        total, busy = 0.0, np.zeros(self.problem.num_gpus)
-        for s in range(len(self.ids)):
-            back = None if self.back is None else self.back[s]
-            step = simulate_layer(self.ids[s], self.token, self.src[s], self.primary[s], back, slots,
-                                  self.cost, self.policy)
-            total += step.time_s
-            busy += step.compute_s
-        return total / len(self.ids), busy
+        times, busy = [], np.zeros(self.problem.num_gpus)
+        for domain, src in zip(self.steps, self.src):
+            token = np.arange(domain.ids.shape[1])
+            home = token % self.problem.num_gpus
+            total = 0.0
+            for s in range(len(domain.ids)):
+                step = simulate_layer(domain.ids[s, :, self.layer], token, src[s], domain.primary[s, :, self.layer],
+                                      home if self.to_home else None, slots, self.cost, self.dispatch,
+                                      hierarchical=self.hierarchical)
+                total += step.time_s
+                busy += step.compute_s
+            times.append(total / len(domain.ids))
+        return np.array(times), busy
+
+    def next_src(self, row: np.ndarray) -> list[np.ndarray]:
+        """Expert-to-expert: where each token's activation is after this layer (its primary expert's
+        first replica). -> per domain [S, B]"""
+        slots = layer_slots(row[None], self.problem.num_gpus, self.problem.num_experts)[0]
+        out = []
+        for domain in self.steps:
+            gpu = slots.gpu_of_slot[slots.log2phy[domain.ids[:, :, self.layer], 0]]  # [S, B, k]
+            out.append(np.take_along_axis(gpu, domain.primary[:, :, self.layer][..., None], -1)[..., 0])
+        return out
 
 
 def propose(row: np.ndarray, busy: np.ndarray, load: np.ndarray, slots_per_gpu: int,
@@ -99,59 +158,87 @@ def propose(row: np.ndarray, busy: np.ndarray, load: np.ndarray, slots_per_gpu: 
     return new
 
 
-def best_rows(candidates: list[np.ndarray], scores: list[np.ndarray], separable: bool) -> np.ndarray:
-    """Per layer the row of the best candidate (separable), else the best whole map. [L, P]"""
-    stacked = np.stack(scores)  # [C, L]
-    if separable:
-        pick = stacked.argmin(0)
+def best_rows(candidates: list[np.ndarray], scores: list[np.ndarray], totals: list[float], separable: bool,
+              problem: PlacementProblem) -> np.ndarray:
+    """Per layer the row of the best candidate (separable, robust=mean: scores [D, L] combined per
+    layer), else the best whole map (totals [C]). -> [L, P]"""
+    if separable and problem.robust == "mean":
+        per_layer = np.stack([np.asarray(problem.weights) @ s for s in scores])  # [C, L]
+        pick = per_layer.argmin(0)
         return np.stack([candidates[c][layer] for layer, c in enumerate(pick)])
-    return candidates[int(stacked.sum(1).argmin())].copy()
+    return candidates[int(np.argmin(totals))].copy()
 
 
 def solve_steptail(problem: PlacementProblem, options: Mapping[str, Any]) -> Placement:
     """Local search on the per-step tail objective of the profile (see module docstring).
 
-    options: time_limit_s (10), dataflow (dispatch_combine), replica_policy (balanced),
-    warm_starts (WARM_STARTS), seed (0).
+    options: time_limit_s (10, the whole solve), warm_starts (WARM_STARTS), search_dispatch (null:
+    SEARCH_DISPATCH of the problem's dispatch), max_search_steps (8 per domain, evenly spaced),
+    seed (0).
     """
     start = time.perf_counter()
-    dataflow = str(options.get("dataflow", "dispatch_combine"))
-    policy = str(options.get("replica_policy", "balanced"))
     deadline = start + float(options.get("time_limit_s", 10.0))
     rng = np.random.default_rng(int(options.get("seed", 0)))
     trace = problem.profile
     cost = cost_model(problem.topology, trace.hidden_size, trace.moe_intermediate_size)
-    ids, primary = profile_steps(problem)
-    objective = lambda phy: step_objective(phy, problem, cost, ids, primary, dataflow, policy)  # noqa: E731
+    steps = profile_steps(problem)
+    search_steps = [domain.subset(int(options.get("max_search_steps", 8))) for domain in steps]
+    dispatch = str(options.get("search_dispatch") or SEARCH_DISPATCH[problem.dispatch])
+    contiguous = get_solver("contiguous")(problem, {}).phy2log if problem.robust == "worst" else None
+
+    def reference(on: list[Steps], how: str) -> np.ndarray | None:
+        """robust=worst: each domain's time with the contiguous layout [D]; else None (weighted mean)."""
+        return None if contiguous is None else step_objective(contiguous, problem, cost, on, how).sum(1)
+
+    def objective(phy: np.ndarray, how: str, ref: np.ndarray | None) -> float:
+        return problem.combine(step_objective(phy, problem, cost, steps, how).sum(1), ref)
+
+    full_ref, search_ref = reference(steps, dispatch), reference(search_steps, dispatch)
 
     names = options.get("warm_starts", WARM_STARTS)
-    warm = [get_solver(name)(problem, {}).phy2log for name in names]
-    warm_scores = [objective(phy) for phy in warm]
-    phy2log = best_rows(warm, warm_scores, separable=dataflow == "dispatch_combine")
-    warm_objective = float(min(s.sum() for s in warm_scores))
-    home = np.broadcast_to(np.arange(ids.shape[1]) % problem.num_gpus, ids.shape[:2])  # [S, B]
-    src, moves = home, 0
+    # several domains: every warm-start solver also on each domain alone (one domain's placement may
+    # serve the others better than one from the mixed statistics)
+    alone = [replace(problem, profile=d, domains=(d,), weights=()) for d in problem.domains] \
+        if len(problem.domains) > 1 else []
+    warm_options = {"partition": {"time_limit_s": 0.2 * float(options.get("time_limit_s", 10.0))}}
+    warm = [get_solver(name)(p, warm_options.get(name, {})).phy2log for name in names for p in [problem, *alone]]
+    scoring = time.perf_counter()
+    warm_scores = [step_objective(phy, problem, cost, steps, dispatch) for phy in warm]  # [D, L] each
+    final_cost = (time.perf_counter() - scoring) / len(warm)  # seconds of one full scoring
+    final_cost *= 1 if dispatch == problem.dispatch else 20  # lp_comm: a MILP per layer-step
+    separable = problem.dataflow != "expert_to_expert"
+    warm_totals = [problem.combine(s.sum(1), full_ref) for s in warm_scores]
+    phy2log = best_rows(warm, warm_scores, warm_totals, separable, problem)
+    warm_objective = float(min(warm_totals))
+    search_scores = step_objective(phy2log, problem, cost, search_steps, dispatch)  # [D, L]
+    src = [np.broadcast_to(np.arange(d.ids.shape[1]) % problem.num_gpus, d.ids.shape[:2]) for d in search_steps]
+    moves = 0
     for layer in range(problem.num_layers):
-        layer_deadline = time.perf_counter() + (deadline - time.perf_counter()) / (problem.num_layers - layer)
-        last = layer == problem.num_layers - 1
-        back = home if dataflow == "dispatch_combine" or last else None
-        search = LayerSearch(problem, cost, ids[:, :, layer], primary[:, :, layer], src, back, policy)
-        best, busy = search.evaluate(phy2log[layer])
-        load = np.bincount(ids[:, :, layer].ravel(), minlength=problem.num_experts).astype(float)
+        left = deadline - final_cost - time.perf_counter()
+        layer_deadline = time.perf_counter() + left / (problem.num_layers - layer)
+        search = LayerSearch(problem, cost, layer, search_steps, src, dispatch)
+        rest = search_scores.sum(1) - search_scores[:, layer]  # [D] the other layers
+        current, busy = search.evaluate(phy2log[layer])
+        best = problem.combine(rest + current, search_ref)
+        load = problem.load[layer]
         while time.perf_counter() < layer_deadline:
             row = propose(phy2log[layer], busy, load, problem.slots_per_gpu, rng)
-            score, row_busy = search.evaluate(row)
+            times, row_busy = search.evaluate(row)
             moves += 1
+            score = problem.combine(rest + times, search_ref)
             if score < best:
-                best, busy, phy2log[layer] = score, row_busy, row
-        if dataflow == "expert_to_expert" and not last:
-            slots = layer_slots(phy2log[layer][None], problem.num_gpus, problem.num_experts)[0]
-            gpu = slots.gpu_of_slot[slots.log2phy[ids[:, :, layer], 0]]  # [S, B, k] first replica
-            src = np.take_along_axis(gpu, primary[:, :, layer][..., None], -1)[..., 0]
-    final = float(objective(phy2log).sum())
-    if final > warm_objective:
-        phy2log, final = best_rows(warm, warm_scores, separable=False), warm_objective
+                best, busy, phy2log[layer], current = score, row_busy, row, times
+        search_scores[:, layer] = current
+        if not separable and layer < problem.num_layers - 1:
+            src = search.next_src(phy2log[layer])
+    found = objective(phy2log, dispatch, full_ref)
+    if found > warm_objective:
+        phy2log, found = warm[int(np.argmin(warm_totals))].copy(), warm_objective
+    final_ref = full_ref if dispatch == problem.dispatch else reference(steps, problem.dispatch)
+    final = found if dispatch == problem.dispatch else objective(phy2log, problem.dispatch, final_ref)
     assert (logical_replica_count(phy2log, problem.num_experts) > 0).all(), "every expert keeps a slot"
     return finish(problem, phy2log, "steptail", start, status="heuristic", objective=final,
-                  bound=lower_bound(problem, cost, ids), fill=False, objective_kind="profile_step_time_s",
-                  dataflow=dataflow, replica_policy=policy, warm_objective=warm_objective, moves=moves)
+                  bound=lower_bound(problem, cost, steps, final_ref), fill=False,
+                  objective_kind="profile_step_time_s" if final_ref is None else "worst_domain_time_vs_contiguous",
+                  dataflow=problem.dataflow, dispatch=problem.dispatch, search_dispatch=dispatch,
+                  search_objective=found, warm_objective=warm_objective, moves=moves)

@@ -1,17 +1,28 @@
-"""Build the whole report of a study's results folder: table, figures, Markdown and HTML."""
+"""Build the whole report of a study's results folder: headline, regime figure, figures, appendix table.
+
+The document is a list of `document.Section`s in reading order; `report_sections` assembles it, and a
+further part of the report is one more section in that list.
+"""
 
 from __future__ import annotations
 
+import html
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from moetuner.atomic import write_atomic, write_json_atomic
+from moetuner.atomic import write_atomic, write_json_atomic, write_text_atomic
 from moetuner.report import figures
 from moetuner.report.collect import read_placements, results_table, summary_metrics
-from moetuner.report.document import write_html, write_markdown
+from moetuner.report.document import Section, figure_section, table_section, write_html, write_markdown
+from moetuner.report.headline import (Headline, eval_title, headline_long, headline_metrics, headline_sentences,
+                                      headline_tables, headline_trace, html_headline, markdown_headline,
+                                      regime_sentence)
+from moetuner.report.regime import regime_figure
+
+REGIME_CSV = Path("regime") / "regime.csv"
 
 
 @dataclass
@@ -20,10 +31,11 @@ class Report:
     metrics: dict[str, float]
     figures: dict[str, Path]
     files: list[Path]
+    headline: str  # the headline section as Markdown
 
 
 def draw_figures(results: Path, table: pd.DataFrame, out: Path) -> dict[str, Path]:
-    """The five figures, in report order."""
+    """The five detail figures, in report order."""
     trace, topology, best = figures.showcase(table)
     case = f"{trace} on {topology}"
     loads = figures.showcase_loads(results, trace, topology, best)
@@ -36,14 +48,59 @@ def draw_figures(results: Path, table: pd.DataFrame, out: Path) -> dict[str, Pat
     }
 
 
-def build_report(results: str | Path, out: str | Path, title: str, notes: Sequence[str] = ()) -> Report:
-    """Write summary.csv, summary_metrics.json, the figures, report.md and report.html under `out`."""
+def headline_section(tables: Headline, trace: str) -> Section:
+    """The report's first section: the generated sentences, then one table per evaluation."""
+    sentences = " ".join(headline_sentences(tables, trace)) or (
+        f"No speedups to report for {trace}: the headline needs a contiguous r0 placement and at least one other "
+        "solver on the same topology and evaluation (add `contiguous` to the grid's solvers).")
+    intro = ("Speedup vs the contiguous placement (simulator, layer time per step summed over MoE layers); "
+             "rows are topology x replica budget, the best of each row in bold.")
+    md, page = [sentences, "", intro], [f"<p>{html.escape(sentences)}</p>", f"<p>{html.escape(intro)}</p>"]
+    for ev, speedups in tables.items():
+        name = f"Placements solved on {trace}, scored on {eval_title(trace, ev)}"
+        md += ["", f"### {name}", "", markdown_headline(speedups)]
+        page += [f"<h3>{html.escape(name)}</h3>", html_headline(speedups)]
+    return Section("Headline", "\n".join(md), "\n".join(page))
+
+
+def regime_section(regime: pd.DataFrame | None, out: Path) -> Section:
+    """The regime figure (drawn from regime.csv) with a sentence from its numbers."""
+    title = "Where placement matters: tokens per step"
+    if regime is None:
+        path = figures.no_data(out / "regime.png", "speedup vs tokens per step", "no regime/regime.csv in the results")
+        return Section(title, figures=figure_section("regime", path).figures)
+    path = regime_figure(regime, out / "regime.png")
+    sentence = regime_sentence(regime) or ""
+    return Section(title, sentence, f"<p>{html.escape(sentence)}</p>", figure_section("regime", path).figures)
+
+
+def report_sections(results: Path, out: Path, table: pd.DataFrame, tables: Headline, trace: str,
+                    drawn: dict[str, Path], extra: Sequence[Section] = ()) -> list[Section]:
+    """Headline, regime, `extra` sections, the detail figures, then the raw table (appendix)."""
+    regime_csv = results / REGIME_CSV
+    regime = pd.read_csv(regime_csv) if regime_csv.is_file() else None
+    appendix = table_section("Appendix: all results",
+                             "Every placement and evaluation (also in summary.csv).", table)
+    return [headline_section(tables, trace), regime_section(regime, out), *extra,
+            *(figure_section(name, path) for name, path in drawn.items()), appendix]
+
+
+def build_report(results: str | Path, out: str | Path, title: str, notes: Sequence[str] = (),
+                 extra: Sequence[Section] = ()) -> Report:
+    """Write summary.csv, summary_metrics.json, headline.md/.csv, the figures, report.md and report.html."""
     results, out = Path(results), Path(out)
     table = results_table(results)
-    metrics = summary_metrics(table)
+    trace = headline_trace(table)
+    tables = headline_tables(table, trace)
+    metrics = {**summary_metrics(table), **headline_metrics(tables)}
     drawn = draw_figures(results, table, out)
+    sections = report_sections(results, out, table, tables, trace, drawn, extra)
+    headline_md = f"# {title}\n\n{sections[0].markdown}\n"
     files = [write_atomic(out / "summary.csv", lambda tmp: table.to_csv(tmp, index=False)),
              write_json_atomic(out / "summary_metrics.json", metrics),
-             write_markdown(out / "report.md", title, table, drawn, notes),
-             write_html(out / "report.html", title, table, drawn, notes)]
-    return Report(table, metrics, drawn, [*files, *drawn.values()])
+             write_text_atomic(out / "headline.md", headline_md),
+             write_atomic(out / "headline.csv", lambda tmp: headline_long(tables, trace).to_csv(tmp, index=False)),
+             write_markdown(out / "report.md", title, notes, sections),
+             write_html(out / "report.html", title, notes, sections)]
+    figure_files = [fig.path for section in sections for fig in section.figures]
+    return Report(table, metrics, {p.stem: p for p in figure_files}, [*files, *figure_files], headline_md)

@@ -17,8 +17,12 @@ import pandas as pd
 KEY = ["trace", "topology", "solver", "replicas"]
 RUN_DIR = re.compile(r"(?P<solver>[a-z_]+)-r(?P<replicas>\d+)$")
 TABLE_COLUMNS = ["trace", "topology", "solver", "replicas", "eval", "predicted_layer_time_s",
-                 "measured_layer_time_s", "speedup_vs_contiguous", "compute_tail_s", "compute_tail_ratio",
+                 "measured_layer_time_s", "served_predicted_layer_time_s", "speedup_vs_contiguous", "compute_tail_s", "compute_tail_ratio",
                  "a2a_tail_s", "solve_seconds", "gap", "status"]
+
+
+DISPATCH_METRICS = ("layer_time_s", "speedup_vs_contiguous", "compute_time_s", "a2a_time_s")
+"""Metrics of each dispatch a simulate run scored (metrics.json by_dispatch), read as `<metric>.<dispatch>`."""
 
 
 class ReportError(ValueError):
@@ -48,7 +52,7 @@ def read_placements(results: Path) -> pd.DataFrame:
     """One row per placement: KEY, solve_seconds, gap, status, problem size (layers, experts, gpus)."""
     rows = []
     for path in sorted((results / "placements").glob("*/*/*.json")):
-        if path.name.endswith(".vllm.json"):
+        if path.name.endswith((".vllm.json", ".sglang.json")):  # engine files beside each placement
             continue
         doc = json.loads(path.read_text())
         solver, replicas = parse_run_dir(path.stem)
@@ -71,7 +75,10 @@ def read_metrics(results: Path, stage: str, depth: int) -> pd.DataFrame:
         row = {"trace": run.parent.parent.name, "topology": run.parent.name, "solver": solver, "replicas": replicas}
         if depth == 4:
             row["eval"] = path.parent.name
-        row.update({k: v for k, v in json.loads(path.read_text()).items() if np.isscalar(v)})
+        doc = json.loads(path.read_text())
+        row.update({k: v for k, v in doc.items() if np.isscalar(v)})
+        for dispatch, scalars in doc.get("by_dispatch", {}).items():  # moetuner-simulate dispatches=[...]
+            row.update({f"{k}.{dispatch}": scalars[k] for k in DISPATCH_METRICS if k in scalars})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -83,8 +90,18 @@ def speedup_vs_contiguous(sim: pd.DataFrame) -> pd.Series:
     return ref / sim["layer_time_s"]
 
 
+def serve_times(serve: pd.DataFrame) -> pd.DataFrame:
+    """Serve runs in target seconds: an emulated run's measured time / dilation (target_moe_layer_time_s)
+    and the simulator's prediction on exactly the served steps; a plain run's measured time as is."""
+    target = serve.get("target_moe_layer_time_s", pd.Series(np.nan, index=serve.index))
+    predicted = serve.get("predicted_moe_layer_time_s", pd.Series(np.nan, index=serve.index))
+    return serve.assign(moe_layer_time_s=target.fillna(serve["moe_layer_time_s"]),
+                        served_predicted_layer_time_s=predicted)
+
+
 def results_table(results: str | Path) -> pd.DataFrame:
-    """The study's results: one row per (placement, evaluation trace), TABLE_COLUMNS, sorted."""
+    """The study's results: one row per (placement, evaluation trace), TABLE_COLUMNS (then
+    `speedup_vs_contiguous.<dispatch>` for every dispatch the simulate runs scored), sorted."""
     results = Path(results)
     sim = read_metrics(results, "simulate", 4)
     if sim.empty:
@@ -92,14 +109,16 @@ def results_table(results: str | Path) -> pd.DataFrame:
     table = sim.merge(read_placements(results), on=KEY, how="left")
     serve = read_metrics(results, "serve", 3)
     if not serve.empty:
-        measured = serve[KEY + ["moe_layer_time_s"]].assign(eval="heldout")
-        table = table.merge(measured, on=KEY + ["eval"], how="left")
+        measured = serve_times(serve)[KEY + ["moe_layer_time_s", "served_predicted_layer_time_s"]]
+        table = table.merge(measured.assign(eval="heldout"), on=KEY + ["eval"], how="left")
     else:
-        table["moe_layer_time_s"] = np.nan
+        table["moe_layer_time_s"] = table["served_predicted_layer_time_s"] = np.nan
     table = table.assign(predicted_layer_time_s=table["layer_time_s"], measured_layer_time_s=table["moe_layer_time_s"],
                          speedup_vs_contiguous=speedup_vs_contiguous(table), compute_tail_s=table["compute_time_s"],
                          a2a_tail_s=table["a2a_time_s"])
-    return table[TABLE_COLUMNS].sort_values(["trace", "topology", "eval", "replicas", "solver"]).reset_index(drop=True)
+    per_dispatch = sorted(c for c in table.columns if c.startswith("speedup_vs_contiguous."))
+    return table[TABLE_COLUMNS + per_dispatch].sort_values(["trace", "topology", "eval", "replicas", "solver"]) \
+        .reset_index(drop=True)
 
 
 def summary_metrics(table: pd.DataFrame) -> dict[str, float]:

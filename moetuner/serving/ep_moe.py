@@ -1,17 +1,24 @@
 """Expert-parallel MoE exchange: route (token, expert) pairs to the ranks that hold the experts.
 
 One primitive, `exchange`, moves rows to destination ranks with `all_to_all_single` and uneven
-splits (the counts are exchanged first). Both dataflows are built from it:
+splits (the counts are exchanged first). Every dataflow is built from it:
   dispatch: one row per distinct (token, destination rank), carrying the token's local slot ids and
             gate weights for that rank (DeepEP-style dedup); rows for the own rank cost no bytes;
   combine:  each expert rank sums its weighted expert outputs per received row and sends that
             partial sum to the rank the token lives on next (its home, or its top-1 expert's rank).
+  hierarchical (DeepEP inter-node, `ranks_per_node`): the dispatch runs in two phases: one row per
+            (token, other node) goes to the relay there, the rank with the sender's local rank
+            (inter-node exchange); then the relays and the senders (for their own node) send one row
+            per (token, destination rank) inside the node (intra-node exchange). The combine reverses
+            it: partial sums go back to the intra-node sender, relays add up theirs per token and send
+            one row per (token, node) home.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Protocol
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,19 +36,52 @@ class Exchanged:
     bytes_sent: np.ndarray  # [W] payload bytes this rank sent to each rank (0 to itself)
 
 
+class ExchangeHook(Protocol):
+    """Emulation hooks (serving/emulation.py) that every `exchange` of this process calls; rows are
+    zero-padded to `row_bytes` (so dispatch and combine rows weigh the same on shaped links)."""
+
+    row_bytes: int
+
+    def before_payload(self, send_counts: torch.Tensor, recv_counts: torch.Tensor) -> None:
+        """After the counts [W] are known, before the payload moves."""
+
+    def after_payload(self) -> None:
+        """When this rank has received its rows."""
+
+
+_exchange_hooks: list[ExchangeHook] = []
+
+
+def set_exchange_hook(hook: ExchangeHook | None) -> None:
+    """Install (or with None remove) the hook every `exchange` of this process calls (emulated latency)."""
+    _exchange_hooks[:] = [] if hook is None else [hook]
+
+
 def exchange(x: torch.Tensor, meta: torch.Tensor, dest: torch.Tensor, world: int, rank: int) -> Exchanged:
-    """Send row i of x [N, H] and meta [N, m] to rank dest[i]; return the rows this rank receives."""
+    """Send row i of x [N, H] and meta [N, m] to rank dest[i]; return the rows this rank receives.
+
+    Two all-to-alls: the counts, then x and meta together as one byte row each ([N, H*s + m*8])."""
     assert x.shape[0] == meta.shape[0] == dest.shape[0], "x, meta and dest need one row each"
     order = torch.argsort(dest, stable=True)
     x, meta, dest = x[order].contiguous(), meta[order].contiguous(), dest[order]
     send_counts = torch.bincount(dest, minlength=world)
     recv_counts = torch.empty_like(send_counts)
     dist.all_to_all_single(recv_counts, send_counts)
+    for hook in _exchange_hooks:
+        hook.before_payload(send_counts, recv_counts)
     send, recv = send_counts.tolist(), recv_counts.tolist()
-    out_x = x.new_empty((sum(recv), x.shape[1]))
-    out_meta = meta.new_empty((sum(recv), meta.shape[1]))
-    dist.all_to_all_single(out_x, x, recv, send)
-    dist.all_to_all_single(out_meta, meta, recv, send)
+    x_bytes = x.shape[1] * x.element_size()
+    meta_bytes = meta.shape[1] * meta.element_size()
+    pad = max([0] + [hook.row_bytes - x_bytes - meta_bytes for hook in _exchange_hooks])
+    packed = torch.cat([x.view(torch.uint8).reshape(len(x), x_bytes),
+                        meta.view(torch.uint8).reshape(len(meta), meta_bytes),
+                        torch.zeros((len(x), pad), dtype=torch.uint8)], 1)
+    out = packed.new_empty((sum(recv), packed.shape[1]))
+    dist.all_to_all_single(out, packed, recv, send)
+    for hook in _exchange_hooks:
+        hook.after_payload()
+    out_x = out[:, :x_bytes].contiguous().view(x.dtype)
+    out_meta = out[:, x_bytes:x_bytes + meta_bytes].contiguous().view(meta.dtype)
     src = torch.repeat_interleave(torch.arange(world), recv_counts)
     sent = send_counts.numpy() * x.shape[1] * x.element_size()
     sent[rank] = 0
@@ -79,8 +119,8 @@ ExpertFn = Callable[[int, torch.Tensor], torch.Tensor]
 
 def ep_layer(x: torch.Tensor, token_ids: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
              slots_per_rank: int, combine_dest: torch.Tensor, expert_fn: ExpertFn, world: int,
-             rank: int, on_pairs: Callable[[torch.Tensor, torch.Tensor], None] | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor, LayerTimes]:
+             rank: int, on_pairs: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+             ranks_per_node: int | None = None) -> tuple[torch.Tensor, torch.Tensor, LayerTimes]:
     """One expert-parallel MoE layer over the N tokens this rank holds.
 
     x [N, H]; token_ids int64 [N] (any ids that name a token across ranks); slots int64 [N, k]
@@ -88,29 +128,55 @@ def ep_layer(x: torch.Tensor, token_ids: torch.Tensor, slots: torch.Tensor, weig
     token's output goes to. Returns (partial outputs [M', H], their token ids [M'], times): rows
     for one token may arrive from several expert ranks; the caller sums them (index_add).
     on_pairs(token_ids [n], local_slots [n]) is called with every pair computed (for checks).
+    ranks_per_node: relay inter-node traffic (hierarchical; then combine_dest must be this rank).
     """
     times = LayerTimes()
     n, k = slots.shape
     t0 = time.perf_counter()
+    hidden = x.shape[1]
     dest_of_pair = slots // slots_per_rank  # [N, k]
-    # one row per distinct (token, destination rank); k columns of local slot ids (-1: not here)
-    key = torch.arange(n).unsqueeze(1) * world + dest_of_pair
-    rows, pair_row = torch.unique(key, return_inverse=True)
-    row_token, row_dest = rows // world, rows % world
+    payload = torch.cat([x, weights.to(x.dtype)], 1)  # [N, H + k]
+    sent = np.zeros(world)
+    if ranks_per_node is None:
+        src_x, src_meta = payload, torch.stack([token_ids, combine_dest], 1)  # (token id, combine target)
+        src_slots, src_of_pair = slots, dest_of_pair
+    else:
+        # phase 1: one row per (token, other node) to the relay of this rank's local rank there
+        node = dest_of_pair // ranks_per_node
+        here = rank // ranks_per_node
+        relay = torch.where(node == here, rank, node * ranks_per_node + rank % ranks_per_node)  # [N, k]
+        key = torch.arange(n).unsqueeze(1) * world + relay
+        rows, pair_row = torch.unique(key, return_inverse=True)
+        row_token, row_dest = rows // world, rows % world
+        row_slots = torch.full((len(rows), k), -1, dtype=torch.long)
+        row_slots[pair_row, torch.arange(k).expand(n, k)] = slots
+        meta = torch.cat([token_ids[row_token].unsqueeze(1), row_slots], 1)
+        hop = exchange(payload[row_token], meta, row_dest, world, rank)  # own-node rows stay here
+        sent += hop.bytes_sent
+        # the rows here now: (token id, the sender to combine back to), slots on this node
+        src_x, src_slots = hop.x, hop.meta[:, 1:]
+        src_meta = torch.stack([hop.meta[:, 0], hop.src], 1)
+        src_of_pair = torch.where(src_slots >= 0, src_slots // slots_per_rank, -1)
+    # (intra-node when hierarchical) dispatch: one row per distinct (row, destination rank)
+    m = src_x.shape[0]
+    key = torch.arange(m).unsqueeze(1) * world + src_of_pair
+    valid = src_slots >= 0
+    rows, pair_row = torch.unique(key[valid], return_inverse=True)
+    row_src, row_dest = rows // world, rows % world
     local = torch.full((len(rows), k), -1, dtype=torch.long)
     wcol = torch.zeros((len(rows), k), dtype=x.dtype)
-    cols = torch.arange(k).expand(n, k)
-    local[pair_row, cols] = slots % slots_per_rank
-    wcol[pair_row, cols] = weights.to(x.dtype)
-    meta = torch.cat([token_ids[row_token].unsqueeze(1), combine_dest[row_token].unsqueeze(1), local], 1)
-    got = exchange(torch.cat([x[row_token], wcol], 1), meta, row_dest, world, rank)
+    cols = torch.arange(k).expand(m, k)[valid]
+    local[pair_row, cols] = src_slots[valid] % slots_per_rank
+    wcol[pair_row, cols] = src_x[:, hidden:][valid.nonzero(as_tuple=True)]
+    meta = torch.cat([src_meta[row_src], row_src.unsqueeze(1), local], 1)  # token, target, sender's row, slots
+    got = exchange(torch.cat([src_x[row_src, :hidden], wcol], 1), meta, row_dest, world, rank)
+    sent += got.bytes_sent
     times.dispatch_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    hidden = x.shape[1]
     acts, gate_w = got.x[:, :hidden], got.x[:, hidden:]
     out = torch.zeros_like(acts)
-    local_slots = got.meta[:, 2:]
+    local_slots = got.meta[:, 3:]
     for slot in torch.unique(local_slots[local_slots >= 0]).tolist():
         r, c = torch.nonzero(local_slots == slot, as_tuple=True)
         out.index_add_(0, r, expert_fn(slot, acts[r]) * gate_w[r, c].unsqueeze(1))
@@ -122,7 +188,18 @@ def ep_layer(x: torch.Tensor, token_ids: torch.Tensor, slots: torch.Tensor, weig
     times.compute_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    back = exchange(out, got.meta[:, :1], got.meta[:, 1], world, rank)
+    if ranks_per_node is None:
+        back = exchange(out, got.meta[:, :1], got.meta[:, 1], world, rank)
+        result = back.x, back.meta[:, 0]
+    else:
+        # intra-node: partial sums back to the sender of each row (a relay or the token's rank) ...
+        back = exchange(out, got.meta[:, 2:3], got.src, world, rank)
+        sent += back.bytes_sent
+        # ... which adds them up per row it sent and sends one row per (token, node) home
+        rows, inverse = torch.unique(back.meta[:, 0], return_inverse=True)
+        summed = torch.zeros(len(rows), hidden, dtype=out.dtype).index_add_(0, inverse, back.x)
+        back = exchange(summed, src_meta[rows, :1], src_meta[rows, 1], world, rank)
+        result = back.x, back.meta[:, 0]
     times.combine_s = time.perf_counter() - t0
-    times.bytes_sent = got.bytes_sent + back.bytes_sent
-    return back.x, back.meta[:, 0], times
+    times.bytes_sent = sent + back.bytes_sent
+    return result[0], result[1], times

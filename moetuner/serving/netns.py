@@ -7,6 +7,14 @@ direction; ranks of one node talk over their namespace's loopback (not limited).
 `netem`, so link latency is NOT emulated (the calibration measures the real per-message cost).
 The bridge has no address: nothing leaves this machine. `close()` removes everything; it runs on
 exit, on failure and on SIGINT/SIGTERM (see `emulated_cluster`).
+
+`RankNetwork` (emulation of a target topology, see moetuner/serving/emulation.py) goes further:
+one namespace per rank, so traffic between ranks of one node is shaped too. Rank r of node n gets
+namespace `mt<pid>r<r>` and veth `mt<pid>v<r>` (10.213.<n>.<local+1>/16) whose peer joins one
+bridge. Each end of every veth has an HTB qdisc with two classes, intra-node (peer address in
+10.213.<n>.0/24) and inter-node (all else): on the rank's end they limit what the rank sends, on the
+bridge end what it receives, so a rank has an NVLink-like and a NIC-like port of its own, each
+full duplex, as a GPU has.
 """
 
 from __future__ import annotations
@@ -96,10 +104,122 @@ class EmulatedCluster:
 
     def close(self) -> None:
         """Remove what was created, newest first; never raises."""
-        while self.created:
-            kind, name = self.created.pop()
-            cmd = ["ip", "netns", "delete", name] if kind == "netns" else ["ip", "link", "delete", name]
-            subprocess.run(cmd, capture_output=True)
+        remove(self.created)
+
+
+def remove(created: list[tuple[str, str]]) -> None:
+    """Delete the namespaces and links in `created` ((kind, name), oldest first), newest first; emptied."""
+    while created:
+        kind, name = created.pop()
+        cmd = ["ip", "netns", "delete", name] if kind == "netns" else ["ip", "link", "delete", name]
+        subprocess.run(cmd, capture_output=True)
+
+
+TCP_WIRE_FACTOR = (1448 + 66) / 1448
+"""Bytes on the wire per payload byte: TCP segments of 1448 payload bytes carry 66 header bytes
+(Ethernet 14, IPv4 20, TCP with timestamps 32); HTB counts wire bytes, rates are set for payload."""
+
+
+BURST_S = 0.5e-3
+"""HTB bucket: 0.5 ms of traffic (at least two packets), so late timer wake-ups do not lose rate."""
+
+
+def _htb(tc: list[str], dev: str, match: str, node: int, intra: float, inter: float) -> list[list[str]]:
+    """tc commands: HTB on `dev`, class 1:10 (peer `match` address in node's /24) at intra B/s,
+    class 1:20 (everything else, the default) at inter B/s; rates are payload rates."""
+    cmds = [[*tc, "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "20"]]
+    for cls, rate in (("1:10", intra), ("1:20", inter)):
+        bits = f"{int(rate * 8 * TCP_WIRE_FACTOR)}bit"
+        burst = str(max(3028, int(rate * BURST_S)))
+        cmds.append([*tc, "class", "add", "dev", dev, "parent", "1:", "classid", cls, "htb", "rate", bits,
+                     "ceil", bits, "burst", burst, "cburst", burst, "quantum", "1514"])
+    cmds.append([*tc, "filter", "add", "dev", dev, "parent", "1:", "protocol", "ip", "prio", "1", "u32",
+                 "match", "ip", match, f"10.213.{node}.0/24", "flowid", "1:10"])
+    return cmds
+
+
+@dataclass
+class RankNetwork:
+    """One namespace per rank on one bridge; HTB per rank port: intra- and inter-node payload B/s."""
+
+    nodes: int
+    ranks_per_node: int
+    intra_bytes_per_s: float
+    inter_bytes_per_s: float
+    tag: str = field(default_factory=lambda: f"{PREFIX}{os.getpid()}")
+    created: list[tuple[str, str]] = field(default_factory=list)  # ("netns"|"link", name), in order
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.nodes <= 250 and 1 <= self.ranks_per_node <= 250):
+            raise NetnsError(f"{self.nodes} nodes x {self.ranks_per_node} ranks: the emulated network "
+                             f"addresses at most 250 nodes of 250 ranks")
+        if min(self.intra_bytes_per_s, self.inter_bytes_per_s) < 1000:
+            raise NetnsError(f"link rates {self.intra_bytes_per_s:.0f} / {self.inter_bytes_per_s:.0f} B/s are "
+                             f"below 1 kB/s; lower emulation.dilation")
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.ranks_per_node
+
+    def namespace(self, rank: int) -> str:
+        return f"{self.tag}r{rank}"
+
+    def interface(self, rank: int) -> str:
+        return f"{self.tag}v{rank}"
+
+    def address(self, rank: int) -> str:
+        node, local = divmod(rank, self.ranks_per_node)
+        return f"10.213.{node}.{local + 1}"
+
+    def exec_prefix(self, rank: int) -> list[str]:
+        """Command prefix that runs a program inside rank's namespace."""
+        return ["ip", "netns", "exec", self.namespace(rank)]
+
+    def open(self) -> "RankNetwork":
+        bridge = f"{self.tag}br"
+        _sh("ip", "link", "add", bridge, "type", "bridge")
+        self.created.append(("link", bridge))
+        _sh("ip", "link", "set", bridge, "up")
+        for rank in range(self.world):
+            ns, dev, peer = self.namespace(rank), self.interface(rank), f"{self.tag}p{rank}"
+            node = rank // self.ranks_per_node
+            _sh("ip", "netns", "add", ns)
+            self.created.append(("netns", ns))
+            # no segmentation offload (1 segment per skb): HTB meters MTU-sized packets, not 64 kB
+            # GSO bursts that would end a phase's transfer early by up to one burst
+            _sh("ip", "link", "add", dev, "txqueuelen", "10000", "gso_max_segs", "1", "type", "veth", "peer",
+                "name", peer, "txqueuelen", "10000", "gso_max_segs", "1")
+            self.created.append(("link", peer))
+            _sh("ip", "link", "set", dev, "netns", ns)
+            _sh("ip", "link", "set", peer, "master", bridge, "up")
+            inside = ["ip", "-n", ns]
+            _sh(*inside, "addr", "add", f"{self.address(rank)}/16", "dev", dev)
+            _sh(*inside, "link", "set", dev, "up")
+            _sh(*inside, "link", "set", "lo", "up")
+            # TCP windows must not pace the emulated links: a phase's message to a peer leaves at once
+            # (large initial windows, no slow start after the idle gap between phases); HTB paces it
+            _sh(*inside, "route", "replace", "10.213.0.0/16", "dev", dev, "src", self.address(rank),
+                "initcwnd", "100", "initrwnd", "100")
+            _sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.tcp_slow_start_after_idle=0")
+            for cmd in (_htb(["tc", "-n", ns], dev, "dst", node, self.intra_bytes_per_s, self.inter_bytes_per_s)
+                        + _htb(["tc"], peer, "src", node, self.intra_bytes_per_s, self.inter_bytes_per_s)):
+                _sh(*cmd)
+        return self
+
+    def close(self) -> None:
+        """Remove what was created, newest first; never raises."""
+        remove(self.created)
+
+
+@contextmanager
+def rank_network(nodes: int, ranks_per_node: int, intra_bytes_per_s: float,
+                 inter_bytes_per_s: float) -> Iterator[RankNetwork]:
+    """Set up one shaped namespace per rank; remove everything on exit, error or interrupt."""
+    net = RankNetwork(nodes, ranks_per_node, intra_bytes_per_s, inter_bytes_per_s)
+    try:
+        yield net.open()
+    finally:
+        net.close()
 
 
 def leftover_namespaces(tag: str = PREFIX) -> list[str]:

@@ -1,8 +1,11 @@
 """Trace replay: real routing drives real all-to-all traffic and real expert GEMMs (random weights).
 
 The same conventions as `moetuner.simulator`: every step takes `step_tokens` consecutive trace
-tokens; token j of a step has home rank j % W and takes replica j % count of each expert.
+tokens; token j of a step has home rank j % W; `dispatch` picks the replicas (dynamic: replica
+j % count of each expert; static, lp, lp_comm: the simulator's choose_slots for the whole step).
   dispatch_combine: every layer, tokens go from their home rank to their experts' ranks and back home;
+  hierarchical:     the same route, relayed as DeepEP does across nodes: one copy per (token, node) to
+                    the rank of the sender's local rank there, which forwards it inside its node;
   expert_to_expert: layer l's outputs gather on the rank of the token's primary expert of layer l
                     (largest gate weight, else the first id), which dispatches it to layer l+1;
                     the last layer combines back home.
@@ -11,7 +14,7 @@ tokens; token j of a step has home rank j % W and takes replica j % count of eac
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,13 +23,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from moetuner.placement.layout import logical_replica_count, logical_to_physical_map
-from moetuner.serving.ep_moe import choose_slots, ep_layer
+from moetuner.serving.ep_moe import ExpertFn, choose_slots, ep_layer
 from moetuner.serving.experts import random_experts
 from moetuner.serving.measure import Cluster, layer_row
-from moetuner.simulator import primary_column
+from moetuner.simulator import DISPATCHES, CostModel, choose_step_slots, layer_slots, primary_column
 from moetuner.trace import Trace
 
-DATAFLOWS = ("dispatch_combine", "expert_to_expert")
+DATAFLOWS = ("dispatch_combine", "expert_to_expert", "hierarchical")
 
 
 class ReplayError(ValueError):
@@ -41,10 +44,13 @@ class ReplaySettings:
     warmup_steps: int = 1
     max_steps: int | None = None
     seed: int = 0
+    dispatch: str = "dynamic"  # simulator.DISPATCHES
 
     def check(self) -> None:
         if self.dataflow not in DATAFLOWS:
             raise ReplayError(f"dataflow={self.dataflow!r}; choose one of {list(DATAFLOWS)}")
+        if self.dispatch not in DISPATCHES:
+            raise ReplayError(f"replay.dispatch={self.dispatch!r}; choose one of {list(DISPATCHES)}")
         if self.step_tokens < 1 or self.shape_scale < 1:
             raise ReplayError(f"step_tokens={self.step_tokens} and shape_scale={self.shape_scale} must be >= 1")
 
@@ -56,27 +62,39 @@ def step_ranges(num_tokens: int, settings: ReplaySettings) -> Iterator[tuple[int
         steps = min(steps, settings.max_steps + settings.warmup_steps)
     if steps <= settings.warmup_steps:
         raise ReplayError(f"{num_tokens} tokens make {steps} step(s) of step_tokens={settings.step_tokens}, "
-                          f"not more than warmup_steps={settings.warmup_steps}; lower step_tokens")
+                          f"not more than warmup_steps={settings.warmup_steps}; lower replay.step_tokens "
+                          f"or replay.warmup_steps, or replay a longer trace")
     for step in range(steps):
         yield step, step * settings.step_tokens, (step + 1) * settings.step_tokens
 
 
 def replay(trace: Trace, phy2log: np.ndarray, settings: ReplaySettings, cluster: Cluster, rank: int,
-           delivered: np.ndarray | None = None) -> tuple[list[dict], int, float]:
+           delivered: np.ndarray | None = None, expert_fn: ExpertFn | None = None,
+           on_step: Callable[[], None] | None = None, cost: CostModel | None = None
+           ) -> tuple[list[dict], int, float]:
     """Replay `trace` through EP layers placed by phy2log [L, P] on this rank.
 
+    cost: the topology's cost model, which dispatch lp_comm needs (static and lp use only the layout).
+
     delivered: optional int [T, L, E], incremented for every (token, layer, expert) computed here.
+    expert_fn: used for every layer instead of random experts (the emulation's timed experts);
+    on_step() is called when each step starts, after the barrier (the emulation's clock).
     Returns (per-layer rows of measured steps, measured tokens, measured wall seconds).
     """
     settings.check()
     world = cluster.world
+    if cost is None and settings.dispatch == "lp_comm":
+        raise ReplayError("replay.dispatch=lp_comm needs the topology's cost model (replay(..., cost=...))")
+    if cost is None:  # the GPU layout is all static and lp need
+        node = np.arange(world) // cluster.ranks_per_node
+        cost = CostModel(1.0, 0.0, 0.0, 1.0, np.ones((world, world)), np.zeros((world, world)), node)
     num_layers, num_slots = phy2log.shape
     if num_layers != trace.num_layers:
         raise ReplayError(f"placement has {num_layers} layers but the trace has {trace.num_layers}")
     spr = num_slots // world
     hidden = max(1, trace.hidden_size // settings.shape_scale)
     inter = max(1, trace.moe_intermediate_size // settings.shape_scale)
-    experts = [random_experts(spr, hidden, inter, settings.seed + 1000 * layer + rank)
+    experts = [expert_fn or random_experts(spr, hidden, inter, settings.seed + 1000 * layer + rank)
                for layer in range(num_layers)]
     log2phy = torch.from_numpy(logical_to_physical_map(phy2log, trace.num_experts))
     counts = torch.from_numpy(logical_replica_count(phy2log, trace.num_experts))
@@ -84,6 +102,8 @@ def replay(trace: Trace, phy2log: np.ndarray, settings: ReplaySettings, cluster:
     weights = torch.ones(ids.shape) if trace.topk_weights is None else \
         torch.from_numpy(trace.topk_weights.astype(np.float32))
     primary = torch.from_numpy(primary_column(trace.topk_ids, trace.topk_weights))
+    routing = layer_slots(phy2log, world, trace.num_experts)
+    relay = cluster.ranks_per_node if settings.dataflow == "hierarchical" else None
     gen = torch.Generator().manual_seed(settings.seed)
     rows: list[dict] = []
     tokens, wall = 0, 0.0
@@ -93,11 +113,19 @@ def replay(trace: Trace, phy2log: np.ndarray, settings: ReplaySettings, cluster:
         mine = torch.arange(lo + rank, hi, world)  # trace ids of the tokens with home rank `rank`
         x = torch.randn(len(mine), hidden, generator=gen)
         torch.distributed.barrier()
+        if on_step is not None:
+            on_step()
         t0 = time.perf_counter()
         step_rows = []
+        if settings.dispatch != "dynamic":  # every rank chooses for the whole step alike
+            step_slots = torch.from_numpy(choose_step_slots(ids[lo:hi].numpy(), primary[lo:hi].numpy(), routing,
+                                                            cost, settings.dataflow, settings.dispatch))
         for layer in range(num_layers):
-            slots = choose_slots(ids[mine, layer], mine - lo, log2phy[layer], counts[layer])
-            if settings.dataflow == "dispatch_combine" or layer == num_layers - 1:
+            if settings.dispatch == "dynamic":
+                slots = choose_slots(ids[mine, layer], mine - lo, log2phy[layer], counts[layer])
+            else:
+                slots = step_slots[mine - lo, layer]
+            if settings.dataflow != "expert_to_expert" or layer == num_layers - 1:
                 dest = (mine - lo) % world
             else:
                 dest = slots[torch.arange(len(mine)), primary[mine, layer]] // spr
@@ -107,7 +135,7 @@ def replay(trace: Trace, phy2log: np.ndarray, settings: ReplaySettings, cluster:
                     np.add.at(delivered, (tok.numpy(), layer, phy2log[layer, rank * spr + slot.numpy()]), 1)
 
             part, part_tok, times = ep_layer(x, mine, slots, weights[mine, layer], spr, dest,
-                                             experts[layer], world, rank, record)
+                                             experts[layer], world, rank, record, ranks_per_node=relay)
             mine, inverse = torch.unique(part_tok, return_inverse=True)
             out = torch.zeros(len(mine), hidden).index_add_(0, inverse, part)
             x = F.rms_norm(out, (hidden,))

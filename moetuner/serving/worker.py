@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -21,11 +22,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from moetuner.atomic import write_atomic, write_json_atomic
 from moetuner.placement.layout import load_placement
+from moetuner.serving.emulation import (RankEmulator, add_predictions, cpu_share, emulation_metrics,
+                                        predict_served, target_cost, wire_row_bytes)
+from moetuner.serving.ep_moe import set_exchange_hook
 from moetuner.serving.measure import PER_LAYER_COLUMNS, Cluster, summarize
 from moetuner.serving.replay import ReplaySettings, replay
+from moetuner.simulator import cost_model
 from moetuner.topology import topology_from_config
 from moetuner.tracking import tracked_run
-from moetuner.trace import load_trace
+from moetuner.trace import Trace, load_trace
 
 
 def status_path(out: Path, rank: int) -> Path:
@@ -46,20 +51,67 @@ def maybe_fail(cfg: DictConfig, rank: int, phase: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def rank_emulator(cfg: DictConfig, trace: Trace, rank: int) -> RankEmulator | None:
+    """The emulation of this rank (latency hook installed), or None when the run is not emulated."""
+    if not cfg.get("emulation") or not cfg.emulation.enabled:
+        return None
+    hidden = max(1, trace.hidden_size // int(cfg.replay.shape_scale))
+    emulator = RankEmulator(target_cost(topology_from_config(cfg.topology), trace), float(cfg.emulation.dilation),
+                            rank, wire_row_bytes(hidden, trace.top_k))
+    set_exchange_hook(emulator)
+    return emulator
+
+
+def replay_settings(cfg: DictConfig) -> ReplaySettings:
+    """The replay block as ReplaySettings (check_delivery is the worker's own switch)."""
+    return ReplaySettings(**{k: v for k, v in cfg.replay.items() if k != "check_delivery"})
+
+
 def run_replay(cfg: DictConfig, cluster: Cluster, rank: int, phy2log: np.ndarray) -> tuple[list, int, float, dict]:
     trace = load_trace(cfg.trace)
-    settings = ReplaySettings(**{k: v for k, v in cfg.replay.items() if k != "check_delivery"})
+    settings = replay_settings(cfg)
     delivered = None
     if cfg.replay.get("check_delivery"):
         delivered = np.zeros((trace.num_tokens, trace.num_layers, trace.num_experts), dtype=np.int32)
-    rows, tokens, wall = replay(trace, phy2log, settings, cluster, rank, delivered)
-    extra: dict = {"dataflow": settings.dataflow}
+    emulator = rank_emulator(cfg, trace, rank)
+    timed = emulator is not None and cfg.emulation.compute == "timed"
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    rows, tokens, wall = replay(trace, phy2log, settings, cluster, rank, delivered,
+                                expert_fn=emulator.expert if timed else None,
+                                on_step=emulator.start_step if emulator else None,
+                                cost=cost_model(topology_from_config(cfg.topology), trace.hidden_size,
+                                                trace.moe_intermediate_size))
+    extra: dict = {"dataflow": settings.dataflow, "dispatch": settings.dispatch}
+    if emulator is not None:  # the ranks' CPU work, for emulation_outputs' cpu_share
+        extra.update({f"cpu_s_rank{rank}": time.process_time() - cpu0,
+                      f"run_s_rank{rank}": time.perf_counter() - wall0})
     if delivered is not None:
         total = torch.from_numpy(delivered)
         dist.all_reduce(total)
         if rank == 0:
             np.save(Path(cfg.out) / "delivered.npy", total.numpy())
     return rows, tokens, wall, extra
+
+
+def emulation_outputs(cfg: DictConfig, table: pd.DataFrame, metrics: dict) -> tuple[pd.DataFrame, dict]:
+    """Rank 0 of an emulated replay: the prediction beside each per_layer row, and the emulation's metrics
+    (dilation, ranks, target and predicted MoE-layer time, the ranks' CPU share of the run)."""
+    trace = load_trace(cfg.trace)
+    topology = topology_from_config(cfg.topology)
+    settings = replay_settings(cfg)
+    warmup, dilation = settings.warmup_steps, float(cfg.emulation.dilation)
+    cost = target_cost(topology, trace)
+    sim = predict_served(trace, load_placement(cfg.placement).phy2log, cost, settings)
+    world = topology.num_gpus
+    cpu = sum(metrics.pop(f"cpu_s_rank{r}") for r in range(world))
+    run_s = max(metrics.pop(f"run_s_rank{r}") for r in range(world))
+    steps = metrics["steps"] + warmup
+    emulated = emulation_metrics(metrics["moe_layer_time_s"], sim, dilation, world)
+    hidden = max(1, trace.hidden_size // settings.shape_scale)
+    emulated.update(compute=str(cfg.emulation.compute), cpu_s_per_step=cpu / steps,
+                    target_bytes_per_byte=cost.token_bytes / (4 * hidden),
+                    cpu_share=cpu_share(cpu, run_s, len(os.sched_getaffinity(0))))
+    return add_predictions(table, sim, warmup, dilation), emulated
 
 
 def write_outputs(cfg: DictConfig, rows: list[dict], tokens: int, wall: float, extra: dict) -> dict:
@@ -69,6 +121,9 @@ def write_outputs(cfg: DictConfig, rows: list[dict], tokens: int, wall: float, e
     metrics = summarize(table, tokens, wall)
     metrics.update(extra)
     metrics["emulated_network"] = bool(cfg.launch.get("emulated_network", False))
+    if cfg.mode == "replay" and cfg.get("emulation") and cfg.emulation.enabled:
+        table, emulated = emulation_outputs(cfg, table, metrics)
+        metrics.update(emulated)
     write_atomic(out / "per_layer.csv", lambda tmp: table.to_csv(tmp, index=False))
     write_json_atomic(out / "metrics.json", metrics)
     tags = {"mode": cfg.mode, "topology": cfg.topology.name, "dataflow": str(metrics.get("dataflow"))}
@@ -87,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(cfg.out)
     report_status(out, rank, "init")
     maybe_fail(cfg, rank, "init")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    emulated = bool(cfg.get("emulation") and cfg.emulation.enabled)  # many ranks share this CPU: gloo
+    backend = "nccl" if torch.cuda.is_available() and not emulated else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group(backend, timeout=timedelta(seconds=float(cfg.launch.timeout_s)))

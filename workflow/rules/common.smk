@@ -3,6 +3,9 @@ import re
 import shlex
 import sys
 
+from moetuner.study_config import check_study_config
+
+check_study_config(config, PROJECT)  # fails at parse time, naming the setting to change
 RESULTS = config["results"]
 SHARED = (PROJECT / config["shared_data"]).resolve()
 TRACES = config["traces"]
@@ -32,6 +35,16 @@ def trace_path(name):
 
 def placement_path(trace, topology, solver, replicas):
     return f"{RESULTS}/placements/{trace}/{topology}/{solver}-r{replicas}.json"
+
+
+def shipped_trace_file(wildcards):
+    """The repository file a `file` trace is copied from (its path is relative to the project root)."""
+    return str(PROJECT / TRACES[wildcards.trace]["path"])
+
+
+def traces_of_kind(kind):
+    """Wildcard constraint matching exactly the trace names of `kind` (nothing when there are none)."""
+    return "|".join(re.escape(n) for n, s in TRACES.items() if s["kind"] == kind) or "^$"
 
 
 def extract_model(wildcards):
@@ -85,6 +98,17 @@ def serve_targets():
             for trace, solver, replicas in serve_points()]
 
 
+def regime_trace():
+    """The first available trace of the config's `regime.traces`, or None."""
+    return next((t for t in (config.get("regime") or {}).get("traces", []) if t in AVAILABLE), None)
+
+
+def regime_placements():
+    """Placement JSONs of the regime trace on the regime topologies (every solver and replica budget solved)."""
+    trace, topologies = regime_trace(), (config.get("regime") or {}).get("topologies", [])
+    return sorted({placement_path(t, g, s, r) for t, g, s, r, _ in grid_points() if t == trace and g in topologies})
+
+
 def profile_targets():
     """Profiles of the traces placements are solved from."""
     solved = {point[0] for point in grid_points()} | {point[0] for point in serve_points()}
@@ -108,3 +132,42 @@ def log_path(rule_name, name):
 
 def bench_path(rule_name, name):
     return f"{RESULTS}/benchmarks/{rule_name}/{name}.tsv"
+
+
+# Online rebalancing (config `online:`, rule online in online.smk)
+def online_stream():
+    """The configured stream if all its traces are available, else None."""
+    spec = config.get("online") or {}
+    segments = spec.get("segments") or []
+    if not segments or any(s["trace"] not in AVAILABLE for s in segments):
+        return None
+    return segments
+
+
+def online_setting():
+    return f"{config['online']['topology']}-r{config['online']['replicas']}"
+
+
+def online_name():
+    return "-".join(s["trace"] for s in online_stream())
+
+
+def online_targets():
+    """metrics.json of every configured policy (none when a trace of the stream is unavailable)."""
+    if online_stream() is None:
+        return []
+    known = sorted(p.stem for p in (PROJECT / "conf" / "policy").glob("*.yaml"))
+    unknown = [p for p in config["online"]["policies"] if p not in known]
+    if unknown:
+        raise ValueError(f"online.policies: unknown policy {unknown}; choose from {known}")
+    return [f"{RESULTS}/online/{online_name()}/{online_setting()}/{policy}/metrics.json"
+            for policy in config["online"]["policies"]]
+
+
+def online_overrides(wildcards):
+    spec = config["online"]
+    segments = ",".join(f"{{trace:{trace_path(s['trace'])},steps:{int(s['steps'])}}}" for s in spec["segments"])
+    args = [f"stream.segments=[{segments}]", f"profile={trace_path(spec['segments'][0]['trace'])}",
+            f"topology={spec['topology']}", f"replicas={spec['replicas']}", f"policy={wildcards.policy}",
+            *spec.get("args", []), *(spec.get("policy_args") or {}).get(wildcards.policy, [])]
+    return overrides(args)

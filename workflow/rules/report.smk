@@ -1,4 +1,5 @@
-# The final rule: results table, figures and a standalone report; logs them on the parent run and ends it.
+# The final rule: headline tables and sentences, the regime figure, detail figures and the results table in a
+# standalone report; logs the report and the headline numbers on the parent run and ends it.
 REPORT = f"{RESULTS}/report"
 FIGURES = ["load_heatmap", "gpu_load_box", "a2a_tail", "predicted_vs_measured", "solve_time"]
 
@@ -9,11 +10,16 @@ rule report:
         serve=serve_targets(),
         profiles=profile_targets(),
         calibration=rules.calibrate.output.metrics if serve_targets() else [],
+        regime=rules.regime.output.table if regime_placements() else [],
+        online=online_targets(),
     output:
         html=report(f"{REPORT}/report.html", caption="../report/report.rst", category="Report"),
         table=report(f"{REPORT}/summary.csv", caption="../report/summary.rst", category="Report"),
         markdown=f"{REPORT}/report.md",
+        headline=report(f"{REPORT}/headline.md", caption="../report/headline.rst", category="Report"),
+        headline_table=f"{REPORT}/headline.csv",
         metrics=f"{REPORT}/summary_metrics.json",
+        regime=f"{REPORT}/regime.png",  # drawn from regime.csv (in Snakemake's report as the regime rule's figure)
         figures=[report(f"{REPORT}/{name}.png", caption=f"../report/{name}.rst", category="Figures")
                  for name in FIGURES],
     params:
@@ -29,5 +35,6 @@ rule report:
         "../envs/moetuner.yaml"
     shell:
         "{params.app} moetuner-report results={params.results} out={params.out} {params.skipped} > {log} 2>&1 && "
-        "python -m moetuner.study finish --results {params.results} --metrics {output.metrics} "
-        "{output.html} {output.table} {output.figures} >> {log} 2>&1"
+        "python -m moetuner.study finish --results {params.results} --metrics {output.metrics} --note {output.headline} "
+        "{output.html} {output.markdown} {output.headline} {output.headline_table} {output.table} {output.regime} "
+        "{output.figures} >> {log} 2>&1"

@@ -1,4 +1,5 @@
-# Serve placements for real on the emulated cluster (torchrun, one process per emulated GPU).
+# Serve placements for real on the emulated target (config serve.topology at its full rank count, one
+# process and network namespace per GPU, time-dilated: docs/serving.md; the args come from the study).
 # With config serve_srun=true (the slurm profile) each node of the allocation runs its own
 # moetuner-serve through srun: node rank from SLURM_NODEID, rendezvous on the first node.
 SRUN = ("srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c 'exec \"$0\" \"$@\" launch.node_rank=$SLURM_NODEID "

@@ -1,4 +1,5 @@
-# Traces: tiny preset models extract routing from text; real routing is imported; synthetic traces.
+# Traces: tiny preset models extract routing from text; real routing shipped in data/ is copied, or
+# imported from shared_data; synthetic traces.
 
 
 rule build_model:
@@ -21,10 +22,10 @@ rule extract:
     output:
         trace=f"{RESULTS}/traces/{{trace}}.safetensors",
     wildcard_constraints:
-        trace="|".join(re.escape(n) for n, s in TRACES.items() if s["kind"] == "extract") or "^$",
+        trace=traces_of_kind("extract"),
     params:
         app=lambda w: app("extract", w),
-        args=lambda w: overrides(TRACES[w.trace]["args"]),
+        args=lambda w: overrides(TRACES[w.trace].get("args", [])),
     log:
         log_path("extract", "{trace}"),
     benchmark:
@@ -39,11 +40,11 @@ rule import_trace:
     output:
         trace=f"{RESULTS}/traces/{{trace}}.safetensors",
     wildcard_constraints:
-        trace="|".join(re.escape(n) for n, s in TRACES.items() if s["kind"] == "import") or "^$",
+        trace=traces_of_kind("import"),
     params:
         app=lambda w: app("import_trace", w),
         path=lambda w: shlex.quote(str(SHARED / TRACES[w.trace]["real"])),
-        args=lambda w: overrides(TRACES[w.trace]["args"]),
+        args=lambda w: overrides(TRACES[w.trace].get("args", [])),
     log:
         log_path("import_trace", "{trace}"),
     benchmark:
@@ -54,14 +55,31 @@ rule import_trace:
         "{params.app} moetuner-import path={params.path} out={output.trace} {params.args} > {log} 2>&1"
 
 
+rule shipped_trace:
+    input:
+        shipped_trace_file,
+    output:
+        trace=f"{RESULTS}/traces/{{trace}}.safetensors",
+    wildcard_constraints:
+        trace=traces_of_kind("file"),
+    log:
+        log_path("shipped_trace", "{trace}"),
+    benchmark:
+        bench_path("shipped_trace", "{trace}")
+    conda:
+        "../envs/moetuner.yaml"
+    shell:
+        "cp {input} {output} > {log} 2>&1"
+
+
 rule synth:
     output:
         trace=f"{RESULTS}/traces/{{trace}}.safetensors",
     wildcard_constraints:
-        trace="|".join(re.escape(n) for n, s in TRACES.items() if s["kind"] == "synth") or "^$",
+        trace=traces_of_kind("synth"),
     params:
         app=lambda w: app("synth", w),
-        args=lambda w: overrides(TRACES[w.trace]["args"]),
+        args=lambda w: overrides(TRACES[w.trace].get("args", [])),
     log:
         log_path("synth", "{trace}"),
     benchmark:

@@ -1,0 +1,54 @@
+"""moetuner-online: replay a stream of serving steps through a rebalancing policy, migrations counted.
+
+    moetuner-online stream=intent_law_intent policy=migration_aware topology=h200_2x8 replicas=1 out=online/ma
+writes out/metrics.json, out/timeline.csv, out/placements/v<k>.json and out/speedup_timeline.png.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from moetuner.apps.common import CONF_DIR
+from moetuner.online.migration import MigrationConfig
+from moetuner.online.policies import Context, Policy, make_policy
+from moetuner.online.replay import ReplayResult, make_context, replay, write_outputs
+from moetuner.online.stream import Stream, load_stream
+from moetuner.topology import topology_from_config
+from moetuner.trace import Trace
+from moetuner.tracking import tracked_run
+
+
+def prepare(cfg: Mapping[str, Any]) -> tuple[Stream, Trace, Policy, Context]:
+    """Parse and check everything (stream, policy, topology, migration, dataflow, dispatch) before a run."""
+    stream, profile = load_stream(cfg["stream"]["segments"], cfg["profile"], cfg["step_tokens"])
+    policy = make_policy(cfg["policy"], stream)
+    ctx = make_context(stream, topology_from_config(cfg["topology"]), int(cfg["replicas"]), str(cfg["dataflow"]),
+                       str(cfg["dispatch"]), MigrationConfig.from_config(cfg["migration"]))
+    return stream, profile, policy, ctx
+
+
+def run_online(cfg: Mapping[str, Any]) -> tuple[ReplayResult, Stream, Context]:
+    """Replay the configured stream under the configured policy (no outputs written)."""
+    stream, profile, policy, ctx = prepare(cfg)
+    return replay(stream, profile, policy, ctx), stream, ctx
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="online")
+def main(cfg: DictConfig) -> None:
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    stream, profile, policy, ctx = prepare(plain)  # bad input fails here, before a run is opened
+    tags = {"model": stream.first.model, "policy": policy.name, "topology": ctx.topology.name,
+            "stream": "->".join(seg.name for seg in stream.segments), "migration_mode": ctx.migration.mode,
+            "dataflow": str(cfg.dataflow), "dispatch": str(cfg.dispatch)}
+    with tracked_run("online", cfg, tags=tags) as run:
+        result = replay(stream, profile, policy, ctx)
+        title = f"{policy.name} on {tags['stream']}, {ctx.topology.name} r{ctx.replicas}, {ctx.migration.mode}"
+        paths = write_outputs(result, stream, ctx, title, cfg.out)
+        run.log_metrics(result.metrics)
+        for path in paths:
+            run.log_artifact(path, "placements" if path.parent.name == "placements" else None)
+        print({k: round(v, 6) if isinstance(v, float) else v for k, v in result.metrics.items()})

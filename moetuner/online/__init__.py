@@ -1,0 +1,1 @@
+"""Online rebalancing: replay a stream of serving steps through a policy, migration cost included."""

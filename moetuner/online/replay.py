@@ -1,0 +1,198 @@
+"""The replay loop: serve a stream step by step under a policy, migrations included; write the outputs."""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moetuner.atomic import atomic_path, write_json_atomic
+from moetuner.online.migration import (NO_MIGRATION, Migration, MigrationConfig, expert_bytes, overlap_s,
+                                       slowed_step_s, wait_s)
+from moetuner.online.policies import Context, Decision, Policy, Served
+from moetuner.online.steptimes import StepTimes
+from moetuner.online.stream import Stream
+from moetuner.placement.layout import Placement, check_placement, contiguous_phy2log, save_placement
+from moetuner.placement.problem import PlacementProblem
+from moetuner.simulator import cost_model
+from moetuner.topology import Topology
+from moetuner.trace import Trace
+
+TIMELINE_COLUMNS = ("step", "segment", "trace", "step_time_s", "placement_version", "wait_s",
+                    "contiguous_step_time_s")
+
+
+@dataclass
+class Version:
+    """A placement used during the replay, from `effective_step` on."""
+
+    phy2log: np.ndarray  # [L, P]
+    solver: str
+    solve_seconds: float
+    decided_step: int  # the step before which the policy chose it
+    effective_step: int  # the first step served with it
+    migration: Migration = NO_MIGRATION
+    wait_s: float = 0.0  # serving waited this long (stop_the_world)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ReplayResult:
+    rows: list[dict[str, Any]]  # one per step, TIMELINE_COLUMNS
+    versions: list[Version]
+    metrics: dict[str, float]
+
+
+def _version(decision: Decision, decided: int, effective: int, migration: Migration, wait: float) -> Version:
+    """A placement as it is adopted (checked by `version_placement` when written)."""
+    return Version(decision.phy2log, decision.solver, decision.solve_seconds, decided, effective, migration, wait,
+                   dict(decision.extra))
+
+
+def replay(stream: Stream, profile: Trace, policy: Policy, ctx: Context) -> ReplayResult:
+    """Serve every step of `stream`; the policy is asked before each step (none while a migration runs)."""
+    started = time.perf_counter()
+    times, config = ctx.step_times, ctx.migration
+    keys, segment_of = stream.keys(), stream.segment_of_step()
+    first = stream.first
+    contiguous = contiguous_phy2log(first.num_layers, first.num_experts, ctx.topology.num_gpus,
+                                    math.ceil(first.num_experts / ctx.topology.num_gpus))
+    init = policy.initial(ctx, profile)
+    versions = [_version(init, 0, 0, NO_MIGRATION, 0.0)]
+    version_placement(versions[0], 0, ctx, first)  # raises PlacementError if it does not fit
+    current = init.phy2log
+    pending: tuple[Decision, int, Migration, float] | None = None  # decision, decided step, migration, seconds left
+    rows = []
+    for step, key in enumerate(keys):
+        wait = 0.0
+        if step > 0 and pending is None:
+            decision = policy.decide(ctx, step, Served(stream, keys[:step]), current)
+            if decision is not None and not np.array_equal(decision.phy2log, current):
+                version_placement(_version(decision, step, step, NO_MIGRATION, 0.0), len(versions), ctx, first)
+                migration = NO_MIGRATION if decision.free else ctx.migration_of(current, decision.phy2log)
+                if config.mode == "overlapped" and migration.experts_moved:
+                    pending = (decision, step, migration, overlap_s(migration, config))
+                else:
+                    wait = wait_s(migration, config)
+                    versions.append(_version(decision, step, step, migration, wait))
+                    current = decision.phy2log
+        lt = times.get(current, key)
+        if pending is not None:
+            step_s = slowed_step_s(float(lt.a2a_s.sum()), float(lt.compute_s.sum()), config)
+            decision, decided, migration, left = pending
+            pending = (decision, decided, migration, left - step_s)
+            if left - step_s <= 0 and step + 1 < len(keys):
+                versions.append(_version(decision, decided, step + 1, migration, 0.0))
+                current, pending = decision.phy2log, None
+        else:
+            step_s = lt.step_s
+        seg = stream.segments[segment_of[step]]
+        rows.append({"step": step, "segment": int(segment_of[step]), "trace": seg.name, "step_time_s": step_s,
+                     "placement_version": len(versions) - 1, "wait_s": wait,
+                     "contiguous_step_time_s": times.get(contiguous, key).step_s})
+    return ReplayResult(rows, versions, replay_metrics(rows, versions, time.perf_counter() - started,
+                                                       times.simulated))
+
+
+def replay_metrics(rows: list[dict[str, Any]], versions: list[Version], wall_s: float,
+                   simulated: int) -> dict[str, float]:
+    """metrics.json: totals, migrations, speedup vs contiguous, solve time per rebalance."""
+    serve = float(sum(r["step_time_s"] for r in rows))
+    waited = float(sum(r["wait_s"] for r in rows))
+    contiguous = float(sum(r["contiguous_step_time_s"] for r in rows))
+    moved = versions[1:]
+    solves = [v.solve_seconds for v in moved]
+    return {
+        "total_time_s": serve + waited,
+        "serve_time_s": serve,
+        "migration_time_s": waited,
+        "rebalances": len(moved),
+        "experts_moved": int(sum(v.migration.experts_moved for v in moved)),
+        "bytes_moved": float(sum(v.migration.bytes_moved for v in moved)),
+        "steps": len(rows),
+        "contiguous_time_s": contiguous,
+        "speedup_vs_contiguous": contiguous / (serve + waited),
+        "initial_solve_seconds": versions[0].solve_seconds,
+        "solve_seconds_per_rebalance": float(np.mean(solves)) if solves else 0.0,
+        "solve_seconds_max": float(max(solves, default=0.0)),
+        "replay_wall_s": wall_s,
+        "steps_simulated": simulated,
+    }
+
+
+def version_placement(version: Version, index: int, ctx: Context, trace: Trace) -> Placement:
+    """A used placement in moetuner-solve's format, with when it took effect and what moving to it cost."""
+    extra = {"num_experts": trace.num_experts, "replicas": ctx.replicas, "topology": ctx.topology.name,
+             "model": trace.model, "version": index, "effective_step": version.effective_step,
+             "decided_step": version.decided_step, "experts_moved": version.migration.experts_moved,
+             "bytes_moved": version.migration.bytes_moved, "migration_rounds": version.migration.rounds,
+             "migration_wait_s": version.wait_s, **version.extra}
+    placement = Placement(version.phy2log, ctx.topology.num_gpus, ctx.topology.nodes, version.solver,
+                          solve_seconds=version.solve_seconds, extra=extra)
+    check_placement(placement, ctx.topology.num_gpus, trace.num_experts, trace.num_layers,
+                    ctx.topology.gpus_per_node, topology=ctx.topology.name)
+    return placement
+
+
+def write_timeline(rows: list[dict[str, Any]], path: Path) -> Path:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=TIMELINE_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.9g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return path
+
+
+def speedup_figure(rows: list[dict[str, Any]], versions: list[Version], boundaries: list[int], title: str,
+                   path: Path) -> Path:
+    """Per-step speedup vs contiguous over time; segment boundaries (grey) and rebalances (red) marked."""
+    from moetuner.profiling.figures import plt, save_figure
+
+    step = np.array([r["step"] for r in rows])
+    speedup = np.array([r["contiguous_step_time_s"] / r["step_time_s"] for r in rows])
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    ax.plot(step, speedup, lw=1, color="tab:blue", label="speedup vs contiguous")
+    for i, b in enumerate(boundaries):
+        ax.axvline(b - 0.5, color="grey", ls="--", lw=1, label="segment boundary" if i == 0 else None)
+    for i, v in enumerate(versions[1:]):
+        ax.axvline(v.effective_step - 0.5, color="tab:red", lw=0.8, alpha=0.7, label="rebalance" if i == 0 else None)
+    waits = [r["step"] for r in rows if r["wait_s"] > 0]
+    if waits:
+        ax.scatter(waits, np.ones(len(waits)) * speedup.min(), marker="v", color="tab:red", s=12,
+                   label="serving waited")
+    ax.axhline(1.0, color="black", lw=0.5)
+    ax.set(xlabel="step", ylabel="speedup vs contiguous", title=title)
+    ax.legend(fontsize=7, loc="best")
+    return save_figure(fig, path)
+
+
+def write_outputs(result: ReplayResult, stream: Stream, ctx: Context, title: str, out: str | Path) -> list[Path]:
+    """metrics.json, timeline.csv, placements/v<k>.json and speedup_timeline.png in folder `out`."""
+    out = Path(out)
+    paths = [write_json_atomic(out / "metrics.json", result.metrics),
+             write_timeline(result.rows, out / "timeline.csv")]
+    for k, version in enumerate(result.versions):
+        placement = version_placement(version, k, ctx, stream.first)
+        paths.append(save_placement(placement, out / "placements" / f"v{k}.json"))
+    paths.append(speedup_figure(result.rows, result.versions, stream.boundaries(), title,
+                                out / "speedup_timeline.png"))
+    return paths
+
+
+def make_context(stream: Stream, topology: Topology, replicas: int, dataflow: str, dispatch: str,
+                 migration: MigrationConfig) -> Context:
+    """The policies' context; checks dataflow, dispatch and the replica budget by simulating one step."""
+    first = stream.first
+    PlacementProblem(first, topology, replicas=replicas, step_tokens=stream.step_tokens)  # raises if it cannot fit
+    cost = cost_model(topology, first.hidden_size, first.moe_intermediate_size)
+    times = StepTimes(stream, cost, topology.num_gpus, first.num_experts, dataflow, dispatch)
+    contiguous = contiguous_phy2log(first.num_layers, first.num_experts, topology.num_gpus,
+                                    math.ceil(first.num_experts / topology.num_gpus))
+    times.get(contiguous, stream.keys()[0])  # unknown dataflow / dispatch raise SimulationError here
+    return Context(topology, replicas, times, migration,
+                   expert_bytes(first.hidden_size, first.moe_intermediate_size))

@@ -1,0 +1,81 @@
+"""Checks of a study config (`conf/study/*.yaml`) that the Snakefile runs at parse time.
+
+A mistake in the grid (an unknown trace, topology or solver, a shipped trace file that is missing)
+fails before any job starts, with a message naming the setting to change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+# trace kind -> the keys its spec must have (besides `kind`); `args` is optional for every kind
+TRACE_KINDS: dict[str, tuple[str, ...]] = {
+    "extract": ("preset",),  # a tiny preset model on text
+    "file": ("path",),  # a trace file in the repository (path relative to the project root)
+    "import": ("real",),  # real routing under shared_data (skipped and reported when absent)
+    "synth": (),
+}
+GRID_KEYS = ("traces", "topologies", "solvers", "replicas", "evaluate_on")
+
+
+class StudyConfigError(ValueError):
+    """The study config cannot work; the message names the setting and the fix."""
+
+
+def _conf_names(conf_dir: Path, group: str) -> list[str]:
+    return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+
+
+def _check_names(setting: str, names: list[str], known: list[str], what: str) -> None:
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise StudyConfigError(f"{setting}: unknown {what} {unknown}; choose from {known}")
+
+
+def check_traces(traces: Mapping[str, Any], project: Path) -> None:
+    """Every trace spec has a known kind and its keys; every `file` trace exists under `project`."""
+    if not traces:
+        raise StudyConfigError("traces: empty; a study needs at least one trace")
+    for name, spec in traces.items():
+        kind = spec.get("kind")
+        if kind not in TRACE_KINDS:
+            raise StudyConfigError(f"traces.{name}.kind={kind!r}; choose one of {sorted(TRACE_KINDS)}")
+        missing = [k for k in TRACE_KINDS[kind] if k not in spec]
+        if missing:
+            raise StudyConfigError(f"traces.{name}: kind {kind} needs {missing}")
+        if kind == "file" and not (project / spec["path"]).is_file():
+            raise StudyConfigError(f"traces.{name}.path={spec['path']}: no such file under {project}; "
+                                   f"the path is relative to the project root (see data/README.md)")
+
+
+def check_study_config(config: Mapping[str, Any], project: Path) -> None:
+    """Raise StudyConfigError unless traces, grids and serve refer to things that exist.
+
+    project: the project root (holds conf/topology/*.yaml, conf/solver/*.yaml and `file` traces).
+    """
+    traces = config.get("traces") or {}
+    check_traces(traces, project)
+    conf = project / "conf"
+    topologies, solvers = _conf_names(conf, "topology"), _conf_names(conf, "solver")
+    for i, grid in enumerate(config.get("grids") or []):
+        missing = [k for k in GRID_KEYS if k not in grid]
+        if missing:
+            raise StudyConfigError(f"grids[{i}]: missing {missing}; a grid needs {list(GRID_KEYS)}")
+        _check_names(f"grids[{i}].traces", list(grid["traces"]), list(traces), "trace(s)")
+        _check_names(f"grids[{i}].evaluate_on", list(grid["evaluate_on"]), ["heldout", *traces], "evaluation(s)")
+        _check_names(f"grids[{i}].topologies", list(grid["topologies"]), topologies, "topology")
+        _check_names(f"grids[{i}].solvers", list(grid["solvers"]), solvers, "solver(s)")
+        bad = [r for r in grid["replicas"] if not isinstance(r, int) or r < 0]
+        if bad:
+            raise StudyConfigError(f"grids[{i}].replicas: {bad}; replicas are integers >= 0")
+    regime = config.get("regime")
+    if regime:
+        _check_names("regime.traces", list(regime["traces"]), list(traces), "trace(s)")
+        _check_names("regime.topologies", list(regime["topologies"]), topologies, "topology")
+    serve = config.get("serve")
+    if serve:
+        _check_names("serve.traces", list(serve["traces"]), list(traces), "trace(s)")
+        _check_names("serve.topology", [serve["topology"]], topologies, "topology")
+        _check_names("serve.solvers", list(serve["solvers"]), solvers, "solver(s)")
