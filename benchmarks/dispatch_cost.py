@@ -5,7 +5,7 @@
 
 Workload: a synthetic DeepSeek-V2-Lite-like trace (64 experts, top-6, Zipf skew 1.0, co-activation 0.3,
 moetuner.synth; the first half profiles, the second half is scored), or with `--esft DOMAIN` the real
-ESFT routing of ../shared/data/esft-deepseek-v2-lite/DOMAIN split by sequence (half held out, seed 0).
+ESFT routing shipped in data/esft/DOMAIN.safetensors split by sequence (half held out, seed 0).
 Placements: each of `--solvers` with `--replicas` extra slots per GPU, solved on the profile tokens.
 For each dispatch (simulator.DISPATCHES): `ms_*` times `choose_slots` alone (what an engine would run
 per batch) on the first `--layers` layers of the first scored step; the other columns simulate every
@@ -29,7 +29,7 @@ from moetuner.placement.problem import PlacementProblem
 from moetuner.simulator import DISPATCHES, choose_slots, cost_model, layer_slots, primary_column, simulate
 from moetuner.synth import SynthSpec, synthesize
 from moetuner.topology import topology_from_config, topology_preset
-from moetuner.trace import Trace, split_by_sequence
+from moetuner.trace import Trace, load_trace, split_by_sequence
 from table import markdown, write_csv  # benchmarks/table.py
 
 COLUMNS = ["solver", "dispatch", "ms_median", "ms_max", "speedup_vs_contiguous", "step_us", "compute_us", "a2a_us"]
@@ -38,10 +38,7 @@ COLUMNS = ["solver", "dispatch", "ms_median", "ms_max", "speedup_vs_contiguous",
 def workload(args: argparse.Namespace) -> tuple[Trace, Trace]:
     """(profile, scored) traces."""
     if args.esft:
-        from moetuner.importers.esft import DEFAULT_INFO, read_esft
-
-        return split_by_sequence(read_esft(PROJECT_ROOT.parent / "shared/data/esft-deepseek-v2-lite" / args.esft,
-                                           DEFAULT_INFO), 0.5, seed=0)
+        return split_by_sequence(load_trace(PROJECT_ROOT / "data" / "esft" / f"{args.esft}.safetensors"), 0.5, seed=0)
     trace = synthesize(SynthSpec(num_tokens=4 * args.tokens, num_layers=args.layers, skew=1.0,
                                  coactivation=0.3, seed=1).check())
     first = np.arange(trace.num_tokens) < trace.num_tokens // 2

@@ -3,7 +3,7 @@ under every engine dispatch, and the aims of issue 9.
 
     .venv/bin/python benchmarks/placement_quality.py --time-limit 5
 
-Traces: ESFT DeepSeek-V2-Lite `intent` and `law` (../shared/data/esft-deepseek-v2-lite). Each is split
+Traces: ESFT DeepSeek-V2-Lite `intent` and `law` (shipped in data/esft/, data/README.md). Each is split
 by sequence order: the first half of the sequences is the profile, the rest is held out. Rows:
 topology (h100_1x8, h200_2x8, h100_4x8) x replicas (0, 1) x dataflow (dispatch_combine, hierarchical;
 one node has no inter-node hop, so h100_1x8 runs dispatch_combine only) x the dispatch the engine
@@ -36,15 +36,14 @@ from tqdm import tqdm
 
 from moetuner import PROJECT_ROOT
 from moetuner.apps.solve import solve_placement
-from moetuner.importers.esft import DEFAULT_INFO, read_esft
 from moetuner.placement.problem import PlacementProblem
 from moetuner.simulator import cost_model, lower_bound, primary_column, simulate
 from moetuner.topology import Topology, topology_from_config, topology_preset
-from moetuner.trace import Trace
+from moetuner.trace import Trace, load_trace
 from moetuner.tracking import tracked_run
 from table import markdown, write_csv  # benchmarks/table.py
 
-DATA = PROJECT_ROOT.parent / "shared" / "data" / "esft-deepseek-v2-lite"
+DATA = PROJECT_ROOT / "data" / "esft"
 DOMAINS = ("intent", "law")
 TOPOLOGIES = ("h100_1x8", "h200_2x8", "h100_4x8")
 DATAFLOWS = ("dispatch_combine", "hierarchical")
@@ -85,9 +84,7 @@ def main() -> None:
     parser.add_argument("--ilp", action="store_true", help="also the MoETuner ILPs (1 s per MIP; slow)")
     parser.add_argument("--out", default="results/benchmarks/placement_quality.csv", help="CSV of the table")
     args = parser.parse_args()
-    if not DATA.exists():
-        raise SystemExit(f"{DATA} is absent: this benchmark needs the ESFT traces in ../shared/data")
-    splits = {d: first_part(read_esft(DATA / d, DEFAULT_INFO)) for d in DOMAINS}
+    splits = {d: first_part(load_trace(DATA / f"{d}.safetensors")) for d in DOMAINS}
     (profile, held), (law_profile, law_held) = splits["intent"], splits["law"]
     load_solvers = LOAD_SOLVERS + (("moetuner",) if args.ilp else ())
     options = {"time_limit_s": args.time_limit, "mip_solver": "highs", "gap_rel": 0.025}
