@@ -7,7 +7,7 @@ Workload: a synthetic DeepSeek-V2-Lite-like trace (64 experts, top-6, Zipf skew 
 moetuner.synth; the first half profiles, the second half is scored), or with `--esft DOMAIN` the real
 ESFT routing shipped in data/esft/DOMAIN.safetensors split by sequence (half held out, seed 0).
 Placements: each of `--solvers` with `--replicas` extra slots per GPU, solved on the profile tokens.
-For each dispatch (simulator.DISPATCHES): `ms_*` times `choose_slots` alone (what an engine would run
+For each dispatch (moetuner.dispatch.DISPATCHES): `ms_*` times `choose_slots` alone (what an engine would run
 per batch) on the first `--layers` layers of the first scored step; the other columns simulate every
 scored step (`--dataflow`): speedup vs contiguous, and the summed compute tail and all-to-all per step.
 Prints a Markdown table and writes it as CSV.
@@ -26,7 +26,9 @@ from moetuner import PROJECT_ROOT
 from moetuner.apps.solve import solve_placement
 from moetuner.placement.layout import contiguous_phy2log
 from moetuner.placement.problem import PlacementProblem
-from moetuner.simulator import DISPATCHES, choose_slots, cost_model, layer_slots, primary_column, simulate
+from moetuner.cost import cost_model
+from moetuner.dispatch import DISPATCHES, choose_slots, layer_slots
+from moetuner.simulator import primary_column, simulate
 from moetuner.synth import SynthSpec, synthesize
 from moetuner.topology import topology_from_config, topology_preset
 from moetuner.trace import Trace, load_trace, split_by_sequence

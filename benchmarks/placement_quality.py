@@ -37,7 +37,8 @@ from tqdm import tqdm
 from moetuner import PROJECT_ROOT
 from moetuner.apps.solve import solve_placement
 from moetuner.placement.problem import PlacementProblem
-from moetuner.simulator import cost_model, lower_bound, primary_column, simulate
+from moetuner.cost import cost_model
+from moetuner.simulator import lower_bound, primary_column, simulate
 from moetuner.topology import Topology, topology_from_config, topology_preset
 from moetuner.trace import Trace, load_trace
 from moetuner.tracking import tracked_run

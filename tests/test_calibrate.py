@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from moetuner.apps.calibrate import calibrate
 from moetuner.apps.common import CONF_DIR
 from moetuner.serving.calibration import CalibrationError, CostFit, fit_costs, predicted_row_times
-from moetuner.simulator import cost_model
+from moetuner.cost import cost_model
 from moetuner.topology import topology_from_config
 
 TRUE = CostFit(expert_fixed_s=2e-4, expert_per_token_s=3e-6, comm_fixed_s=5e-4,

@@ -39,7 +39,7 @@ from moetuner.placement.eplb import rebalance_experts
 from moetuner.placement.layout import (SGLANG_DISPATCH, Placement, PlacementError, contiguous_phy2log,
                                        engine_settings, fill_empty_slots, gpu_loads, logical_to_physical_map)
 from moetuner.placement.problem import PlacementProblem
-from moetuner.simulator import DISPATCHES
+from moetuner.dispatch import DISPATCHES
 from test_eplb import GOLDEN_LOGCNT, GOLDEN_PHY2LOG, GOLDEN_WEIGHT
 from test_solvers import random_trace, topology
 

@@ -19,7 +19,7 @@ from moetuner.online.policies import Context, Decision, PolicyError, Served, ali
 from moetuner.online.replay import make_context, replay
 from moetuner.online.stream import StreamError, load_stream
 from moetuner.placement.layout import Placement, load_placement
-from moetuner.simulator import CostModel
+from moetuner.cost import CostModel
 from moetuner.trace import Trace, save_trace
 from test_solvers import random_trace, topology
 

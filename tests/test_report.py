@@ -13,10 +13,10 @@ from moetuner.report.document import markdown_table
 from moetuner.placement.layout import gpu_loads
 from moetuner.profiling.stats import expert_load
 from moetuner.report.figures import relative_load
-from moetuner.report.headline import (headline_metrics, headline_sentences, headline_tables, headline_trace,
+from moetuner.report.headline import (dispatch_tables, headline_metrics, headline_sentences, headline_tables, headline_trace,
                                       html_headline, markdown_headline, regime_sentence)
 from moetuner.report.regime import regime_table, tile_tokens
-from moetuner.simulator import CostModel
+from moetuner.cost import CostModel
 
 
 def test_expert_counts_by_hand() -> None:
@@ -118,6 +118,22 @@ def test_headline_metrics_name_every_cell() -> None:
     assert len(metrics) == 12
     assert metrics["speedup.heldout.h200_2x8.r1.steptail"] == 1.098
     assert metrics["speedup.b.h100_1x8.r0.eplb"] == 0.999
+
+
+def test_dispatch_tables_put_each_replicated_setting_under_every_dispatch() -> None:
+    rows = [  # trace, topology, solver, replicas, eval, speedup under dynamic / lp
+        ("t", "g", "eplb", 1, "heldout", 1.10, 0.95), ("t", "g", "steptail", 1, "heldout", 1.20, 1.25),
+        ("t", "g", "eplb", 0, "heldout", 1.05, 1.05),  # no replicas: every dispatch is the same, left out
+        ("t", "g", "eplb", 1, "other", 0.90, 0.80),  # another domain: not in these tables
+        ("t", "g", "contiguous", 1, "heldout", 1.0, 1.0)]
+    table = pd.DataFrame(rows, columns=["trace", "topology", "solver", "replicas", "eval",
+                                        "speedup_vs_contiguous.dynamic", "speedup_vs_contiguous.lp"])
+    tables = dispatch_tables(table, "t")
+    assert list(tables) == ["g r1"]
+    frame = tables["g r1"]
+    assert list(frame.index) == ["dynamic", "lp"] and list(frame.columns) == ["eplb", "steptail"]
+    assert frame.loc["lp", "eplb"] == 0.95 and frame.loc["dynamic", "steptail"] == 1.20
+    assert markdown_headline(frame).splitlines()[3] == "| lp | 0.950 | **1.250** |"
 
 
 def test_headline_sentences_from_hand_computed_numbers() -> None:

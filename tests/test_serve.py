@@ -19,7 +19,8 @@ from moetuner.serving.ep_moe import choose_slots
 from moetuner.serving.launcher import LaunchError, descendants, failure_cause
 from moetuner.serving.measure import summarize
 from moetuner.serving.netns import leftover_namespaces, netns_unavailable_reason
-from moetuner.simulator import CostModel, simulate
+from moetuner.cost import CostModel
+from moetuner.simulator import simulate
 from moetuner.trace import Trace, save_trace
 
 E, K = 6, 2
@@ -206,7 +207,7 @@ def test_failure_cause_names_rank_and_signal(tmp_path: Path) -> None:
 
 def hand_cost(gpus: int = 4, per_node: int = 2) -> "CostModel":
     """f(n) = max(n * 1 ms, 2 ms) + 0.5 ms; latency 1 ms inside a node, 3 ms across."""
-    from moetuner.simulator import CostModel
+    from moetuner.cost import CostModel
 
     node = np.arange(gpus) // per_node
     same = node[:, None] == node[None, :]

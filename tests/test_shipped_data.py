@@ -7,7 +7,6 @@ import hashlib
 import os
 import re
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest

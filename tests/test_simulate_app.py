@@ -15,7 +15,8 @@ from moetuner.apps.simulate import run_simulation, write_outputs
 from moetuner.apps.solve import solve_placement
 from moetuner.placement.layout import PlacementError, save_placement
 from moetuner.placement.problem import PlacementProblem
-from moetuner.simulator import DISPATCHES, SimulationError
+from moetuner.cost import SimulationError
+from moetuner.dispatch import DISPATCHES
 from moetuner.trace import save_trace, split_by_sequence
 from test_solvers import random_trace, topology
 

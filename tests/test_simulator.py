@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from moetuner.placement.layout import PlacementError, contiguous_phy2log
-from moetuner.simulator import (DATAFLOWS, DISPATCHES, CostModel, SimulationError, choose_slots, comm_lower_bound,
-                                compute_lower_bound, cost_model, layer_slots, layer_step, lower_bound, pick_lp_comm,
-                                round_rows, simulate, static_table, water_fill)
+from moetuner.cost import CostModel, SimulationError, cost_model
+from moetuner.dispatch import (DISPATCHES, choose_slots, layer_slots, pick_lp_comm, round_rows, static_table,
+                               water_fill)
+from moetuner.simulator import DATAFLOWS, comm_lower_bound, compute_lower_bound, layer_step, lower_bound, simulate
 from moetuner.topology import topology_from_config
 
 # 2 GPUs on 2 nodes; experts 0,1 on GPU 0 and 2,3 on GPU 1; tokens 0..3 live on GPUs 0,1,0,1.

@@ -11,7 +11,7 @@ import pytest
 
 from moetuner.placement.problem import PlacementProblem, get_solver
 from moetuner.placement.steptail import lower_bound, profile_steps, step_objective
-from moetuner.simulator import cost_model
+from moetuner.cost import cost_model
 from moetuner.simulator import lower_bound as simulator_bound
 from test_solvers import make_trace, random_trace, topology
 

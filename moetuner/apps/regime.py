@@ -20,7 +20,8 @@ from moetuner.atomic import write_atomic
 from moetuner.placement.layout import load_placement
 from moetuner.report.collect import parse_run_dir
 from moetuner.report.regime import regime_figure, regime_table
-from moetuner.simulator import cost_model, primary_column
+from moetuner.cost import cost_model
+from moetuner.simulator import primary_column
 from moetuner.topology import topology_from_config, topology_preset
 from moetuner.trace import load_trace
 from moetuner.tracking import tracked_run

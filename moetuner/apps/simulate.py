@@ -23,7 +23,9 @@ from moetuner.apps.common import CONF_DIR
 from moetuner.atomic import atomic_path, write_json_atomic
 from moetuner.placement.layout import Placement, check_placement, contiguous_phy2log, load_placement, routed_experts
 from moetuner.profiling.figures import plt, save_figure
-from moetuner.simulator import DISPATCHES, SimResult, SimulationError, cost_model, primary_column, simulate
+from moetuner.cost import SimulationError, cost_model
+from moetuner.dispatch import DISPATCHES
+from moetuner.simulator import SimResult, primary_column, simulate
 from moetuner.topology import Topology, topology_from_config
 from moetuner.trace import Trace, load_trace
 from moetuner.tracking import tracked_run

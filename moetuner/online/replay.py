@@ -19,7 +19,7 @@ from moetuner.online.steptimes import StepTimes
 from moetuner.online.stream import Stream
 from moetuner.placement.layout import Placement, check_placement, contiguous_phy2log, save_placement
 from moetuner.placement.problem import PlacementProblem
-from moetuner.simulator import cost_model
+from moetuner.cost import cost_model
 from moetuner.topology import Topology
 from moetuner.trace import Trace
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moetuner.online.stream import StepKey, Stream
-from moetuner.simulator import CostModel, primary_column, simulate
+from moetuner.cost import CostModel
+from moetuner.simulator import primary_column, simulate
 
 
 def placement_id(phy2log: np.ndarray) -> str:

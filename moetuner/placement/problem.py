@@ -20,7 +20,8 @@ import numpy as np
 
 from moetuner.placement.layout import Placement
 from moetuner.profiling.stats import coactivation, expert_load, transitions
-from moetuner.simulator import DATAFLOWS, DISPATCHES
+from moetuner.dispatch import DISPATCHES
+from moetuner.simulator import DATAFLOWS
 from moetuner.topology import Topology, TopologyError
 from moetuner.trace import Trace
 

@@ -35,7 +35,9 @@ import numpy as np
 from moetuner.placement.baselines import finish
 from moetuner.placement.layout import Placement, logical_replica_count
 from moetuner.placement.problem import PlacementProblem, get_solver
-from moetuner.simulator import CostModel, cost_model, layer_slots, primary_column, simulate, simulate_layer
+from moetuner.cost import CostModel, cost_model
+from moetuner.dispatch import layer_slots
+from moetuner.simulator import primary_column, simulate, simulate_layer
 from moetuner.simulator import lower_bound as simulator_bound
 from moetuner.trace import Trace
 

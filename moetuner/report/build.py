@@ -17,9 +17,9 @@ from moetuner.atomic import write_atomic, write_json_atomic, write_text_atomic
 from moetuner.report import figures
 from moetuner.report.collect import read_placements, results_table, summary_metrics
 from moetuner.report.document import Section, figure_section, table_section, write_html, write_markdown
-from moetuner.report.headline import (Headline, eval_title, headline_long, headline_metrics, headline_sentences,
-                                      headline_tables, headline_trace, html_headline, markdown_headline,
-                                      regime_sentence)
+from moetuner.report.headline import (Headline, dispatch_tables, eval_title, headline_long, headline_metrics,
+                                      headline_sentences, headline_tables, headline_trace, html_headline,
+                                      markdown_headline, regime_sentence)
 from moetuner.report.regime import regime_figure
 
 REGIME_CSV = Path("regime") / "regime.csv"
@@ -48,8 +48,9 @@ def draw_figures(results: Path, table: pd.DataFrame, out: Path) -> dict[str, Pat
     }
 
 
-def headline_section(tables: Headline, trace: str) -> Section:
-    """The report's first section: the generated sentences, then one table per evaluation."""
+def headline_section(tables: Headline, trace: str, by_dispatch: Headline | None = None) -> Section:
+    """The report's first section: the generated sentences, one table per evaluation, then per replicated
+    setting the same placements under every engine dispatch."""
     sentences = " ".join(headline_sentences(tables, trace)) or (
         f"No speedups to report for {trace}: the headline needs a contiguous r0 placement and at least one other "
         "solver on the same topology and evaluation (add `contiguous` to the grid's solvers).")
@@ -58,6 +59,10 @@ def headline_section(tables: Headline, trace: str) -> Section:
     md, page = [sentences, "", intro], [f"<p>{html.escape(sentences)}</p>", f"<p>{html.escape(intro)}</p>"]
     for ev, speedups in tables.items():
         name = f"Placements solved on {trace}, scored on {eval_title(trace, ev)}"
+        md += ["", f"### {name}", "", markdown_headline(speedups)]
+        page += [f"<h3>{html.escape(name)}</h3>", html_headline(speedups)]
+    for setting, speedups in (by_dispatch or {}).items():
+        name = f"{setting}, held-out {trace}, by the engine's dispatch (how tokens are split over replicas)"
         md += ["", f"### {name}", "", markdown_headline(speedups)]
         page += [f"<h3>{html.escape(name)}</h3>", html_headline(speedups)]
     return Section("Headline", "\n".join(md), "\n".join(page))
@@ -81,7 +86,7 @@ def report_sections(results: Path, out: Path, table: pd.DataFrame, tables: Headl
     regime = pd.read_csv(regime_csv) if regime_csv.is_file() else None
     appendix = table_section("Appendix: all results",
                              "Every placement and evaluation (also in summary.csv).", table)
-    return [headline_section(tables, trace), regime_section(regime, out), *extra,
+    return [headline_section(tables, trace, dispatch_tables(table, trace)), regime_section(regime, out), *extra,
             *(figure_section(name, path) for name, path in drawn.items()), appendix]
 
 

@@ -17,8 +17,8 @@ import pandas as pd
 KEY = ["trace", "topology", "solver", "replicas"]
 RUN_DIR = re.compile(r"(?P<solver>[a-z_]+)-r(?P<replicas>\d+)$")
 TABLE_COLUMNS = ["trace", "topology", "solver", "replicas", "eval", "predicted_layer_time_s",
-                 "measured_layer_time_s", "served_predicted_layer_time_s", "speedup_vs_contiguous", "compute_tail_s", "compute_tail_ratio",
-                 "a2a_tail_s", "solve_seconds", "gap", "status"]
+                 "measured_layer_time_s", "served_predicted_layer_time_s", "speedup_vs_contiguous", "compute_tail_s",
+                 "compute_tail_ratio", "a2a_tail_s", "solve_seconds", "gap", "status"]
 
 
 DISPATCH_METRICS = ("layer_time_s", "speedup_vs_contiguous", "compute_time_s", "a2a_time_s")

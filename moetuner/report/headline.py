@@ -7,9 +7,10 @@ All functions are pure (tables in, tables/text out); `collect.results_table` giv
 from __future__ import annotations
 
 import html
-from collections.abc import Mapping
 
 import pandas as pd
+
+from moetuner.dispatch import DISPATCHES
 
 HELDOUT = "heldout"
 BASELINE = "contiguous"
@@ -42,13 +43,35 @@ def eval_title(trace: str, ev: str) -> str:
     return f"held-out {trace}" if ev == HELDOUT else f"{ev} (other domain)"
 
 
+def dispatch_tables(table: pd.DataFrame, trace: str) -> Headline:
+    """Per replicated setting of `trace` scored on held-out routing ('h200_2x8 r1'): speedup vs contiguous with
+    rows the engine dispatch the tokens were split with (`speedup_vs_contiguous.<dispatch>` columns of the
+    results table) and one column per solver. Without replicas every dispatch is the same, so those are left out."""
+    rows = table[(table["trace"] == trace) & (table["eval"] == HELDOUT) & (table["replicas"] > 0)
+                 & (table["solver"] != BASELINE)]
+    prefix = "speedup_vs_contiguous."
+    columns = [c for c in table.columns if c.startswith(prefix)]
+    out = {}
+    for (topology, replicas), group in rows.groupby(["topology", "replicas"], sort=True):
+        frame = group.set_index("solver")[columns].T.rename(index=lambda c: c[len(prefix):])
+        order = sorted(frame.index, key=lambda d: (DISPATCHES.index(d) if d in DISPATCHES else len(DISPATCHES), d))
+        frame = frame.loc[order]
+        out[_setting((topology, replicas))] = frame.rename_axis(index="dispatch", columns=None).dropna(how="all")
+    return out
+
+
+def _labels(key: object) -> list[str]:
+    """Index cells of a row: (topology, replicas) -> [topology, r<replicas>]; anything else as is."""
+    return [str(key[0]), f"r{int(key[1])}"] if isinstance(key, tuple) else [str(key)]
+
+
 def _cells(speedups: pd.DataFrame, bold: tuple[str, str]) -> list[list[str]]:
-    """Rows of formatted cells: topology, r<replicas>, then each solver's speedup (3 decimals, the row's
-    best wrapped in `bold`, '-' where missing)."""
+    """Rows of formatted cells: the index (topology, r<replicas>, or a dispatch), then each solver's speedup
+    (3 decimals, the row's best wrapped in `bold`, '-' where missing)."""
     out = []
-    for (topology, replicas), row in speedups.iterrows():
+    for key, row in speedups.iterrows():
         best = row.max()
-        cells = [str(topology), f"r{int(replicas)}"]
+        cells = _labels(key)
         for value in row:
             if pd.isna(value):
                 cells.append("-")
@@ -59,9 +82,13 @@ def _cells(speedups: pd.DataFrame, bold: tuple[str, str]) -> list[list[str]]:
     return out
 
 
+def _index_header(speedups: pd.DataFrame) -> list[str]:
+    return ["topology", "replicas"] if speedups.index.nlevels == 2 else [str(speedups.index.name or "")]
+
+
 def markdown_headline(speedups: pd.DataFrame) -> str:
     """One headline table as GitHub Markdown, the best of each row in **bold**."""
-    header = ["topology", "replicas", *speedups.columns]
+    header = [*_index_header(speedups), *speedups.columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cells) + " |" for cells in _cells(speedups, ("**", "**"))]
     return "\n".join(lines)
@@ -69,7 +96,7 @@ def markdown_headline(speedups: pd.DataFrame) -> str:
 
 def html_headline(speedups: pd.DataFrame) -> str:
     """One headline table as HTML, the best of each row in <b>bold</b>."""
-    header = "".join(f"<th>{html.escape(str(c))}</th>" for c in ["topology", "replicas", *speedups.columns])
+    header = "".join(f"<th>{html.escape(str(c))}</th>" for c in [*_index_header(speedups), *speedups.columns])
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
                    for cells in _cells(speedups.rename(index=lambda v: html.escape(str(v))), ("<b>", "</b>")))
     return f"<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>"
@@ -153,7 +180,8 @@ def transfer_sentence(held: pd.DataFrame, other: pd.DataFrame, ev: str) -> str |
     else:
         text = (f"Scored on {ev}, another domain, the best speedup per setting {verb} from {h_best.mean():.3f}x "
                 f"to {o_best.mean():.3f}x on average")
-        text += f", and {lost} of {len(common)} settings are no faster than contiguous" if lost else ""
+        if lost:
+            text += f", and {lost} of {len(common)} settings {'is' if lost == 1 else 'are'} no faster than contiguous"
     same = int((held.loc[common].idxmax(axis=1) == other.loc[common].idxmax(axis=1)).sum())
     if same < len(common):
         text += f"; the winner changes in {len(common) - same} of {len(common)}"

@@ -21,7 +21,8 @@ import pandas as pd
 
 from moetuner.placement.layout import contiguous_phy2log
 from moetuner.profiling.figures import plt, save_figure
-from moetuner.simulator import CostModel, simulate
+from moetuner.cost import CostModel
+from moetuner.simulator import simulate
 
 REGIME_COLUMNS = ["topology", "label", "solver", "replicas", "step_tokens", "num_steps", "tiled",
                   "layer_time_s", "contiguous_layer_time_s", "speedup_vs_contiguous"]

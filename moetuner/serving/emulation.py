@@ -28,7 +28,8 @@ import pandas as pd
 import torch
 
 from moetuner.serving.replay import ReplaySettings, step_ranges
-from moetuner.simulator import CostModel, SimResult, cost_model, primary_column, simulate
+from moetuner.cost import CostModel, cost_model
+from moetuner.simulator import SimResult, primary_column, simulate
 from moetuner.topology import Topology
 from moetuner.trace import Trace
 

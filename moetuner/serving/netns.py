@@ -49,6 +49,26 @@ def _sh(*args: str) -> None:
         raise NetnsError(f"`{' '.join(args)}` failed: {done.stderr.strip()}")
 
 
+def add_bridge(tag: str, created: list[tuple[str, str]]) -> str:
+    """Bridge `<tag>br` in the root namespace, up, with no address (nothing leaves the machine)."""
+    bridge = f"{tag}br"
+    _sh("ip", "link", "add", bridge, "type", "bridge")
+    created.append(("link", bridge))
+    _sh("ip", "link", "set", bridge, "up")
+    return bridge
+
+
+def add_port(ns: str, dev: str, peer: str, bridge: str, created: list[tuple[str, str]],
+             link_args: tuple[str, ...] = ()) -> None:
+    """Namespace `ns` with veth `dev` inside, its peer `peer` on `bridge`; link_args go to both ends."""
+    _sh("ip", "netns", "add", ns)
+    created.append(("netns", ns))
+    _sh("ip", "link", "add", dev, *link_args, "type", "veth", "peer", "name", peer, *link_args)
+    created.append(("link", peer))
+    _sh("ip", "link", "set", dev, "netns", ns)
+    _sh("ip", "link", "set", peer, "master", bridge, "up")
+
+
 @dataclass
 class EmulatedCluster:
     """Namespaces, veths and a bridge for `nodes` nodes, links limited to `rate_bytes_per_s`."""
@@ -82,18 +102,10 @@ class EmulatedCluster:
             "latency", "400ms")
 
     def open(self) -> "EmulatedCluster":
-        bridge = f"{self.tag}br"
-        _sh("ip", "link", "add", bridge, "type", "bridge")
-        self.created.append(("link", bridge))
-        _sh("ip", "link", "set", bridge, "up")
+        bridge = add_bridge(self.tag, self.created)
         for node in range(self.nodes):
             ns, dev, peer = self.namespace(node), self.interface(node), f"{self.tag}p{node}"
-            _sh("ip", "netns", "add", ns)
-            self.created.append(("netns", ns))
-            _sh("ip", "link", "add", dev, "type", "veth", "peer", "name", peer)
-            self.created.append(("link", peer))
-            _sh("ip", "link", "set", dev, "netns", ns)
-            _sh("ip", "link", "set", peer, "master", bridge, "up")
+            add_port(ns, dev, peer, bridge, self.created)
             inside = self.exec_prefix(node)
             _sh(*inside, "ip", "addr", "add", f"{self.address(node)}/24", "dev", dev)
             _sh(*inside, "ip", "link", "set", dev, "up")
@@ -176,22 +188,13 @@ class RankNetwork:
         return ["ip", "netns", "exec", self.namespace(rank)]
 
     def open(self) -> "RankNetwork":
-        bridge = f"{self.tag}br"
-        _sh("ip", "link", "add", bridge, "type", "bridge")
-        self.created.append(("link", bridge))
-        _sh("ip", "link", "set", bridge, "up")
+        bridge = add_bridge(self.tag, self.created)
         for rank in range(self.world):
             ns, dev, peer = self.namespace(rank), self.interface(rank), f"{self.tag}p{rank}"
             node = rank // self.ranks_per_node
-            _sh("ip", "netns", "add", ns)
-            self.created.append(("netns", ns))
             # no segmentation offload (1 segment per skb): HTB meters MTU-sized packets, not 64 kB
             # GSO bursts that would end a phase's transfer early by up to one burst
-            _sh("ip", "link", "add", dev, "txqueuelen", "10000", "gso_max_segs", "1", "type", "veth", "peer",
-                "name", peer, "txqueuelen", "10000", "gso_max_segs", "1")
-            self.created.append(("link", peer))
-            _sh("ip", "link", "set", dev, "netns", ns)
-            _sh("ip", "link", "set", peer, "master", bridge, "up")
+            add_port(ns, dev, peer, bridge, self.created, ("txqueuelen", "10000", "gso_max_segs", "1"))
             inside = ["ip", "-n", ns]
             _sh(*inside, "addr", "add", f"{self.address(rank)}/16", "dev", dev)
             _sh(*inside, "link", "set", dev, "up")

@@ -26,7 +26,9 @@ from moetuner.placement.layout import logical_replica_count, logical_to_physical
 from moetuner.serving.ep_moe import ExpertFn, choose_slots, ep_layer
 from moetuner.serving.experts import random_experts
 from moetuner.serving.measure import Cluster, layer_row
-from moetuner.simulator import DISPATCHES, CostModel, choose_step_slots, layer_slots, primary_column
+from moetuner.cost import CostModel
+from moetuner.dispatch import DISPATCHES, layer_slots
+from moetuner.simulator import choose_step_slots, primary_column
 from moetuner.trace import Trace
 
 DATAFLOWS = ("dispatch_combine", "expert_to_expert", "hierarchical")
@@ -44,7 +46,7 @@ class ReplaySettings:
     warmup_steps: int = 1
     max_steps: int | None = None
     seed: int = 0
-    dispatch: str = "dynamic"  # simulator.DISPATCHES
+    dispatch: str = "dynamic"  # moetuner.dispatch.DISPATCHES
 
     def check(self) -> None:
         if self.dataflow not in DATAFLOWS:

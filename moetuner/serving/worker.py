@@ -27,7 +27,7 @@ from moetuner.serving.emulation import (RankEmulator, add_predictions, cpu_share
 from moetuner.serving.ep_moe import set_exchange_hook
 from moetuner.serving.measure import PER_LAYER_COLUMNS, Cluster, summarize
 from moetuner.serving.replay import ReplaySettings, replay
-from moetuner.simulator import cost_model
+from moetuner.cost import cost_model
 from moetuner.topology import topology_from_config
 from moetuner.tracking import tracked_run
 from moetuner.trace import Trace, load_trace
