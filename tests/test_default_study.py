@@ -159,6 +159,13 @@ def test_serve_refuses_a_too_short_replay_before_launch(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()  # nothing written, no rank launched
 
 
+def test_serve_refuses_an_unknown_replay_dispatch_before_launch(tmp_path: Path) -> None:
+    cfg = replay_config(tmp_path, 1024, "replay.dispatch=nearest")
+    with pytest.raises(ReplayError, match=r"replay\.dispatch='nearest'; choose one of \['dynamic'"):
+        serve(cfg)
+    assert not (tmp_path / "run").exists()  # nothing written, no rank launched
+
+
 # --- the whole default study in a clone without ../shared ---------------------------------------
 
 def repository_files() -> list[str]:

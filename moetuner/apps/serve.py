@@ -22,7 +22,7 @@ from moetuner.serving.emulation import (EmulationError, EmulationSettings, conve
 from moetuner.serving.launcher import (NodeCommand, free_port, rank_env, run_nodes, spawner_argv,
                                        terminate_on_signal, torchrun_argv, write_spawn_spec)
 from moetuner.serving.netns import emulated_cluster, netns_unavailable_reason, rank_network
-from moetuner.serving.replay import ReplayError, ReplaySettings, step_ranges
+from moetuner.serving.replay import ReplayError, replay_settings, step_ranges
 from moetuner.topology import Topology, topology_from_config
 from moetuner.trace import load_trace
 
@@ -53,11 +53,7 @@ def check_replay(cfg: DictConfig) -> None:
     """
     if cfg.mode != "replay":
         return
-    replay = cfg.replay
-    settings = ReplaySettings(step_tokens=int(replay.step_tokens), shape_scale=int(replay.shape_scale),
-                              dataflow=str(replay.dataflow), warmup_steps=int(replay.warmup_steps),
-                              max_steps=None if replay.max_steps is None else int(replay.max_steps))
-    settings.check()
+    settings = replay_settings(cfg.replay)
     try:
         next(step_ranges(load_trace(cfg.trace).num_tokens, settings))  # raises when no step is measured
     except ReplayError as err:

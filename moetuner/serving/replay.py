@@ -14,20 +14,21 @@ j % count of each expert; static, lp, lp_comm: the simulator's choose_slots for 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from moetuner.cost import CostModel
+from moetuner.dispatch import DISPATCHES, layer_slots
 from moetuner.placement.layout import logical_replica_count, logical_to_physical_map
 from moetuner.serving.ep_moe import ExpertFn, choose_slots, ep_layer
 from moetuner.serving.experts import random_experts
 from moetuner.serving.measure import Cluster, layer_row
-from moetuner.cost import CostModel
-from moetuner.dispatch import DISPATCHES, layer_slots
 from moetuner.simulator import choose_step_slots, primary_column
 from moetuner.trace import Trace
 
@@ -55,6 +56,13 @@ class ReplaySettings:
             raise ReplayError(f"replay.dispatch={self.dispatch!r}; choose one of {list(DISPATCHES)}")
         if self.step_tokens < 1 or self.shape_scale < 1:
             raise ReplayError(f"step_tokens={self.step_tokens} and shape_scale={self.shape_scale} must be >= 1")
+
+
+def replay_settings(replay: Mapping[str, Any]) -> ReplaySettings:
+    """The `replay` config block as ReplaySettings (check_delivery is the worker's own switch), checked."""
+    settings = ReplaySettings(**{k: v for k, v in replay.items() if k != "check_delivery"})
+    settings.check()
+    return settings
 
 
 def step_ranges(num_tokens: int, settings: ReplaySettings) -> Iterator[tuple[int, int, int]]:

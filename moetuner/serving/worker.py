@@ -26,7 +26,7 @@ from moetuner.serving.emulation import (RankEmulator, add_predictions, cpu_share
                                         predict_served, target_cost, wire_row_bytes)
 from moetuner.serving.ep_moe import set_exchange_hook
 from moetuner.serving.measure import PER_LAYER_COLUMNS, Cluster, summarize
-from moetuner.serving.replay import ReplaySettings, replay
+from moetuner.serving.replay import replay, replay_settings
 from moetuner.cost import cost_model
 from moetuner.topology import topology_from_config
 from moetuner.tracking import tracked_run
@@ -62,14 +62,9 @@ def rank_emulator(cfg: DictConfig, trace: Trace, rank: int) -> RankEmulator | No
     return emulator
 
 
-def replay_settings(cfg: DictConfig) -> ReplaySettings:
-    """The replay block as ReplaySettings (check_delivery is the worker's own switch)."""
-    return ReplaySettings(**{k: v for k, v in cfg.replay.items() if k != "check_delivery"})
-
-
 def run_replay(cfg: DictConfig, cluster: Cluster, rank: int, phy2log: np.ndarray) -> tuple[list, int, float, dict]:
     trace = load_trace(cfg.trace)
-    settings = replay_settings(cfg)
+    settings = replay_settings(cfg.replay)
     delivered = None
     if cfg.replay.get("check_delivery"):
         delivered = np.zeros((trace.num_tokens, trace.num_layers, trace.num_experts), dtype=np.int32)
@@ -98,7 +93,7 @@ def emulation_outputs(cfg: DictConfig, table: pd.DataFrame, metrics: dict) -> tu
     (dilation, ranks, target and predicted MoE-layer time, the ranks' CPU share of the run)."""
     trace = load_trace(cfg.trace)
     topology = topology_from_config(cfg.topology)
-    settings = replay_settings(cfg)
+    settings = replay_settings(cfg.replay)
     warmup, dilation = settings.warmup_steps, float(cfg.emulation.dilation)
     cost = target_cost(topology, trace)
     sim = predict_served(trace, load_placement(cfg.placement).phy2log, cost, settings)
