@@ -26,6 +26,7 @@ from moetuner.placement.layout import (Placement, engine_settings, export_sglang
                                        gpu_loads, save_placement)
 from moetuner.placement.mip import relative_gap
 from moetuner.placement.problem import PlacementProblem, ProblemError, get_solver
+from moetuner.profiling.stats import imbalance
 from moetuner.topology import topology_from_config
 from moetuner.trace import Trace, load_trace
 from moetuner.tracking import tracked_run
@@ -77,7 +78,7 @@ def placement_metrics(placement: Placement, load: np.ndarray) -> dict[str, float
         "solve_seconds": placement.solve_seconds,
         "max_gpu_load": float(per_gpu.max(1).mean()),
         "mean_gpu_load": float(mean.mean()),
-        "imbalance": float((per_gpu.max(1) / np.maximum(mean, 1e-12)).mean()),
+        "imbalance": float(imbalance(per_gpu).mean()),
     }
 
 

@@ -25,7 +25,7 @@ from moetuner.online.steptimes import StepTimes
 from moetuner.online.stream import StepKey, Stream
 from moetuner.placement.layout import gpu_loads
 from moetuner.placement.problem import PlacementProblem, get_solver
-from moetuner.profiling.stats import expert_load
+from moetuner.profiling.stats import expert_load, imbalance as gpu_imbalance
 from moetuner.topology import Topology
 from moetuner.trace import Trace
 
@@ -153,8 +153,7 @@ class Periodic(Static):
 
 def imbalance(phy2log: np.ndarray, load: np.ndarray, num_gpus: int) -> float:
     """max / mean tokens per GPU, mean over layers. phy2log [L, P], load [L, E]"""
-    per_gpu = gpu_loads(phy2log, load, num_gpus)
-    return float((per_gpu.max(1) / np.maximum(per_gpu.mean(1), 1e-12)).mean())
+    return float(gpu_imbalance(gpu_loads(phy2log, load, num_gpus)).mean())
 
 
 @dataclass
