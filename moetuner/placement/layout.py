@@ -65,7 +65,8 @@ class Placement:
         """
         validate_phy2log(self.phy2log, num_experts, self.num_gpus, required)
         if self.num_nodes < 1 or self.num_gpus % self.num_nodes:
-            raise PlacementError(f"num_gpus={self.num_gpus} is not a multiple of num_nodes={self.num_nodes}")
+            raise PlacementError(f"num_gpus={self.num_gpus} is not a multiple of num_nodes={self.num_nodes}; "
+                                 f"fix num_nodes in the placement JSON")
         return self
 
     def to_json(self) -> dict[str, Any]:
@@ -126,9 +127,6 @@ def check_placement(placement: Placement, num_gpus: int, num_experts: int, num_l
     if gpus_per_node is not None and (placement.num_gpus, placement.num_nodes) != (num_gpus, num_gpus // gpus_per_node):
         raise PlacementError(f"placement is for {placement.num_nodes} node(s) x {placement.num_gpus} GPUs but "
                              f"{topology} has {num_gpus // gpus_per_node} node(s) x {gpus_per_node} GPUs; {fix}")
-    if placement.num_nodes < 1 or placement.num_gpus % placement.num_nodes:
-        raise PlacementError(f"placement has num_gpus={placement.num_gpus}, not a multiple of "
-                             f"num_nodes={placement.num_nodes}; fix num_nodes in the placement JSON")
     solved_for = placement.extra.get("num_experts")
     if solved_for is not None and int(solved_for) != num_experts:
         raise PlacementError(f"placement was solved for {solved_for} experts but the model has {num_experts}; "
@@ -138,7 +136,7 @@ def check_placement(placement: Placement, num_gpus: int, num_experts: int, num_l
                              f"MoE layers; solve a placement from a trace of this model")
     if routed is not None and routed.shape != (num_layers, num_experts):
         raise PlacementError(f"routed experts must be [L, E] = [{num_layers}, {num_experts}], got {routed.shape}")
-    validate_phy2log(placement.phy2log, num_experts, num_gpus, routed)
+    placement.validate(num_experts, routed)
 
 
 def routed_experts(topk_ids: np.ndarray, num_experts: int) -> np.ndarray:
