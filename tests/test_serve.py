@@ -104,7 +104,7 @@ def test_replay_delivers_every_pair_exactly_once(tmp_path: Path) -> None:
 
 def test_hierarchical_replay_relays_like_the_simulator(tmp_path: Path) -> None:
     """cpu_2x2, replicas split by `lp`: every pair computed once, and the bytes each phase moves equal
-    the simulator's hierarchical copies: dispatch rows carry hidden + k gate weights, combine rows hidden."""
+    the simulator's hierarchical copies times the rows' sizes on the wire."""
     trace = tiny_trace(tmp_path / "trace.safetensors")
     phy2log = three_kinds(4)
     placement = write_placement(tmp_path, phy2log, 2)
@@ -124,9 +124,14 @@ def test_hierarchical_replay_relays_like_the_simulator(tmp_path: Path) -> None:
     measured = trace.topk_ids[16:].astype(np.int64)  # the 2 steps after the warm-up step
     sim = simulate(phy2log, 4, measured, np.zeros(measured.shape[:2], dtype=np.int64), E, cost, 16,
                    "hierarchical", "lp").metrics()
-    row_bytes = 4 * (2 * (32 // 4) + K)  # float32: a dispatch row (hidden + k) and its combine row (hidden)
-    assert metrics["bytes_inter_per_step"] == sim["bytes_inter_per_step"] / 2 * row_bytes
-    assert metrics["bytes_intra_per_step"] == sim["bytes_intra_per_step"] / 2 * row_bytes
+    # bytes on the wire, per copy there and back: float32 values (dispatch: hidden + k gate weights,
+    # combine: hidden) and int64 meta (relay row: token + k slots; dispatch row: token, target, sender's
+    # row + k slots; combine row: token)
+    hidden = 32 // 4
+    combine_row = 4 * hidden + 8
+    inter_row, intra_row = (4 * (hidden + K) + 8 * (meta + K) + combine_row for meta in (1, 3))
+    assert metrics["bytes_inter_per_step"] == sim["bytes_inter_per_step"] / 2 * inter_row
+    assert metrics["bytes_intra_per_step"] == sim["bytes_intra_per_step"] / 2 * intra_row
     flat = simulate(phy2log, 4, measured, np.zeros(measured.shape[:2], dtype=np.int64), E, cost, 16,
                     "dispatch_combine", "lp").metrics()
     assert sim["bytes_inter_per_step"] < flat["bytes_inter_per_step"]  # relaying saves inter-node copies
@@ -228,10 +233,29 @@ def test_timed_compute_and_latency_wait_what_the_cost_model_says() -> None:
     assert time.perf_counter() - start == pytest.approx(0.080, abs=0.015)
     emu.after_payload()
     start = time.perf_counter()
-    emu.before_payload(torch.tensor([0, 4, 0, 0]), torch.tensor([0, 0, 0, 0]))  # same node: 10 x 1 ms
+    emu.before_payload(torch.tensor([0, 4, 0, 0]), torch.tensor([0, 0, 0, 0]), start)  # same node: 10 x 1 ms
     emu.after_payload()
-    emu.before_payload(torch.tensor([0, 0, 0, 0]), torch.tensor([0, 1, 0, 2]))  # rank 3 across: 10 x 3 ms
+    emu.before_payload(torch.tensor([0, 0, 0, 0]), torch.tensor([0, 1, 0, 2]), 0.0)  # rank 3 across: 10 x 3 ms
     assert time.perf_counter() - start == pytest.approx(0.040, abs=0.015)
+    # the exchange starts when the last rank is ready: latency counts from that, not from this rank's clock
+    emu.after_payload()
+    start = time.perf_counter()
+    emu.before_payload(torch.tensor([0, 4, 0, 0]), torch.tensor([0, 0, 0, 0]), start + 0.050)  # + 10 x 1 ms
+    assert time.perf_counter() - start == pytest.approx(0.060, abs=0.015)
+
+
+@pytest.mark.parametrize("nodes,per_node", [(2, 2), (2, 8), (1, 8), (4, 4)])
+def test_staggered_peers_give_every_receiver_one_sender_per_step(nodes: int, per_node: int) -> None:
+    from moetuner.serving.emulation import staggered_peers
+
+    node = np.arange(nodes * per_node) // per_node
+    orders = np.array([staggered_peers(node, r) for r in range(len(node))])  # [W, W - 1]
+    for r, order in enumerate(orders):
+        assert sorted(order) == [p for p in range(len(node)) if p != r]
+    for step in orders.T:  # the i-th message of every rank goes to a different rank
+        assert len(set(step.tolist())) == len(node)
+    if (nodes, per_node) == (2, 2):
+        assert orders.tolist() == [[2, 1, 3], [3, 0, 2], [0, 3, 1], [1, 2, 0]]
 
 
 def test_dilation_rates_and_predictions_by_hand() -> None:
@@ -242,8 +266,8 @@ def test_dilation_rates_and_predictions_by_hand() -> None:
     probes = [(d, 1.0 + 200 / d) for d in (500, 1000, 2000, 4000)]
     assert converged_dilation(probes, 0.05) == 2000
     assert converged_dilation(probes[:3], 0.05) is None  # 1000 -> 2000 still moves it 9%
-    # a dispatch row: 4 * (8 values + 2 gate weights) + 8 * (2 + 2) meta = 72 bytes; combine rows padded to it
-    assert wire_row_bytes(8, 2) == 72
+    # a dispatch row: 4 * (8 values + 2 gate weights) + 8 * (3 + 2) meta = 80 bytes; combine rows padded to it
+    assert wire_row_bytes(8, 2) == 80
     sim = SimResult(dispatch_s=np.array([[1.0]]), combine_s=np.array([[2.0]]),
                     compute_s=np.array([[[3.0, 1.0]]]), tokens=np.ones((1, 1, 2)),
                     bytes_intra=np.zeros((1, 1)), bytes_inter=np.zeros((1, 1)))
@@ -270,8 +294,14 @@ def test_sixteen_emulated_ranks_start_and_stop_cleanly(tmp_path: Path) -> None:
     start = time.monotonic()
     metrics = serve(config(tmp_path, f"trace={tmp_path / 'trace.safetensors'}", f"placement={path}",
                            "topology=h200_2x8", "emulation.enabled=true", "emulation.dilation=20",
-                           "replay.step_tokens=32", "replay.shape_scale=4"))
+                           "replay.step_tokens=32", "replay.shape_scale=4", "replay.check_delivery=true"))
     assert metrics["ranks"] == 16 and metrics["dilation"] == 20 and metrics["emulated_network"] is True
+    delivered = np.load(tmp_path / "run" / "delivered.npy")  # pre-posted exchanges: every pair once
+    expected = np.zeros_like(delivered)
+    t, layer = np.indices(ids.shape[:2])
+    for j in range(K):
+        expected[t, layer, ids[:, :, j]] += 1
+    np.testing.assert_array_equal(delivered, expected)
     assert metrics["predicted_moe_layer_time_s"] > 0 and metrics["target_moe_layer_time_s"] > 0
     table = pd.read_csv(tmp_path / "run" / "per_layer.csv")
     assert sorted(table["rank"].unique()) == list(range(16))

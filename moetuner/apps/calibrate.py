@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from moetuner.apps.common import CONF_DIR
 from moetuner.atomic import write_atomic, write_json_atomic, write_text_atomic
-from moetuner.serving.calibration import CalibrationError, calibrated_topology, compare, fit_costs, plot_comparison
+from moetuner.serving.calibration import (CalibrationError, calibrated_topology, compare, fit_costs, plot_comparison,
+                                          stack_runs)
 from moetuner.tracking import tracked_run
 
 
@@ -41,15 +42,15 @@ def undilate(table: pd.DataFrame, metrics: dict) -> pd.DataFrame:
     out = table.copy()
     seconds = [c for c in out.columns if c.endswith("_s")]
     out[seconds] = out[seconds] / float(metrics["dilation"])
-    for col in ("bytes_intra", "bytes_inter"):
-        out[col] = out[col] * float(metrics["target_bytes_per_byte"])
+    volumes = [c for c in out.columns if c.startswith("bytes_")]
+    out[volumes] = out[volumes] * float(metrics["target_bytes_per_byte"])
     return out
 
 
 def calibrate(cfg: DictConfig) -> dict:
     """Fit, write topology.yaml / report.csv / calibration.png / metrics.json under cfg.out; return metrics."""
     runs = read_runs(list(cfg.runs))
-    fit = fit_costs(pd.concat(runs.values(), ignore_index=True))
+    fit = fit_costs(stack_runs(runs))
     report, spearman = compare(runs, fit)
     out = Path(cfg.out)
     topo = calibrated_topology(OmegaConf.to_container(cfg.topology, resolve=True), fit, str(cfg.name))

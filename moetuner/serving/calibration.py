@@ -1,10 +1,14 @@
-"""Fit the simulator's cost constants from measured serve runs (least squares on per_layer.csv rows).
+"""Fit the simulator's cost constants from measured serve runs (per_layer.csv tables).
 
-Per (step, layer, rank) row:
-  compute_s               ~ expert_fixed_s * active_slots + expert_per_token_s * pairs
-  dispatch_s + combine_s  ~ comm_fixed_s + bytes_intra / intra_bw + bytes_inter / inter_bw
-A predicted MoE-layer time aggregates the fitted row times exactly as `measure.summarize` aggregates
-the measured ones (sum over layers per rank, max over ranks, mean over steps).
+Compute, per (step, layer, rank) row (least squares):
+  compute_s ~ expert_fixed_s * active_slots + expert_per_token_s * pairs
+Links, per (step, layer) (every rank waits for the slowest port, so one rank's bytes do not explain
+its exchange time; the phase does): the layer's communication time, the mean over ranks of layer_s
+minus the largest compute_s, is fitted (non-negative least squares on the simulator's own formula,
+`cost.a2a_time`) by the dispatch and the combine phase, each
+  max over ranks of max(send, receive), send = intra bytes / intra_bw + inter bytes / inter_bw +
+  the latency of the farthest peer (inter-node if any bytes cross nodes, else intra-node); receive alike,
+with the bytes of the rank's ports in that phase (the bytes_<phase>_<sent|received>_<level> columns).
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy.optimize import least_squares
 
-EXCHANGES_PER_LAYER = 2  # dispatch and combine
+from moetuner.serving.measure import PORT_COLUMNS
 
 
 class CalibrationError(ValueError):
@@ -27,7 +32,8 @@ class CalibrationError(ValueError):
 class CostFit:
     expert_fixed_s: float  # per active expert slot per layer
     expert_per_token_s: float  # per (token, expert) pair
-    comm_fixed_s: float  # per layer, dispatch + combine
+    intra_node_latency_s: float | None  # per exchange with a peer in the node; None: never decided a phase
+    inter_node_latency_s: float | None  # per exchange with a peer across nodes; None: likewise
     intra_node_bw: float | None  # B/s; None when the runs had no intra-node traffic to fit it on
     inter_node_bw: float | None  # B/s; None when the runs had no inter-node traffic
 
@@ -43,39 +49,101 @@ def nonneg_lstsq(features: np.ndarray, target: np.ndarray) -> np.ndarray:
         keep &= coef > 0
 
 
+def port_bytes(per_layer: pd.DataFrame) -> np.ndarray:
+    """Bytes through each rank's ports, per (step, layer) group: [groups, ranks, phase, sent|received,
+    intra|inter], groups in (step, layer) order."""
+    if missing := [c for c in PORT_COLUMNS if c not in per_layer.columns]:
+        raise CalibrationError(f"per_layer.csv lacks {missing}; rerun the serve runs with this moetuner")
+    table = per_layer.sort_values(["step", "layer", "rank"])
+    groups, ranks = table.groupby(["step", "layer"]).ngroups, table["rank"].nunique()
+    return table[PORT_COLUMNS].to_numpy(float).reshape(groups, ranks, 2, 2, 2)
+
+
+def phase_times(ports: np.ndarray, seconds_per_byte: np.ndarray, latency: np.ndarray) -> np.ndarray:
+    """The simulator's a2a_time of every phase from the ports' bytes. ports [N, R, 2, 2, 2] (group, rank,
+    phase, sent|received, intra|inter), seconds_per_byte and latency [2] (intra, inter) -> [N, 2]"""
+    busy = (ports * seconds_per_byte).sum(-1)
+    wait = np.where(ports[..., 1] > 0, latency[1], np.where(ports[..., 0] > 0, latency[0], 0.0))
+    return (busy + wait).max(axis=(1, 3))
+
+
+def fit_links(ports: np.ndarray, comm_s: np.ndarray) -> np.ndarray:
+    """[1/intra_bw, 1/inter_bw, intra latency, inter latency] (>= 0) that make the summed phase times
+    fit comm_s [N]; the max over ports makes it piecewise linear, so a few starts, best kept. A latency
+    or seconds per byte that decides no phase (e.g. the intra-node ones when every busiest port crosses
+    nodes) is NaN."""
+    scale_t = max(float(np.median(comm_s)), 1e-12)
+    scale_b = max(float(ports.sum(axis=(1, 2, 3)).max(axis=-1).mean()), 1.0)
+
+    def residual(x: np.ndarray) -> np.ndarray:
+        return (phase_times(ports, x[:2] * scale_t / scale_b, x[2:] * scale_t).sum(1) - comm_s) / scale_t
+
+    best = None
+    for start in ([1.0, 1.0, 0.1, 0.1], [0.1, 1.0, 0.05, 0.2], [1.0, 0.1, 0.2, 0.05]):
+        sol = least_squares(residual, np.array(start), bounds=(0, np.inf), x_scale=1.0)
+        best = sol if best is None or sol.cost < best.cost else best
+    links = np.concatenate([best.x[:2] * scale_t / scale_b, best.x[2:] * scale_t])
+    fitted = phase_times(ports, links[:2], links[2:])
+    undecided = []
+    for i in range(4):  # a constant that decides no phase is not determined by these runs
+        moved = links.copy()
+        moved[i] = 0.0
+        undecided.append(np.allclose(phase_times(ports, moved[:2], moved[2:]), fitted, rtol=1e-6, atol=0.0))
+    return np.where(undecided, np.nan, links)
+
+
+def layer_comm_s(per_layer: pd.DataFrame) -> np.ndarray:
+    """Measured communication per (step, layer): mean over ranks of layer_s minus the largest compute_s."""
+    by = per_layer.groupby(["step", "layer"])
+    return (by["layer_s"].mean() - by["compute_s"].max()).to_numpy(float)
+
+
 def fit_costs(per_layer: pd.DataFrame) -> CostFit:
-    """Fit the cost constants on the rows of one or more runs' per_layer.csv tables."""
-    if len(per_layer) < 4:
-        raise CalibrationError(f"{len(per_layer)} per-layer rows cannot fit 5 constants; "
-                               f"give runs with more steps or more placements")
+    """Fit the cost constants on the rows of one or more runs' per_layer.csv tables (each run's
+    steps numbered apart: see `stack_runs`)."""
+    if per_layer.groupby(["step", "layer"]).ngroups < 4:
+        raise CalibrationError(f"{len(per_layer)} per-layer rows in fewer than 4 (step, layer) groups cannot "
+                               f"fit 6 constants; give runs with more steps or more placements")
     compute = nonneg_lstsq(per_layer[["active_slots", "pairs"]].to_numpy(float),
                             per_layer["compute_s"].to_numpy(float))
-    comm_features = per_layer[["bytes_intra", "bytes_inter"]].to_numpy(float)
-    comm = nonneg_lstsq(np.column_stack([np.ones(len(per_layer)), comm_features]),
-                         (per_layer["dispatch_s"] + per_layer["combine_s"]).to_numpy(float))
-    bw = [float(1 / c) if c > 0 and comm_features[:, i].any() else None for i, c in enumerate(comm[1:])]
+    ports = port_bytes(per_layer)
+    links = fit_links(ports, layer_comm_s(per_layer))
+    bw = [None if np.isnan(c) or c <= 0 else float(1 / c) for c in links[:2]]
     return CostFit(expert_fixed_s=float(compute[0]), expert_per_token_s=float(compute[1]),
-                   comm_fixed_s=float(comm[0]), intra_node_bw=bw[0], inter_node_bw=bw[1])
+                   intra_node_latency_s=None if np.isnan(links[2]) else float(links[2]),
+                   inter_node_latency_s=None if np.isnan(links[3]) else float(links[3]),
+                   intra_node_bw=bw[0], inter_node_bw=bw[1])
 
 
-def predicted_row_times(per_layer: pd.DataFrame, fit: CostFit) -> pd.Series:
-    """Fitted dispatch + compute + combine seconds of every row."""
-    comm = fit.comm_fixed_s + sum(per_layer[col] / bw for col, bw in
-                                  (("bytes_intra", fit.intra_node_bw), ("bytes_inter", fit.inter_node_bw)) if bw)
-    return fit.expert_fixed_s * per_layer["active_slots"] + fit.expert_per_token_s * per_layer["pairs"] + comm
+def stack_runs(runs: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """All runs' rows in one table, steps renumbered so no two runs share a (step, layer) group."""
+    tables, offset = [], 0
+    for table in runs.values():
+        tables.append(table.assign(step=table["step"] - table["step"].min() + offset))
+        offset = int(tables[-1]["step"].max()) + 1
+    return pd.concat(tables, ignore_index=True)
 
 
-def moe_layer_time(per_layer: pd.DataFrame, row_times: pd.Series) -> float:
-    """Per step: summed layer times per rank, max over ranks; mean over steps."""
-    return float(row_times.groupby([per_layer["step"], per_layer["rank"]]).sum().groupby(level=0).max().mean())
+def predicted_layer_times(per_layer: pd.DataFrame, fit: CostFit) -> pd.Series:
+    """Fitted seconds of every (step, layer): dispatch + the largest compute + combine."""
+    spb = np.array([1 / bw if bw else 0.0 for bw in (fit.intra_node_bw, fit.inter_node_bw)])
+    comm = phase_times(port_bytes(per_layer), spb,
+                       np.array([fit.intra_node_latency_s or 0.0, fit.inter_node_latency_s or 0.0])).sum(1)
+    compute = fit.expert_fixed_s * per_layer["active_slots"] + fit.expert_per_token_s * per_layer["pairs"]
+    return compute.groupby([per_layer["step"], per_layer["layer"]]).max() + comm
+
+
+def moe_layer_time(per_layer: pd.DataFrame) -> float:
+    """Measured: per step, summed layer times per rank, max over ranks; mean over steps."""
+    return float(per_layer.groupby(["step", "rank"])["layer_s"].sum().groupby(level=0).max().mean())
 
 
 def compare(runs: dict[str, pd.DataFrame], fit: CostFit) -> tuple[pd.DataFrame, float]:
     """Predicted vs measured MoE-layer time per run, relative error, and Spearman rank correlation."""
     rows = []
     for name, table in runs.items():
-        measured = moe_layer_time(table, table["layer_s"])
-        predicted = moe_layer_time(table, predicted_row_times(table, fit))
+        measured = moe_layer_time(table)
+        predicted = float(predicted_layer_times(table, fit).groupby(level=0).sum().mean())
         rows.append({"run": name, "measured_s": measured, "predicted_s": predicted,
                      "rel_error": abs(predicted - measured) / measured})
     report = pd.DataFrame(rows)
@@ -88,10 +156,12 @@ def calibrated_topology(base: dict[str, Any], fit: CostFit, name: str) -> dict[s
     """The base topology config with fitted bandwidths/latencies, also as the simulator's
     `calibration` keys (expert_fixed_s, expert_per_token_s, *_bw_GBps, *_latency_us)."""
     fitted = {"expert_fixed_s": fit.expert_fixed_s, "expert_per_token_s": fit.expert_per_token_s}
-    for level, bw in (("intra", fit.intra_node_bw), ("inter", fit.inter_node_bw)):
+    for level, bw, latency in (("intra", fit.intra_node_bw, fit.intra_node_latency_s),
+                               ("inter", fit.inter_node_bw, fit.inter_node_latency_s)):
         if bw:
             fitted[f"{level}_node_bw_GBps"] = bw / 1e9
-        fitted[f"{level}_node_latency_us"] = fit.comm_fixed_s / EXCHANGES_PER_LAYER * 1e6
+        if latency is not None:
+            fitted[f"{level}_node_latency_us"] = latency * 1e6
     topo = {**base, **{k: v for k, v in fitted.items() if k.endswith(("GBps", "us"))}}
     topo["name"] = name
     topo["calibration"] = fitted

@@ -5,9 +5,11 @@ the emulated cluster runs D times slower than the target, uniformly:
 - links: each rank's intra- and inter-node port runs at the target's bandwidth / D, scaled by the
   bytes a replayed row really carries over the bytes the target's row carries (`row_scale`: float32
   rows of hidden / shape_scale values plus meta columns, vs bf16 rows of `hidden` values);
-- latency: the kernel has no `netem`, so latency is emulated in the exchange: after the counts and
-  before the payload of every exchange, a rank sleeps D x the largest link latency among the peers
-  it sends to or receives from (the simulator charges each phase the largest latency once);
+- latency: the kernel has no `netem`, so latency is emulated in the exchange: a rank starts its
+  payload D x the largest link latency among the peers it sends to or receives from after the
+  exchange's start, the latest modelled clock of all ranks (the simulator's phases start together
+  and charge each phase the largest latency once); every receive is posted before any payload
+  leaves, and each rank sends in a staggered order (`staggered_peers`, ep_moe.posted_all_to_all);
 - compute (`compute=timed`): a rank holds each active expert slot for D x f(n) (the simulator's
   `CostModel.expert_time`, roofline or the topology's calibration) and computes nothing, so the
   CPU is left to the communication, which is real. `compute=gemm` runs today's CPU GEMMs instead
@@ -66,9 +68,9 @@ class EmulationSettings:
 
 def wire_row_bytes(hidden_values: int, top_k: int) -> int:
     """Bytes one replayed row carries in the emulation (ep_moe layout, float32 values): a dispatch row,
-    x [hidden + k gate weights] + meta [token, next rank, k local slots] (int64); combine rows
-    (x [hidden] + meta [token]) are zero-padded to the same size (RankEmulator.row_bytes)."""
-    return 4 * (hidden_values + top_k) + META_BYTES * (2 + top_k)
+    x [hidden + k gate weights] + meta [token, next rank, sender's row, k local slots] (int64); the
+    other rows (combine, relays) are smaller and zero-padded to the same size (RankEmulator.row_bytes)."""
+    return 4 * (hidden_values + top_k) + META_BYTES * (3 + top_k)
 
 
 def row_scale(trace: Trace, shape_scale: int, cost: CostModel) -> float:
@@ -97,6 +99,15 @@ def sleep_until(deadline: float) -> None:
         time.sleep(left)
 
 
+def staggered_peers(node: np.ndarray, rank: int) -> list[int]:
+    """The peers of `rank` in send order: on every node, local rank (own local rank + i) mod n at
+    step i, so at each step of a port's queue every receiver has one sender (node [W])."""
+    per_node = int((node == node[0]).sum())
+    local = np.arange(len(node)) % per_node
+    key = ((local - rank % per_node) % per_node) * len(node) + (node - node[rank]) % (node.max() + 1)
+    return [int(p) for p in np.argsort(key, kind="stable") if p != rank]
+
+
 class RankEmulator:
     """One rank's dilated latency and timed compute (ep_moe's exchange hook, and an ExpertFn).
 
@@ -111,15 +122,18 @@ class RankEmulator:
         self.cost, self.dilation, self.rank = cost, float(dilation), rank
         self.row_bytes = row_bytes  # exchange rows are padded to this many bytes
         self.clock = time.perf_counter()
+        self.send_order = staggered_peers(cost.node, rank)
 
     def start_step(self) -> None:
         """A step starts now (after the replay's barrier)."""
         self.clock = time.perf_counter()
 
-    def before_payload(self, send_counts: torch.Tensor, recv_counts: torch.Tensor) -> None:
-        """Exchange hook: wait until D x (largest latency to a peer with rows either way) after the clock."""
+    def before_payload(self, send_counts: torch.Tensor, recv_counts: torch.Tensor, start: float) -> None:
+        """Exchange hook: wait until D x (largest latency to a peer with rows either way) after the
+        exchange's start (the latest clock of all ranks; the simulator's phases start together)."""
         peers = ((send_counts > 0) | (recv_counts > 0)).numpy().copy()
         peers[self.rank] = False
+        self.clock = max(self.clock, start)
         if peers.any():
             self.clock += self.dilation * float(self.cost.latency[self.rank, peers].max())
             sleep_until(self.clock)

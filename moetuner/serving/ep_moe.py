@@ -1,7 +1,8 @@
 """Expert-parallel MoE exchange: route (token, expert) pairs to the ranks that hold the experts.
 
 One primitive, `exchange`, moves rows to destination ranks with `all_to_all_single` and uneven
-splits (the counts are exchanged first). Every dataflow is built from it:
+splits (the counts are exchanged first; emulated runs use `posted_all_to_all`, which posts every
+receive before any payload leaves). Every dataflow is built from it:
   dispatch: one row per distinct (token, destination rank), carrying the token's local slot ids and
             gate weights for that rank (DeepEP-style dedup); rows for the own rank cost no bytes;
   combine:  each expert rank sums its weighted expert outputs per received row and sends that
@@ -33,7 +34,8 @@ class Exchanged:
     x: torch.Tensor  # [M, H]
     meta: torch.Tensor  # int64 [M, m]
     src: torch.Tensor  # int64 [M]
-    bytes_sent: np.ndarray  # [W] payload bytes this rank sent to each rank (0 to itself)
+    bytes_sent: np.ndarray  # [W] bytes of the rows (values, meta, padding) sent to each rank (0 to itself)
+    bytes_received: np.ndarray  # [W] bytes of the rows received from each rank (0 from itself)
 
 
 class ExchangeHook(Protocol):
@@ -41,9 +43,12 @@ class ExchangeHook(Protocol):
     zero-padded to `row_bytes` (so dispatch and combine rows weigh the same on shaped links)."""
 
     row_bytes: int
+    clock: float  # perf_counter seconds: when this rank is ready for the next exchange (modelled)
+    send_order: list[int]  # the peers, in the order this rank's messages leave
 
-    def before_payload(self, send_counts: torch.Tensor, recv_counts: torch.Tensor) -> None:
-        """After the counts [W] are known, before the payload moves."""
+    def before_payload(self, send_counts: torch.Tensor, recv_counts: torch.Tensor, start: float) -> None:
+        """After the counts [W] are known, before the payload moves; start: the latest clock of all
+        ranks (the exchange starts when the last rank is ready)."""
 
     def after_payload(self) -> None:
         """When this rank has received its rows."""
@@ -65,27 +70,59 @@ def exchange(x: torch.Tensor, meta: torch.Tensor, dest: torch.Tensor, world: int
     order = torch.argsort(dest, stable=True)
     x, meta, dest = x[order].contiguous(), meta[order].contiguous(), dest[order]
     send_counts = torch.bincount(dest, minlength=world)
-    recv_counts = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv_counts, send_counts)
-    for hook in _exchange_hooks:
-        hook.before_payload(send_counts, recv_counts)
+    if _exchange_hooks:  # each count travels with the sender's clock (ns; one host, one monotonic clock)
+        clock_ns = int(_exchange_hooks[0].clock * 1e9)
+        got = torch.empty((world, 2), dtype=torch.long)
+        dist.all_to_all_single(got, torch.stack([send_counts, torch.full_like(send_counts, clock_ns)], 1))
+        recv_counts, start = got[:, 0].contiguous(), float(got[:, 1].max()) / 1e9
+    else:
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts)
     send, recv = send_counts.tolist(), recv_counts.tolist()
     x_bytes = x.shape[1] * x.element_size()
     meta_bytes = meta.shape[1] * meta.element_size()
     pad = max([0] + [hook.row_bytes - x_bytes - meta_bytes for hook in _exchange_hooks])
+    assert all(x_bytes + meta_bytes <= hook.row_bytes for hook in _exchange_hooks), \
+        f"{x_bytes + meta_bytes}-byte rows exceed the emulated row size (emulation.wire_row_bytes)"
     packed = torch.cat([x.view(torch.uint8).reshape(len(x), x_bytes),
                         meta.view(torch.uint8).reshape(len(meta), meta_bytes),
                         torch.zeros((len(x), pad), dtype=torch.uint8)], 1)
     out = packed.new_empty((sum(recv), packed.shape[1]))
-    dist.all_to_all_single(out, packed, recv, send)
-    for hook in _exchange_hooks:
-        hook.after_payload()
+    if _exchange_hooks:
+        posted_all_to_all(out, packed, recv, send, rank, _exchange_hooks[0].send_order,
+                          lambda: [hook.before_payload(send_counts, recv_counts, start) for hook in _exchange_hooks])
+        for hook in _exchange_hooks:
+            hook.after_payload()
+    else:
+        dist.all_to_all_single(out, packed, recv, send)
     out_x = out[:, :x_bytes].contiguous().view(x.dtype)
     out_meta = out[:, x_bytes:x_bytes + meta_bytes].contiguous().view(meta.dtype)
     src = torch.repeat_interleave(torch.arange(world), recv_counts)
-    sent = send_counts.numpy() * x.shape[1] * x.element_size()
-    sent[rank] = 0
-    return Exchanged(out_x, out_meta, src, sent)
+    sent, received = (counts.numpy() * packed.shape[1] for counts in (send_counts, recv_counts))
+    sent[rank] = received[rank] = 0
+    return Exchanged(out_x, out_meta, src, sent, received)
+
+
+def posted_all_to_all(out: torch.Tensor, inp: torch.Tensor, recv: list[int], send: list[int], rank: int,
+                      send_order: list[int], before_payload: Callable[[], object]) -> None:
+    """all_to_all_single(out, inp, recv, send) with every receive posted, and known to its sender,
+    before any payload leaves (emulated links).
+
+    gloo sends a message only once the receiver's ready notice has arrived, and that notice travels
+    behind whatever payload the receiver already queued to the sender on their shared socket: on
+    rate-shaped links a flow would then wait for the reverse flow. Here each rank posts its receives
+    (their notices go out on idle sockets), a tiny all-to-all follows them on every socket (so once it
+    is done, every peer's notices have arrived), `before_payload()` runs, then all sends start at once.
+    out [sum(recv), B], inp [sum(send), B] uint8 rows."""
+    world = len(recv)
+    outs, ins = out.split(recv), inp.split(send)
+    works = [dist.irecv(outs[peer], src=peer) for peer in range(world) if peer != rank and recv[peer] > 0]
+    dist.all_to_all_single(torch.empty(world, dtype=torch.uint8), torch.zeros(world, dtype=torch.uint8))
+    before_payload()
+    works += [dist.isend(ins[peer], dst=peer) for peer in send_order if send[peer] > 0]
+    outs[rank].copy_(ins[rank])
+    for work in works:
+        work.wait()
 
 
 def choose_slots(topk_ids: torch.Tensor, token: torch.Tensor, log2phy: torch.Tensor,
@@ -111,6 +148,7 @@ class LayerTimes:
     pairs: int = 0  # (token, expert) pairs computed
     active_slots: int = 0  # local slots that received at least one pair
     bytes_sent: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [W]
+    port_bytes: np.ndarray = field(default_factory=lambda: np.zeros((2, 2, 0)))  # [phase, sent|received, W]
 
 
 ExpertFn = Callable[[int, torch.Tensor], torch.Tensor]
@@ -136,7 +174,7 @@ def ep_layer(x: torch.Tensor, token_ids: torch.Tensor, slots: torch.Tensor, weig
     hidden = x.shape[1]
     dest_of_pair = slots // slots_per_rank  # [N, k]
     payload = torch.cat([x, weights.to(x.dtype)], 1)  # [N, H + k]
-    sent = np.zeros(world)
+    ports = np.zeros((2, 2, world))  # [dispatch|combine, sent|received, peer] row bytes on the wire
     if ranks_per_node is None:
         src_x, src_meta = payload, torch.stack([token_ids, combine_dest], 1)  # (token id, combine target)
         src_slots, src_of_pair = slots, dest_of_pair
@@ -152,7 +190,7 @@ def ep_layer(x: torch.Tensor, token_ids: torch.Tensor, slots: torch.Tensor, weig
         row_slots[pair_row, torch.arange(k).expand(n, k)] = slots
         meta = torch.cat([token_ids[row_token].unsqueeze(1), row_slots], 1)
         hop = exchange(payload[row_token], meta, row_dest, world, rank)  # own-node rows stay here
-        sent += hop.bytes_sent
+        ports[0] += (hop.bytes_sent, hop.bytes_received)
         # the rows here now: (token id, the sender to combine back to), slots on this node
         src_x, src_slots = hop.x, hop.meta[:, 1:]
         src_meta = torch.stack([hop.meta[:, 0], hop.src], 1)
@@ -170,7 +208,7 @@ def ep_layer(x: torch.Tensor, token_ids: torch.Tensor, slots: torch.Tensor, weig
     wcol[pair_row, cols] = src_x[:, hidden:][valid.nonzero(as_tuple=True)]
     meta = torch.cat([src_meta[row_src], row_src.unsqueeze(1), local], 1)  # token, target, sender's row, slots
     got = exchange(torch.cat([src_x[row_src, :hidden], wcol], 1), meta, row_dest, world, rank)
-    sent += got.bytes_sent
+    ports[0] += (got.bytes_sent, got.bytes_received)
     times.dispatch_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -194,12 +232,14 @@ def ep_layer(x: torch.Tensor, token_ids: torch.Tensor, slots: torch.Tensor, weig
     else:
         # intra-node: partial sums back to the sender of each row (a relay or the token's rank) ...
         back = exchange(out, got.meta[:, 2:3], got.src, world, rank)
-        sent += back.bytes_sent
+        ports[1] += (back.bytes_sent, back.bytes_received)
         # ... which adds them up per row it sent and sends one row per (token, node) home
         rows, inverse = torch.unique(back.meta[:, 0], return_inverse=True)
         summed = torch.zeros(len(rows), hidden, dtype=out.dtype).index_add_(0, inverse, back.x)
         back = exchange(summed, src_meta[rows, :1], src_meta[rows, 1], world, rank)
         result = back.x, back.meta[:, 0]
     times.combine_s = time.perf_counter() - t0
-    times.bytes_sent = sent + back.bytes_sent
+    ports[1] += (back.bytes_sent, back.bytes_received)
+    times.port_bytes = ports
+    times.bytes_sent = ports[:, 0].sum(0)
     return result[0], result[1], times

@@ -9,8 +9,11 @@ import pandas as pd
 
 from moetuner.serving.ep_moe import LayerTimes
 
+PORT_COLUMNS = [f"bytes_{phase}_{way}_{level}" for phase in ("dispatch", "combine")
+                for way in ("sent", "received") for level in ("intra", "inter")]
+"""Payload bytes through the rank's ports in each phase: what the calibration fits the links on."""
 PER_LAYER_COLUMNS = ["step", "layer", "rank", "node", "rows_in", "pairs", "active_slots", "dispatch_s",
-                     "compute_s", "combine_s", "layer_s", "bytes_intra", "bytes_inter"]
+                     "compute_s", "combine_s", "layer_s", "bytes_intra", "bytes_inter", *PORT_COLUMNS]
 
 
 @dataclass(frozen=True)
@@ -28,11 +31,14 @@ def layer_row(step: int, layer: int, rank: int, cluster: Cluster, t: LayerTimes)
     """One per_layer.csv row: what `rank` measured in `layer` of `step`."""
     dest = np.arange(cluster.world)
     inter = cluster.node(dest) != cluster.node(rank)
+    ports = [int(t.port_bytes[phase, way][mask].sum()) for phase in range(2) for way in range(2)
+             for mask in (~inter, inter)]
     return {"step": step, "layer": layer, "rank": rank, "node": int(cluster.node(rank)),
             "rows_in": t.rows_in, "pairs": t.pairs, "active_slots": t.active_slots,
             "dispatch_s": t.dispatch_s, "compute_s": t.compute_s, "combine_s": t.combine_s,
             "layer_s": t.dispatch_s + t.compute_s + t.combine_s,
-            "bytes_intra": int(t.bytes_sent[~inter].sum()), "bytes_inter": int(t.bytes_sent[inter].sum())}
+            "bytes_intra": int(t.bytes_sent[~inter].sum()), "bytes_inter": int(t.bytes_sent[inter].sum()),
+            **dict(zip(PORT_COLUMNS, ports))}
 
 
 def summarize(per_layer: pd.DataFrame, tokens: int, wall_s: float) -> dict[str, float]:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from moetuner.atomic import write_atomic, write_json_atomic
 from moetuner.placement.layout import load_placement
 from moetuner.serving.emulation import (RankEmulator, add_predictions, cpu_share, emulation_metrics,
-                                        predict_served, target_cost, wire_row_bytes)
+                                        predict_served, row_scale, target_cost, wire_row_bytes)
 from moetuner.serving.ep_moe import set_exchange_hook
 from moetuner.serving.measure import PER_LAYER_COLUMNS, Cluster, summarize
 from moetuner.serving.replay import replay, replay_settings
@@ -102,9 +102,8 @@ def emulation_outputs(cfg: DictConfig, table: pd.DataFrame, metrics: dict) -> tu
     run_s = max(metrics.pop(f"run_s_rank{r}") for r in range(world))
     steps = metrics["steps"] + warmup
     emulated = emulation_metrics(metrics["moe_layer_time_s"], sim, dilation, world)
-    hidden = max(1, trace.hidden_size // settings.shape_scale)
     emulated.update(compute=str(cfg.emulation.compute), cpu_s_per_step=cpu / steps,
-                    target_bytes_per_byte=cost.token_bytes / (4 * hidden),
+                    target_bytes_per_byte=1 / row_scale(trace, settings.shape_scale, cost),
                     cpu_share=cpu_share(cpu, run_s, len(os.sched_getaffinity(0))))
     return add_predictions(table, sim, warmup, dilation), emulated
 
