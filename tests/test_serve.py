@@ -76,6 +76,15 @@ def test_model_mode_logits_match_single_process(tmp_path: Path, checkpoint: Path
     assert not leftover_namespaces(f"mt{__import__('os').getpid()}")
 
 
+def expected_pairs(topk_ids: np.ndarray, num_experts: int) -> np.ndarray:
+    """How often each (token, layer, expert) pair must be computed: once per top-k entry. [T, L, k] -> [T, L, E]"""
+    expected = np.zeros((*topk_ids.shape[:2], num_experts), dtype=np.int64)
+    t, layer = np.indices(topk_ids.shape[:2])
+    for j in range(topk_ids.shape[2]):
+        expected[t, layer, topk_ids[:, :, j]] += 1
+    return expected
+
+
 def tiny_trace(path: Path, tokens: int = 48, layers: int = 3) -> Trace:
     rng = np.random.default_rng(1)
     ids = np.array([[rng.choice(E, K, replace=False) for _ in range(layers)] for _ in range(tokens)])
@@ -93,13 +102,27 @@ def test_replay_delivers_every_pair_exactly_once(tmp_path: Path) -> None:
                            "replay.step_tokens=16", "replay.check_delivery=true",
                            "replay.dataflow=expert_to_expert", "replay.shape_scale=4"))
     delivered = np.load(tmp_path / "run" / "delivered.npy")  # [T, L, E] pairs computed over all ranks
-    expected = np.zeros_like(delivered)
-    t, layer = np.indices(trace.topk_ids.shape[:2])
-    for j in range(K):
-        expected[t, layer, trace.topk_ids[:, :, j]] += 1
-    np.testing.assert_array_equal(delivered, expected)
+    np.testing.assert_array_equal(delivered, expected_pairs(trace.topk_ids, E))
     assert metrics["dataflow"] == "expert_to_expert" and metrics["steps"] == 2  # 3 steps, 1 warm-up
     assert metrics["moe_layer_time_s"] >= metrics["moe_layer_time_mean_s"] > 0
+
+
+@pytest.mark.parametrize("dataflow", ["dispatch_combine", "hierarchical"])
+def test_unshaped_emulation_delivers_every_pair_exactly_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             dataflow: str) -> None:
+    """emulation.enabled=auto without root (what CI and most laptops get): loopback, but the emulated
+    exchange (pre-posted receives, staggered sends, timed compute) computes every pair once."""
+    import moetuner.apps.serve as serve_app
+
+    monkeypatch.setattr(serve_app, "netns_unavailable_reason", lambda: "not running as root")
+    trace = tiny_trace(tmp_path / "trace.safetensors")
+    placement = write_placement(tmp_path, three_kinds(4), 2)
+    metrics = serve(config(tmp_path, f"trace={tmp_path / 'trace.safetensors'}", f"placement={placement}",
+                           "replay.step_tokens=16", "replay.check_delivery=true", f"replay.dataflow={dataflow}",
+                           "replay.shape_scale=4", "emulation.enabled=auto", "emulation.dilation=10"))
+    assert metrics["emulated_network"] is False and metrics["dilation"] == 10
+    delivered = np.load(tmp_path / "run" / "delivered.npy")
+    np.testing.assert_array_equal(delivered, expected_pairs(trace.topk_ids, E))
 
 
 def test_hierarchical_replay_relays_like_the_simulator(tmp_path: Path) -> None:
@@ -112,11 +135,7 @@ def test_hierarchical_replay_relays_like_the_simulator(tmp_path: Path) -> None:
                            "replay.step_tokens=16", "replay.check_delivery=true", "replay.dataflow=hierarchical",
                            "replay.dispatch=lp", "replay.shape_scale=4"))
     delivered = np.load(tmp_path / "run" / "delivered.npy")
-    expected = np.zeros_like(delivered)
-    t, layer = np.indices(trace.topk_ids.shape[:2])
-    for j in range(K):
-        expected[t, layer, trace.topk_ids[:, :, j]] += 1
-    np.testing.assert_array_equal(delivered, expected)
+    np.testing.assert_array_equal(delivered, expected_pairs(trace.topk_ids, E))
     node = np.arange(4) // 2
     links = np.ones((4, 4))
     np.fill_diagonal(links, np.inf)
@@ -297,11 +316,7 @@ def test_sixteen_emulated_ranks_start_and_stop_cleanly(tmp_path: Path) -> None:
                            "replay.step_tokens=32", "replay.shape_scale=4", "replay.check_delivery=true"))
     assert metrics["ranks"] == 16 and metrics["dilation"] == 20 and metrics["emulated_network"] is True
     delivered = np.load(tmp_path / "run" / "delivered.npy")  # pre-posted exchanges: every pair once
-    expected = np.zeros_like(delivered)
-    t, layer = np.indices(ids.shape[:2])
-    for j in range(K):
-        expected[t, layer, ids[:, :, j]] += 1
-    np.testing.assert_array_equal(delivered, expected)
+    np.testing.assert_array_equal(delivered, expected_pairs(ids, experts))
     assert metrics["predicted_moe_layer_time_s"] > 0 and metrics["target_moe_layer_time_s"] > 0
     table = pd.read_csv(tmp_path / "run" / "per_layer.csv")
     assert sorted(table["rank"].unique()) == list(range(16))
