@@ -209,8 +209,8 @@ def main() -> None:
                **constants}
     print(table.to_markdown(index=False, floatfmt=".3f"))
     print(json.dumps(summary, indent=1))
-    recovered = {k[len("own_"):]: (v, constants[f"fit_{k[4:]}"], constants[f"fit_rel_error_{k[4:]}"])
-                 for k, v in constants.items() if k.startswith("own_")}
+    names = [k.removeprefix("own_") for k in constants if k.startswith("own_")]
+    recovered = {k: (constants[f"own_{k}"], constants[f"fit_{k}"], constants[f"fit_rel_error_{k}"]) for k in names}
     print(pd.DataFrame(recovered, index=["topology", "calibrated", "rel_error"]).T.to_markdown(floatfmt=".4g"))
     aims = {"every placement within 10%": summary["max_abs_rel_error"] <= 0.10, "Spearman >= 0.9": spearman >= 0.9,
             "CV <= 5%": summary["max_cv"] <= 0.05, "<= 10 min": wall <= 600,

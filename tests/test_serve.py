@@ -267,12 +267,12 @@ def test_timed_compute_and_latency_wait_what_the_cost_model_says() -> None:
 def test_staggered_peers_give_every_receiver_one_sender_per_step(nodes: int, per_node: int) -> None:
     from moetuner.serving.emulation import staggered_peers
 
-    node = np.arange(nodes * per_node) // per_node
-    orders = np.array([staggered_peers(node, r) for r in range(len(node))])  # [W, W - 1]
+    world = nodes * per_node
+    orders = np.array([staggered_peers(world, per_node, r) for r in range(world)])  # [W, W - 1]
     for r, order in enumerate(orders):
-        assert sorted(order) == [p for p in range(len(node)) if p != r]
+        assert sorted(order) == [p for p in range(world) if p != r]
     for step in orders.T:  # the i-th message of every rank goes to a different rank
-        assert len(set(step.tolist())) == len(node)
+        assert len(set(step.tolist())) == world
     if (nodes, per_node) == (2, 2):
         assert orders.tolist() == [[2, 1, 3], [3, 0, 2], [0, 3, 1], [1, 2, 0]]
 

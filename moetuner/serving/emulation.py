@@ -99,13 +99,13 @@ def sleep_until(deadline: float) -> None:
         time.sleep(left)
 
 
-def staggered_peers(node: np.ndarray, rank: int) -> list[int]:
+def staggered_peers(world: int, per_node: int, rank: int) -> list[int]:
     """The peers of `rank` in send order: on every node, local rank (own local rank + i) mod n at
-    step i, so at each step of a port's queue every receiver has one sender (node [W])."""
-    per_node = int((node == node[0]).sum())
-    local = np.arange(len(node)) % per_node
-    key = ((local - rank % per_node) % per_node) * len(node) + (node - node[rank]) % (node.max() + 1)
-    return [int(p) for p in np.argsort(key, kind="stable") if p != rank]
+    step i, so at each step of a port's queue every receiver has one sender."""
+    peer = np.arange(world)
+    shift = (peer % per_node - rank % per_node) % per_node
+    hop = (peer // per_node - rank // per_node) % (world // per_node)
+    return [int(p) for p in np.argsort(shift * world + hop, kind="stable") if p != rank]
 
 
 class RankEmulator:
@@ -122,7 +122,7 @@ class RankEmulator:
         self.cost, self.dilation, self.rank = cost, float(dilation), rank
         self.row_bytes = row_bytes  # exchange rows are padded to this many bytes
         self.clock = time.perf_counter()
-        self.send_order = staggered_peers(cost.node, rank)
+        self.send_order = staggered_peers(cost.num_gpus, cost.gpus_per_node, rank)
 
     def start_step(self) -> None:
         """A step starts now (after the replay's barrier)."""

@@ -70,31 +70,30 @@ def exchange(x: torch.Tensor, meta: torch.Tensor, dest: torch.Tensor, world: int
     order = torch.argsort(dest, stable=True)
     x, meta, dest = x[order].contiguous(), meta[order].contiguous(), dest[order]
     send_counts = torch.bincount(dest, minlength=world)
-    if _exchange_hooks:  # each count travels with the sender's clock (ns; one host, one monotonic clock)
-        clock_ns = int(_exchange_hooks[0].clock * 1e9)
-        got = torch.empty((world, 2), dtype=torch.long)
-        dist.all_to_all_single(got, torch.stack([send_counts, torch.full_like(send_counts, clock_ns)], 1))
-        recv_counts, start = got[:, 0].contiguous(), float(got[:, 1].max()) / 1e9
-    else:
+    hook = _exchange_hooks[0] if _exchange_hooks else None  # set_exchange_hook installs at most one
+    if hook is None:
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts)
+    else:  # each count travels with the sender's clock (ns; one host, one monotonic clock)
+        got = torch.empty((world, 2), dtype=torch.long)
+        dist.all_to_all_single(got, torch.stack([send_counts, torch.full_like(send_counts, int(hook.clock * 1e9))], 1))
+        recv_counts, start = got[:, 0].contiguous(), float(got[:, 1].max()) / 1e9
     send, recv = send_counts.tolist(), recv_counts.tolist()
     x_bytes = x.shape[1] * x.element_size()
     meta_bytes = meta.shape[1] * meta.element_size()
-    pad = max([0] + [hook.row_bytes - x_bytes - meta_bytes for hook in _exchange_hooks])
-    assert all(x_bytes + meta_bytes <= hook.row_bytes for hook in _exchange_hooks), \
+    assert hook is None or x_bytes + meta_bytes <= hook.row_bytes, \
         f"{x_bytes + meta_bytes}-byte rows exceed the emulated row size (emulation.wire_row_bytes)"
+    pad = 0 if hook is None else hook.row_bytes - x_bytes - meta_bytes
     packed = torch.cat([x.view(torch.uint8).reshape(len(x), x_bytes),
                         meta.view(torch.uint8).reshape(len(meta), meta_bytes),
                         torch.zeros((len(x), pad), dtype=torch.uint8)], 1)
     out = packed.new_empty((sum(recv), packed.shape[1]))
-    if _exchange_hooks:
-        posted_all_to_all(out, packed, recv, send, rank, _exchange_hooks[0].send_order,
-                          lambda: [hook.before_payload(send_counts, recv_counts, start) for hook in _exchange_hooks])
-        for hook in _exchange_hooks:
-            hook.after_payload()
-    else:
+    if hook is None:
         dist.all_to_all_single(out, packed, recv, send)
+    else:
+        posted_all_to_all(out, packed, recv, send, rank, hook.send_order,
+                          lambda: hook.before_payload(send_counts, recv_counts, start))
+        hook.after_payload()
     out_x = out[:, :x_bytes].contiguous().view(x.dtype)
     out_meta = out[:, x_bytes:x_bytes + meta_bytes].contiguous().view(meta.dtype)
     src = torch.repeat_interleave(torch.arange(world), recv_counts)
@@ -147,8 +146,12 @@ class LayerTimes:
     rows_in: int = 0  # activation rows received for expert compute
     pairs: int = 0  # (token, expert) pairs computed
     active_slots: int = 0  # local slots that received at least one pair
-    bytes_sent: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [W]
     port_bytes: np.ndarray = field(default_factory=lambda: np.zeros((2, 2, 0)))  # [phase, sent|received, W]
+
+    @property
+    def bytes_sent(self) -> np.ndarray:
+        """Row bytes sent to each rank over both phases. [W]"""
+        return self.port_bytes[:, 0].sum(0)
 
 
 ExpertFn = Callable[[int, torch.Tensor], torch.Tensor]
@@ -241,5 +244,4 @@ def ep_layer(x: torch.Tensor, token_ids: torch.Tensor, slots: torch.Tensor, weig
     times.combine_s = time.perf_counter() - t0
     ports[1] += (back.bytes_sent, back.bytes_received)
     times.port_bytes = ports
-    times.bytes_sent = ports[:, 0].sum(0)
     return result[0], result[1], times

@@ -11,7 +11,7 @@ from moetuner.serving.ep_moe import LayerTimes
 
 PORT_COLUMNS = [f"bytes_{phase}_{way}_{level}" for phase in ("dispatch", "combine")
                 for way in ("sent", "received") for level in ("intra", "inter")]
-"""Payload bytes through the rank's ports in each phase: what the calibration fits the links on."""
+"""Row bytes on the wire through the rank's ports in each phase: what the calibration fits the links on."""
 PER_LAYER_COLUMNS = ["step", "layer", "rank", "node", "rows_in", "pairs", "active_slots", "dispatch_s",
                      "compute_s", "combine_s", "layer_s", "bytes_intra", "bytes_inter", *PORT_COLUMNS]
 
