@@ -6,7 +6,7 @@
 # every job's app logs a child run under it. See docs/study.md.
 from pathlib import Path
 
-from moetuner import study as moe_study
+from moetuner.study import parent_run as moe_study
 
 PROJECT = Path(workflow.basedir).resolve()
 

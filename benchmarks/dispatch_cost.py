@@ -7,7 +7,7 @@ Workload: a synthetic DeepSeek-V2-Lite-like trace (64 experts, top-6, Zipf skew 
 moetuner.synth; the first half profiles, the second half is scored), or with `--esft DOMAIN` the real
 ESFT routing shipped in data/esft/DOMAIN.safetensors split by sequence (half held out, seed 0).
 Placements: each of `--solvers` with `--replicas` extra slots per GPU, solved on the profile tokens.
-For each dispatch (moetuner.dispatch.DISPATCHES): `ms_*` times `choose_slots` alone (what an engine would run
+For each dispatch (moetuner.costmodel.replicas.DISPATCHES): `ms_*` times `choose_slots` alone (what an engine would run
 per batch) on the first `--layers` layers of the first scored step; the other columns simulate every
 scored step (`--dataflow`): speedup vs contiguous, and the summed compute tail and all-to-all per step.
 Prints a Markdown table and writes it as CSV.
@@ -23,12 +23,13 @@ from pathlib import Path
 import numpy as np
 
 from moetuner import PROJECT_ROOT
-from moetuner.apps.solve import solve_placement
-from moetuner.placement.layout import contiguous_phy2log
-from moetuner.placement.problem import PlacementProblem
-from moetuner.cost import cost_model
-from moetuner.dispatch import DISPATCHES, choose_slots, layer_slots
-from moetuner.simulator import primary_column, simulate
+from moetuner.solvers.registry import solve_placement
+from moetuner.placement import contiguous_phy2log
+from moetuner.solvers.problem import PlacementProblem
+from moetuner.costmodel.cost import cost_model
+from moetuner.costmodel.replicas import choose_slots, layer_slots
+from moetuner.costmodel.settings import DISPATCHES
+from moetuner.costmodel.simulator import primary_column, simulate
 from moetuner.synth import SynthSpec, synthesize
 from moetuner.topology import topology_from_config, topology_preset
 from moetuner.trace import Trace, load_trace, split_by_sequence

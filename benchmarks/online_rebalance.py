@@ -22,8 +22,8 @@ from omegaconf import OmegaConf
 
 from moetuner import PROJECT_ROOT
 from moetuner.online.migration import MigrationConfig
-from moetuner.online.policies import make_policy
-from moetuner.online.replay import make_context, replay
+from moetuner.online.policy_config import make_policy
+from moetuner.online.stream_replay import make_context, replay_stream
 from moetuner.online.stream import load_stream
 from moetuner.topology import topology_from_config, topology_preset
 from moetuner.tracking import tracked_run
@@ -53,7 +53,7 @@ def run_stream(stream_name: str, setting: str, modes: list[str], policies: tuple
     for policy in policies:
         for mode in (modes if policy not in ("static", "oracle") else modes[:1]):
             run_ctx = dataclasses.replace(ctx, migration=MigrationConfig(mode, args.bandwidth_share))
-            result = replay(stream, profile, make_policy(conf("policy", policy), stream), run_ctx)
+            result = replay_stream(stream, profile, make_policy(conf("policy", policy), stream), run_ctx)
             for m in (modes if policy in ("static", "oracle") else [mode]):
                 rows.append({"stream": stream_name, "setting": f"{topo_name} r{replicas}", "mode": m,
                              "policy": policy, **{c: result.metrics[c] for c in COLUMNS[4:]}})

@@ -35,10 +35,11 @@ import numpy as np
 from tqdm import tqdm
 
 from moetuner import PROJECT_ROOT
-from moetuner.apps.solve import solve_placement
-from moetuner.placement.problem import PlacementProblem
-from moetuner.cost import cost_model
-from moetuner.simulator import lower_bound, primary_column, simulate
+from moetuner.solvers.registry import solve_placement
+from moetuner.solvers.problem import PlacementProblem
+from moetuner.costmodel.cost import cost_model
+from moetuner.costmodel.bounds import lower_bound
+from moetuner.costmodel.simulator import primary_column, simulate
 from moetuner.topology import Topology, topology_from_config, topology_preset
 from moetuner.trace import Trace, load_trace
 from moetuner.tracking import tracked_run

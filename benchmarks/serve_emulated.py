@@ -27,15 +27,14 @@ import numpy as np
 import pandas as pd
 from hydra import compose, initialize_config_dir
 
-from moetuner import PROJECT_ROOT
-from moetuner.apps.calibrate import read_runs
-from moetuner.apps.common import CONF_DIR
-from moetuner.apps.serve import serve
+from moetuner import CONF_DIR, PROJECT_ROOT
 from moetuner.atomic import write_atomic, write_json_atomic
 from moetuner.importers import import_routing
-from moetuner.placement.layout import save_placement
-from moetuner.placement.problem import PlacementProblem, get_solver
-from moetuner.serving.calibration import fit_costs, stack_runs
+from moetuner.placement import save_placement
+from moetuner.solvers.problem import PlacementProblem
+from moetuner.solvers.registry import get_solver
+from moetuner.serving.calibration import fit_costs, read_runs, stack_runs
+from moetuner.serving.run import serve
 from moetuner.serving.emulation import target_cost
 from moetuner.topology import topology_from_config, topology_preset
 from moetuner.trace import Trace, load_trace, save_trace, split_by_sequence
@@ -151,7 +150,7 @@ def hot_receiver_check(args: argparse.Namespace) -> None:
     """2 layers, top-1, 16 experts one per rank (contiguous), D = 20000: uniform routing vs half of the
     tokens to rank 0's expert; measured target time vs the simulator's (does a hot port cost what the
     simulator says?)."""
-    from moetuner.placement.layout import Placement, contiguous_phy2log
+    from moetuner.placement import Placement, contiguous_phy2log
     from moetuner.trace import Trace
 
     tokens, experts = 1536, 16

@@ -21,10 +21,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from moetuner.apps.solve import placement_metrics, solve_placement
+from moetuner.solvers.registry import placement_metrics, solve_placement
 from moetuner.importers import import_routing
-from moetuner.placement.layout import Placement
-from moetuner.placement.problem import PlacementProblem
+from moetuner.placement import Placement
+from moetuner.solvers.problem import PlacementProblem
 from moetuner.synth import SynthSpec, synthesize
 from moetuner.topology import topology_from_config, topology_preset
 from moetuner.trace import split_by_sequence
@@ -65,7 +65,7 @@ def h100_cluster(nodes: int, gpus_per_node: int) -> dict:
 def solvers() -> list[str]:
     """The solvers compared; steptail joins when its module is installed."""
     names = ["greedy", "eplb", "moetuner"]
-    return names + ["steptail"] if importlib.util.find_spec("moetuner.placement.steptail") else names
+    return names + ["steptail"] if importlib.util.find_spec("moetuner.solvers.steptail") else names
 
 
 def make_problem(case: Case, tokens: int, replicas: int) -> PlacementProblem:

@@ -11,10 +11,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from moetuner.apps.calibrate import calibrate
-from moetuner.apps.common import CONF_DIR
+from moetuner import CONF_DIR
 from moetuner.serving.calibration import CalibrationError, CostFit, fit_costs, phase_times, stack_runs
 from moetuner.serving.measure import PORT_COLUMNS
-from moetuner.cost import cost_model
+from moetuner.costmodel.cost import cost_model
 from moetuner.topology import topology_from_config
 
 TRUE = CostFit(expert_fixed_s=2e-4, expert_per_token_s=3e-6, intra_node_latency_s=1e-4,
@@ -35,8 +35,8 @@ def synthetic_run(seed: int, load_scale: float, ranks: int = 4, inter: bool = Tr
         table[col] = rng.integers(0, 10**6 if col.endswith("intra") else 10**5, n) * (rng.random(n) > 0.1)
         if col.endswith("inter"):
             table.loc[single_node | (not inter), col] = 0
-    table["bytes_intra"] = table["bytes_dispatch_sent_intra"] + table["bytes_combine_sent_intra"]
-    table["bytes_inter"] = table["bytes_dispatch_sent_inter"] + table["bytes_combine_sent_inter"]
+    table["bytes_intra"] = table["bytes_scatter_sent_intra"] + table["bytes_combine_sent_intra"]
+    table["bytes_inter"] = table["bytes_scatter_sent_inter"] + table["bytes_combine_sent_inter"]
     table["compute_s"] = TRUE.expert_fixed_s * table["active_slots"] + TRUE.expert_per_token_s * table["pairs"]
     ports = table[PORT_COLUMNS].to_numpy(float).reshape(groups, ranks, 2, 2, 2)
     phases = np.zeros((groups, 2))
@@ -48,8 +48,8 @@ def synthetic_run(seed: int, load_scale: float, ranks: int = 4, inter: bool = Tr
                                            np.array([TRUE.intra_node_latency_s, TRUE.inter_node_latency_s])), phases)
     layer = phases.sum(1) + table.groupby(["step", "layer"])["compute_s"].max().to_numpy()
     table["layer_s"] = np.repeat(layer, ranks)
-    table["dispatch_s"] = np.repeat(phases[:, 0], ranks)
-    table["combine_s"] = table["layer_s"] - table["dispatch_s"] - table["compute_s"]
+    table["scatter_s"] = np.repeat(phases[:, 0], ranks)
+    table["combine_s"] = table["layer_s"] - table["scatter_s"] - table["compute_s"]
     return table
 
 
@@ -101,12 +101,12 @@ def test_emulated_runs_are_read_in_target_units(tmp_path: Path) -> None:
     the fit recovers the target's constants from the dilated rows."""
     import json
 
-    from moetuner.apps.calibrate import read_runs
+    from moetuner.serving.calibration import read_runs
 
     dilation, per_byte = 1000.0, 16.0
     target = synthetic_run(0, 1.0)
     emulated = target.copy()
-    for col in ("compute_s", "dispatch_s", "combine_s", "layer_s"):
+    for col in ("compute_s", "scatter_s", "combine_s", "layer_s"):
         emulated[col] = target[col] * dilation
     for col in ("bytes_intra", "bytes_inter", *PORT_COLUMNS):
         emulated[col] = target[col] / per_byte

@@ -19,11 +19,11 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from moetuner import PROJECT_ROOT
-from moetuner.apps.common import CONF_DIR
-from moetuner.apps.serve import check_replay, serve
-from moetuner.placement.layout import Placement, contiguous_phy2log, save_placement
+from moetuner import CONF_DIR
+from moetuner.serving.run import check_replay, serve
+from moetuner.placement import Placement, contiguous_phy2log, save_placement
 from moetuner.serving.replay import ReplayError
-from moetuner.study_config import StudyConfigError, check_study_config
+from moetuner.study.config import StudyConfigError, check_study_config
 from moetuner.trace import Trace, save_trace
 
 BIN = Path(sys.executable).parent
@@ -161,7 +161,7 @@ def test_serve_refuses_a_too_short_replay_before_launch(tmp_path: Path) -> None:
 
 def test_serve_refuses_an_unknown_replay_dispatch_before_launch(tmp_path: Path) -> None:
     cfg = replay_config(tmp_path, 1024, "replay.dispatch=nearest")
-    with pytest.raises(ReplayError, match=r"replay\.dispatch='nearest'; choose one of \['dynamic'"):
+    with pytest.raises(ReplayError, match=r"replay\.dispatch='nearest' is unknown; choose one of \['dynamic'"):
         serve(cfg)
     assert not (tmp_path / "run").exists()  # nothing written, no rank launched
 

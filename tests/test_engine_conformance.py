@@ -34,12 +34,13 @@ import numpy as np
 import pytest
 import torch
 
-from moetuner.apps.solve import solve_placement, write_placement
-from moetuner.placement.eplb import rebalance_experts
-from moetuner.placement.layout import (SGLANG_DISPATCH, Placement, PlacementError, contiguous_phy2log,
-                                       engine_settings, fill_empty_slots, gpu_loads, logical_to_physical_map)
-from moetuner.placement.problem import PlacementProblem
-from moetuner.dispatch import DISPATCHES
+from moetuner.engines import write_placement
+from moetuner.solvers.registry import solve_placement
+from moetuner.solvers.eplb import rebalance_experts
+from moetuner.engines import SGLANG_DISPATCH, engine_settings, fill_empty_slots
+from moetuner.placement import Placement, PlacementError, contiguous_phy2log, gpu_loads, logical_to_physical_map
+from moetuner.solvers.problem import PlacementProblem
+from moetuner.costmodel.settings import DISPATCHES
 from test_eplb import GOLDEN_LOGCNT, GOLDEN_PHY2LOG, GOLDEN_WEIGHT
 from test_solvers import random_trace, topology
 

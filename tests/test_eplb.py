@@ -1,4 +1,4 @@
-"""moetuner.placement.eplb: DeepSeek's golden vector, hand-computed cases and the policy invariants."""
+"""moetuner.solvers.eplb: DeepSeek's golden vector, hand-computed cases and the policy invariants."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from moetuner.placement.eplb import (EplbError, balanced_packing, rebalance_experts, replicate_experts)
+from moetuner.solvers.eplb import (EplbError, balanced_packing, rebalance_experts, replicate_experts)
 
 GOLDEN_WEIGHT = torch.tensor([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
                               [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]])

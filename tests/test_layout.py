@@ -1,4 +1,4 @@
-"""moetuner.placement.layout: validation errors, JSON round trip, vLLM/torch exports against hand maps."""
+"""moetuner.placement: validation errors, JSON round trip, vLLM/torch exports against hand maps."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from moetuner.placement.layout import (Placement, PlacementError, contiguous_phy2log, export_torch,
-                                       export_vllm, load_placement, logical_replica_count,
-                                       logical_to_physical_map, save_placement)
+from moetuner.engines import export_torch, export_vllm
+from moetuner.placement import (Placement, PlacementError, contiguous_phy2log, load_placement,
+                                logical_replica_count, logical_to_physical_map, save_placement)
 
 # 2 layers, 2 GPUs x 3 slots, 4 experts; layer 0 replicates expert 0, layer 1 leaves a slot empty
 PHY2LOG = np.array([[0, 1, 0, 2, 3, 0],

@@ -8,12 +8,12 @@ import numpy as np
 import pulp
 import pytest
 
-from moetuner.placement import moetuner_ilp
-from moetuner.placement.baselines import greedy_phy2log
-from moetuner.placement.mip import MipError, MipResult, solve_mip
-from moetuner.placement.moetuner_ilp import (build_ilp1, ilp1_objective, ilp2_objective, link_cost,
+from moetuner.solvers import moetuner_ilp
+from moetuner.solvers.baselines import greedy_phy2log
+from moetuner.solvers.mip import MipError, MipResult, solve_mip
+from moetuner.solvers.moetuner_ilp import (build_ilp1, ilp1_objective, ilp2_objective, link_cost,
                                              solve_ilp1, solve_ilp2, solve_moetuner)
-from moetuner.placement.problem import PlacementProblem
+from moetuner.solvers.problem import PlacementProblem
 from moetuner.profiling.stats import transitions
 from test_solvers import random_trace, topology
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from moetuner.apps.serve import use_netns
+from moetuner.serving.run import use_netns
 from moetuner.serving import netns
 from moetuner.topology import topology_from_config
 
@@ -109,7 +109,7 @@ def test_rank_network_is_removed_after_failure_and_sigterm(tmp_path) -> None:
 
 
 def test_emulation_without_root_is_refused_or_unshaped(monkeypatch: pytest.MonkeyPatch) -> None:
-    from moetuner.apps.serve import emulation_settings
+    from moetuner.serving.run import emulation_settings
     from moetuner.serving.emulation import EmulationError
 
     monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)

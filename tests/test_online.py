@@ -13,13 +13,15 @@ import numpy as np
 import pytest
 
 from moetuner.apps.online import prepare
-from moetuner.apps.simulate import run_simulation
+from moetuner.costmodel.evaluate import run_simulation
 from moetuner.online.migration import (MigrationConfig, MigrationError, expert_bytes, plan_migration, transfers)
-from moetuner.online.policies import Context, Decision, PolicyError, Served, align_layer, make_policy
-from moetuner.online.replay import make_context, replay
+from moetuner.online.migration_aware import align_layer
+from moetuner.online.policies import Context, Decision, PolicyError, Served
+from moetuner.online.policy_config import make_policy
+from moetuner.online.stream_replay import make_context, replay_stream
 from moetuner.online.stream import StreamError, load_stream
-from moetuner.placement.layout import Placement, load_placement
-from moetuner.cost import CostModel
+from moetuner.placement import Placement, load_placement
+from moetuner.costmodel.cost import CostModel
 from moetuner.trace import Trace, save_trace
 from test_solvers import random_trace, topology
 
@@ -94,7 +96,7 @@ def test_replay_charges_migrations_by_hand(two_traces: tuple[Path, Path], mode: 
     first = np.tile(np.arange(8), (2, 1))
     new = first.copy()
     new[0, [1, 4]] = new[0, [4, 1]]  # one expert each way in layer 0
-    result = replay(stream, profile, SwitchAt(first, new, 3), ctx)
+    result = replay_stream(stream, profile, SwitchAt(first, new, 3), ctx)
     mig = ctx.migration_of(first, new)
     assert mig.experts_moved == 2 and mig.rounds == 1
     per_expert = expert_bytes(8, 8)
@@ -132,7 +134,7 @@ def test_static_one_segment_equals_simulate(two_traces: tuple[Path, Path], dataf
            "policy": {"name": "static", "solver": "greedy"}, "topology": _topology_cfg(nodes),
            "replicas": 1, "dataflow": dataflow, "dispatch": dispatch, "migration": {"mode": "stop_the_world"}}
     stream, profile, policy, ctx = prepare(cfg)
-    result = replay(stream, profile, policy, ctx)
+    result = replay_stream(stream, profile, policy, ctx)
     v0 = result.versions[0]
     placement = Placement(v0.phy2log, ctx.topology.num_gpus, nodes, "greedy", extra={"num_experts": 8})
     _, _, metrics = run_simulation(placement, profile, topology(nodes, 2), 32, dataflow, dispatch)
@@ -162,7 +164,7 @@ def test_policies_never_read_future_steps(two_traces: tuple[Path, Path], tmp_pat
     for later in (b, c):  # the same first 10 steps, then different routing
         stream, profile = load_stream([{"trace": str(a), "steps": 10}, {"trace": str(later), "steps": 6}], str(a), 32)
         ctx = make_context(stream, topology(2, 2), 1, "dispatch_combine", "dynamic", MigrationConfig())
-        runs.append(replay(stream, profile, make_policy(POLICY_CFGS[name], stream), ctx))
+        runs.append(replay_stream(stream, profile, make_policy(POLICY_CFGS[name], stream), ctx))
     early = [[(v.decided_step, v.phy2log.tolist()) for v in r.versions if v.decided_step <= 10] for r in runs]
     assert len(early[0]) > 1, "the policy made no decision in the first segment: the test shows nothing"
     assert early[0] == early[1]
@@ -190,7 +192,7 @@ def test_align_layer_keeps_experts_in_place() -> None:
 
 
 def test_sticky_layer_moves_only_what_unbalances() -> None:
-    from moetuner.online.policies import sticky_layer
+    from moetuner.online.migration_aware import sticky_layer
 
     current = np.array([0, 1, 2, 3])  # one node, 2 GPUs of 2 slots
     # balanced already (10 + 1 | 1 + 10 against a cap of 11 x 1.05): nothing moves
@@ -274,8 +276,8 @@ def test_app_writes_outputs_and_refuses_bad_spec_first(two_traces: tuple[Path, P
 
 
 def test_report_section_reads_every_replay(two_traces: tuple[Path, Path], tmp_path: Path) -> None:
-    from moetuner.online.replay import write_outputs
-    from moetuner.report.online import online_runs, online_section
+    from moetuner.online.stream_replay import write_outputs
+    from moetuner.report.online_section import online_runs, online_section
 
     a, b = two_traces
     assert online_section(tmp_path / "results", tmp_path / "report") is None  # no replay: no section
@@ -283,7 +285,7 @@ def test_report_section_reads_every_replay(two_traces: tuple[Path, Path], tmp_pa
     ctx = make_context(stream, topology(1, 2), 0, "dispatch_combine", "dynamic", MigrationConfig())
     totals = {}
     for name, cfg in (("static", {"name": "static", "solver": "greedy"}), ("periodic", POLICY_CFGS["periodic"])):
-        result = replay(stream, profile, make_policy(cfg, stream), ctx)
+        result = replay_stream(stream, profile, make_policy(cfg, stream), ctx)
         totals[name] = result.metrics["total_time_s"]
         write_outputs(result, stream, ctx, name, tmp_path / "results" / "online" / "a-b" / "test_1x2-r0" / name)
     table = online_runs(tmp_path / "results")

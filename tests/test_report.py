@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from moetuner.report.collect import ReportError, parse_run_dir, relative_gap, speedup_vs_contiguous
+from moetuner.report.collect import ReportError, parse_run_dir, speedup_vs_contiguous
+from moetuner.solvers.mip import relative_gap
 from moetuner.report.document import markdown_table
-from moetuner.placement.layout import gpu_loads
+from moetuner.placement import gpu_loads
 from moetuner.profiling.stats import expert_load
 from moetuner.report.figures import relative_load
 from moetuner.report.headline import (dispatch_tables, headline_metrics, headline_sentences, headline_tables, headline_trace,
                                       html_headline, markdown_headline, regime_sentence)
 from moetuner.report.regime import regime_table, tile_tokens
-from moetuner.cost import CostModel
+from moetuner.costmodel.cost import CostModel
 
 
 def test_expert_counts_by_hand() -> None:
@@ -44,8 +44,11 @@ def test_gpu_load_conserves_tokens() -> None:
 
 
 def test_relative_gap() -> None:
+    """One gap for moetuner-solve's metrics and the report: (objective - bound) / |objective|, clamped at 0."""
     assert relative_gap(10.0, 8.0) == pytest.approx(0.2)
-    assert math.isnan(relative_gap(10.0, None))
+    assert relative_gap(10.0, 10.0) == 0.0
+    assert relative_gap(8.0, 10.0) == 0.0  # a bound above the incumbent (solver tolerance) is no negative gap
+    assert relative_gap(10.0, None) is None
 
 
 def test_parse_run_dir() -> None:

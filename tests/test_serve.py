@@ -12,15 +12,15 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from moetuner.apps.common import CONF_DIR
-from moetuner.apps.serve import serve
-from moetuner.placement.layout import Placement, PlacementError, contiguous_phy2log, save_placement
+from moetuner import CONF_DIR
+from moetuner.serving.run import serve
+from moetuner.placement import Placement, PlacementError, contiguous_phy2log, save_placement
 from moetuner.serving.ep_moe import choose_slots
 from moetuner.serving.launcher import LaunchError, descendants, failure_cause
 from moetuner.serving.measure import summarize
 from moetuner.serving.netns import leftover_namespaces, netns_unavailable_reason
-from moetuner.cost import CostModel
-from moetuner.simulator import simulate
+from moetuner.costmodel.cost import CostModel
+from moetuner.costmodel.simulator import simulate
 from moetuner.trace import Trace, save_trace
 
 E, K = 6, 2
@@ -112,7 +112,7 @@ def test_unshaped_emulation_delivers_every_pair_exactly_once(tmp_path: Path, mon
                                                              dataflow: str) -> None:
     """emulation.enabled=auto without root (what CI and most laptops get): loopback, but the emulated
     exchange (pre-posted receives, staggered sends, timed compute) computes every pair once."""
-    import moetuner.apps.serve as serve_app
+    import moetuner.serving.run as serve_app
 
     monkeypatch.setattr(serve_app, "netns_unavailable_reason", lambda: "not running as root")
     trace = tiny_trace(tmp_path / "trace.safetensors")
@@ -208,7 +208,7 @@ def test_dynamic_replica_choice() -> None:
 
 
 def test_summarize_tails_and_means() -> None:
-    rows = [dict(step=s, layer=l, rank=r, pairs=p, dispatch_s=d, compute_s=0.0, combine_s=0.0, layer_s=d,
+    rows = [dict(step=s, layer=l, rank=r, pairs=p, scatter_s=d, compute_s=0.0, combine_s=0.0, layer_s=d,
                  bytes_intra=0, bytes_inter=b)
             for s, l, r, p, d, b in [(0, 0, 0, 2, 1.0, 10), (0, 1, 0, 2, 2.0, 0), (0, 0, 1, 6, 4.0, 0),
                                      (0, 1, 1, 2, 0.5, 0), (1, 0, 0, 4, 1.0, 0), (1, 0, 1, 4, 1.0, 30)]]
@@ -231,7 +231,7 @@ def test_failure_cause_names_rank_and_signal(tmp_path: Path) -> None:
 
 def hand_cost(gpus: int = 4, per_node: int = 2) -> "CostModel":
     """f(n) = max(n * 1 ms, 2 ms) + 0.5 ms; latency 1 ms inside a node, 3 ms across."""
-    from moetuner.cost import CostModel
+    from moetuner.costmodel.cost import CostModel
 
     node = np.arange(gpus) // per_node
     same = node[:, None] == node[None, :]
@@ -279,7 +279,7 @@ def test_staggered_peers_give_every_receiver_one_sender_per_step(nodes: int, per
 
 def test_dilation_rates_and_predictions_by_hand() -> None:
     from moetuner.serving.emulation import add_predictions, converged_dilation, wire_row_bytes
-    from moetuner.simulator import SimResult
+    from moetuner.costmodel.simulator import SimResult
 
     # overhead c / D on a 1.0 target: 1 + 200/D; 2000 -> 4000 moves it 1.10 -> 1.05 (4.8%, within 5%)
     probes = [(d, 1.0 + 200 / d) for d in (500, 1000, 2000, 4000)]
@@ -287,7 +287,7 @@ def test_dilation_rates_and_predictions_by_hand() -> None:
     assert converged_dilation(probes[:3], 0.05) is None  # 1000 -> 2000 still moves it 9%
     # a dispatch row: 4 * (8 values + 2 gate weights) + 8 * (3 + 2) meta = 80 bytes; combine rows padded to it
     assert wire_row_bytes(8, 2) == 80
-    sim = SimResult(dispatch_s=np.array([[1.0]]), combine_s=np.array([[2.0]]),
+    sim = SimResult(scatter_s=np.array([[1.0]]), combine_s=np.array([[2.0]]),
                     compute_s=np.array([[[3.0, 1.0]]]), tokens=np.ones((1, 1, 2)),
                     bytes_intra=np.zeros((1, 1)), bytes_inter=np.zeros((1, 1)))
     table = pd.DataFrame({"step": [1, 1], "layer": [0, 0], "rank": [0, 1]})
@@ -320,7 +320,7 @@ def test_sixteen_emulated_ranks_start_and_stop_cleanly(tmp_path: Path) -> None:
     assert metrics["predicted_moe_layer_time_s"] > 0 and metrics["target_moe_layer_time_s"] > 0
     table = pd.read_csv(tmp_path / "run" / "per_layer.csv")
     assert sorted(table["rank"].unique()) == list(range(16))
-    assert {"predicted_layer_s", "predicted_dispatch_s", "predicted_compute_s"} <= set(table.columns)
+    assert {"predicted_layer_s", "predicted_scatter_s", "predicted_compute_s"} <= set(table.columns)
     assert not leftover_namespaces(f"mt{__import__('os').getpid()}")
     assert descendants(__import__("os").getpid()) == []
     assert time.monotonic() - start < 120

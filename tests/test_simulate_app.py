@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from moetuner.apps.simulate import run_simulation, write_outputs
-from moetuner.apps.solve import solve_placement
-from moetuner.placement.layout import PlacementError, save_placement
-from moetuner.placement.problem import PlacementProblem
-from moetuner.cost import SimulationError
-from moetuner.dispatch import DISPATCHES
+from moetuner.apps.simulate import write_outputs
+from moetuner.costmodel.evaluate import run_simulation
+from moetuner.solvers.registry import solve_placement
+from moetuner.placement import PlacementError, save_placement
+from moetuner.solvers.problem import PlacementProblem
+from moetuner.costmodel.cost import SimulationError
+from moetuner.costmodel.settings import DISPATCHES
 from moetuner.trace import save_trace, split_by_sequence
 from test_solvers import random_trace, topology
 

@@ -8,11 +8,13 @@ import itertools
 import numpy as np
 import pytest
 
-from moetuner.placement.layout import PlacementError, contiguous_phy2log
-from moetuner.cost import CostModel, SimulationError, cost_model
-from moetuner.dispatch import (DISPATCHES, choose_slots, layer_slots, pick_lp_comm, round_rows, static_table,
+from moetuner.placement import PlacementError, contiguous_phy2log
+from moetuner.costmodel.cost import CostModel, SimulationError, cost_model
+from moetuner.costmodel.settings import DATAFLOWS, DISPATCHES
+from moetuner.costmodel.replicas import (choose_slots, layer_slots, pick_lp_comm, round_rows, static_table,
                                water_fill)
-from moetuner.simulator import DATAFLOWS, comm_lower_bound, compute_lower_bound, layer_step, lower_bound, simulate
+from moetuner.costmodel.bounds import comm_lower_bound, compute_lower_bound, lower_bound
+from moetuner.costmodel.simulator import layer_step, simulate
 from moetuner.topology import topology_from_config
 
 # 2 GPUs on 2 nodes; experts 0,1 on GPU 0 and 2,3 on GPU 1; tokens 0..3 live on GPUs 0,1,0,1.
@@ -49,7 +51,7 @@ def test_dispatch_combine_by_hand() -> None:
     # Layer 1: t0 0->1, t1 1->0, t2 0->1: [[0,2],[1,0]] -> 2.5 s each way; experts get 2,1,3,2
     #   tokens: GPUs 3 and 5 -> tail 5 s. Layer times 9 and 10; step 19 s; 12 copies, all inter-node.
     res = run(CONTIGUOUS, IDS, "dispatch_combine")
-    assert res.dispatch_s.tolist() == [[2.5, 2.5]] and res.combine_s.tolist() == [[2.5, 2.5]]
+    assert res.scatter_s.tolist() == [[2.5, 2.5]] and res.combine_s.tolist() == [[2.5, 2.5]]
     assert res.tokens.tolist() == [[[4, 4], [3, 5]]]
     assert res.layer_time_s.tolist() == [[9.0, 10.0]]
     m = res.metrics()
@@ -65,7 +67,7 @@ def test_expert_to_expert_by_hand() -> None:
     #   Last layer combines home (0,1,0,1): t0 1->0, t1 0->1, t2 1->0, t3 none: 2.5 s.
     # Copies: 3 + 2 + 3 + 3 = 11 (one fewer than dispatch-combine); same times as dispatch-combine.
     res = run(CONTIGUOUS, IDS, "expert_to_expert")
-    assert res.dispatch_s.tolist() == [[2.5, 2.5]] and res.combine_s.tolist() == [[2.5, 2.5]]
+    assert res.scatter_s.tolist() == [[2.5, 2.5]] and res.combine_s.tolist() == [[2.5, 2.5]]
     assert res.metrics()["layer_time_s"] == 19.0 and res.metrics()["bytes_inter_per_step"] == 11.0
 
 
@@ -77,7 +79,7 @@ def test_expert_to_expert_follows_affinity() -> None:
     # tokens 1 (home 1) and 2 (home 0) are away: dispatch-combine moves them twice per layer (8 copies),
     # expert-to-expert once in and once home (4 copies)
     assert dc.metrics()["bytes_inter_per_step"] == 8.0 and e2e.metrics()["bytes_inter_per_step"] == 4.0
-    assert e2e.combine_s[0, 0] == 0.0 and e2e.dispatch_s[0, 1] == 0.0
+    assert e2e.combine_s[0, 0] == 0.0 and e2e.scatter_s[0, 1] == 0.0
 
 
 def test_hierarchical_relays_once_per_node_by_hand() -> None:
@@ -92,7 +94,7 @@ def test_hierarchical_relays_once_per_node_by_hand() -> None:
     cost = unit_cost(4, 2)
     primary = np.zeros((4, 1), dtype=np.int64)
     res = simulate(phy2log, 4, ids, primary, 4, cost, 4, "hierarchical")
-    assert res.dispatch_s.tolist() == [[3.75]] and res.combine_s.tolist() == [[3.75]]
+    assert res.scatter_s.tolist() == [[3.75]] and res.combine_s.tolist() == [[3.75]]
     assert res.layer_time_s.tolist() == [[11.5]]
     m = res.metrics()
     assert m["bytes_inter_per_step"] == 8.0 and m["bytes_intra_per_step"] == 6.0

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from moetuner.apps.solve import placement_metrics, solve_placement, write_placement
-from moetuner.placement.layout import load_placement, logical_to_physical_map
-from moetuner.placement.problem import PlacementProblem
+from moetuner.engines import write_placement
+from moetuner.solvers.registry import placement_metrics, solve_placement
+from moetuner.placement import load_placement, logical_to_physical_map
+from moetuner.solvers.problem import PlacementProblem
 from moetuner.trace import save_trace
 from test_solvers import make_trace, random_trace, topology
 
@@ -104,7 +105,7 @@ def test_problem_from_config_reads_one_or_several_traces(tmp_path: Path) -> None
     from omegaconf import OmegaConf
 
     from moetuner.apps.solve import problem_from_config
-    from moetuner.placement.problem import ProblemError
+    from moetuner.solvers.problem import ProblemError
 
     a = save_trace(random_trace(96, 2, 8, 2, seed=1), tmp_path / "a.safetensors")
     b = save_trace(random_trace(32, 2, 8, 2, seed=2), tmp_path / "b.safetensors")

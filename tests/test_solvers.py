@@ -10,12 +10,13 @@ import itertools
 import numpy as np
 import pytest
 
-from moetuner.placement.layout import gpu_loads
-from moetuner.placement.baselines import (fill_hot_replicas, greedy_phy2log, round_robin_phy2log,
-                                          solve_contiguous)
-from moetuner.placement.exflow import assign_to_gpus, cross_gpu_mass, exflow_gpus
-from moetuner.placement.layout import contiguous_phy2log
-from moetuner.placement.problem import SOLVERS, PlacementProblem, UnknownSolverError, get_solver
+from moetuner.placement import gpu_loads
+from moetuner.solvers.baselines import greedy_phy2log, round_robin_phy2log, solve_contiguous
+from moetuner.solvers.completion import fill_hot_replicas
+from moetuner.solvers.exflow import assign_to_gpus, cross_gpu_mass, exflow_gpus
+from moetuner.placement import contiguous_phy2log
+from moetuner.solvers.problem import PlacementProblem
+from moetuner.solvers.registry import SOLVERS, UnknownSolverError, get_solver
 from moetuner.profiling.stats import transitions
 from moetuner.topology import Topology, topology_from_config
 from moetuner.trace import Trace
@@ -157,7 +158,7 @@ def test_multi_domain_weights_by_hand() -> None:
 
 
 def test_multi_domain_bad_input_names_the_fix() -> None:
-    from moetuner.placement.problem import ProblemError
+    from moetuner.solvers.problem import ProblemError
 
     a, b = random_trace(32, 2, 8, 2), random_trace(32, 3, 8, 2)
     with pytest.raises(ProblemError, match="one model"):
@@ -177,7 +178,7 @@ def test_multi_domain_bad_input_names_the_fix() -> None:
 
 
 def test_balanced_partition_keeps_coactivated_experts_together() -> None:
-    from moetuner.placement.partition import balanced_partition, cut_mass, lpt_parts
+    from moetuner.solvers.partition import balanced_partition, cut_mass, lpt_parts
 
     # equal loads; experts 0&3 and 1&2 always chosen together: LPT splits 0,1 | 2,3 (cut 20), the
     # partition must find 0,3 | 1,2 (cut 0, loads still equal)
@@ -190,7 +191,7 @@ def test_balanced_partition_keeps_coactivated_experts_together() -> None:
 
 
 def test_balanced_partition_against_brute_force() -> None:
-    from moetuner.placement.partition import balanced_partition, cut_mass
+    from moetuner.solvers.partition import balanced_partition, cut_mass
 
     rng = np.random.default_rng(3)
     for _ in range(5):

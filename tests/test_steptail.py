@@ -9,10 +9,11 @@ import time
 import numpy as np
 import pytest
 
-from moetuner.placement.problem import PlacementProblem, get_solver
-from moetuner.placement.steptail import lower_bound, profile_steps, step_objective
-from moetuner.cost import cost_model
-from moetuner.simulator import lower_bound as simulator_bound
+from moetuner.solvers.problem import PlacementProblem
+from moetuner.solvers.registry import get_solver
+from moetuner.solvers.steptail import lower_bound, profile_steps, step_objective
+from moetuner.costmodel.cost import cost_model
+from moetuner.costmodel.bounds import lower_bound as simulator_bound
 from test_solvers import make_trace, random_trace, topology
 
 FAST = {"time_limit_s": 1.0}

@@ -122,17 +122,17 @@ def test_experiments_are_machine_learning_kind_and_runs_named_from_env(mlflow_ur
 
 
 def test_an_existing_experiment_gets_the_kind_tag(mlflow_uri: str) -> None:
-    from moetuner import tracking_study
+    from moetuner import tracking
 
     client = mlflow.MlflowClient(mlflow_uri)
     exp_id = client.create_experiment("old")
     assert "mlflow.experimentKind" not in client.get_experiment(exp_id).tags
-    assert tracking_study.ensure_experiment(mlflow_uri, "old") == exp_id
+    assert tracking.ensure_experiment(mlflow_uri, "old") == exp_id
     assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_child_run_names_follow_the_file_layout() -> None:
-    from moetuner.study import run_name
+    from moetuner.study.jobs import run_name
 
     assert run_name("solve", {"trace": "intent", "topology": "h200_2x8", "solver": "steptail", "replicas": "1"}) \
         == "solve:intent/h200_2x8/steptail-r1"
@@ -143,14 +143,15 @@ def test_child_run_names_follow_the_file_layout() -> None:
 
 
 def test_finish_parent_logs_headline_metrics_note_and_artifacts(mlflow_uri: str, tmp_path: Path) -> None:
-    from moetuner import study, tracking_study
+    from moetuner import tracking
+    from moetuner.study import parent_run as study
 
     results = tmp_path / "results"
     record = study.start_parent(results, "s", "t", mlflow_uri, tags={"skipped_real_data": "none"})
     headline = tmp_path / "headline.md"
     headline.write_text("| topology | replicas | eplb |\n|---|---|---|\n| g | r0 | **1.100** |\n")
     study.finish_parent(results, "FINISHED", [headline], {"speedup.heldout.g.r0.eplb": 1.1}, headline.read_text())
-    client = tracking_study.client(mlflow_uri)
+    client = tracking.client(mlflow_uri)
     run = client.get_run(record["run_id"])
     assert run.info.status == "FINISHED" and run.info.run_name == "study:s"
     assert run.data.metrics == {"speedup.heldout.g.r0.eplb": 1.1}

@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moetuner import PROJECT_ROOT, tracking_study
-from moetuner.study import config_hash
+from moetuner import PROJECT_ROOT, tracking
+from moetuner.study.jobs import config_hash
 
 BIN = Path(sys.executable).parent
 APPS = ["synth", "split", "profile", "solve", "simulate", "serve", "calibrate", "regime", "report"]
@@ -105,7 +105,7 @@ def test_tiny_study_mlflow_parent_and_children(tiny_study: tuple[Path, str, subp
     workdir, uri, done = tiny_study
     assert done.returncode == 0, done.stderr[-5000:]
     record = json.loads((workdir / "results" / "tiny" / "mlflow_parent.json").read_text())
-    client = tracking_study.client(uri)
+    client = tracking.client(uri)
     parent = client.get_run(record["run_id"])
     assert parent.info.status == "FINISHED"
     assert client.get_experiment(parent.info.experiment_id).name == "test-tiny"
@@ -121,7 +121,7 @@ def test_tiny_study_mlflow_parent_and_children(tiny_study: tuple[Path, str, subp
         assert parent.data.metrics[key] == pytest.approx(row.speedup_vs_contiguous)
     assert parent.data.tags["mlflow.note.content"].startswith("# moetuner study: tiny")
     assert parent.info.run_name == "study:tiny"
-    children = tracking_study.child_runs(uri, record["run_id"])
+    children = tracking.child_runs(uri, record["run_id"])
     # one child per app job: synth x2, split, profile, solve x3, simulate x5, serve x2, calibrate, regime, report,
     # and one online job per policy of an `online:` stream (merged from the default config when tiny has none)
     online = ["online"] * len(list((workdir / "results" / "tiny" / "online").glob("*/*/*/metrics.json")))
@@ -141,13 +141,13 @@ def test_tiny_study_mlflow_parent_and_children(tiny_study: tuple[Path, str, subp
 def test_tiny_study_second_run_has_nothing_to_do(tiny_study: tuple[Path, str, subprocess.CompletedProcess]) -> None:
     workdir, uri, first = tiny_study
     assert first.returncode == 0, first.stderr[-5000:]
-    runs_before = len(tracking_study.client(uri).search_runs(
-        [tracking_study.ensure_experiment(uri, "test-tiny")], max_results=1000))
+    runs_before = len(tracking.client(uri).search_runs(
+        [tracking.ensure_experiment(uri, "test-tiny")], max_results=1000))
     again = snakemake(workdir, uri=uri)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Nothing to be done" in again.stdout + again.stderr
-    runs_after = len(tracking_study.client(uri).search_runs(
-        [tracking_study.ensure_experiment(uri, "test-tiny")], max_results=1000))
+    runs_after = len(tracking.client(uri).search_runs(
+        [tracking.ensure_experiment(uri, "test-tiny")], max_results=1000))
     assert runs_after == runs_before
 
 

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,36 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from moetuner.apps.common import CONF_DIR
 from moetuner.atomic import write_atomic, write_json_atomic, write_text_atomic
-from moetuner.serving.calibration import (CalibrationError, calibrated_topology, compare, fit_costs, plot_comparison,
-                                          stack_runs)
+from moetuner.serving.calibration import (calibrated_topology, compare, fit_costs, plot_comparison,
+                                          read_runs, stack_runs)
 from moetuner.tracking import tracked_run
-
-
-def read_runs(dirs: list[str]) -> dict[str, pd.DataFrame]:
-    """per_layer.csv of every serve run, keyed by the run folder's name (with its parent's when names
-    repeat, e.g. eplb/rep0); emulated runs in target units."""
-    runs = {}
-    paths = [Path(d) for d in dirs]
-    repeated = len({d.name for d in paths}) < len(paths)
-    for d in paths:
-        key = f"{d.parent.name}/{d.name}" if repeated else d.name
-        if not (d / "per_layer.csv").is_file():
-            raise CalibrationError(f"{d}: no per_layer.csv; give folders written by moetuner-serve")
-        table = pd.read_csv(d / "per_layer.csv")
-        metrics = json.loads((d / "metrics.json").read_text()) if (d / "metrics.json").is_file() else {}
-        runs[key] = undilate(table, metrics) if "dilation" in metrics else table
-    return runs
-
-
-def undilate(table: pd.DataFrame, metrics: dict) -> pd.DataFrame:
-    """An emulated run's rows in the target's units: seconds / D, replayed bytes x the target's bytes
-    per replayed byte (bf16 rows of `hidden` values for float32 rows of hidden / shape_scale)."""
-    out = table.copy()
-    seconds = [c for c in out.columns if c.endswith("_s")]
-    out[seconds] = out[seconds] / float(metrics["dilation"])
-    volumes = [c for c in out.columns if c.startswith("bytes_")]
-    out[volumes] = out[volumes] * float(metrics["target_bytes_per_byte"])
-    return out
 
 
 def calibrate(cfg: DictConfig) -> dict:

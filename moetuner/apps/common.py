@@ -6,9 +6,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from moetuner import PROJECT_ROOT
-
-CONF_DIR = str(PROJECT_ROOT / "conf")
+from moetuner import CONF_DIR  # noqa: F401 - every app reads it from here
 
 
 def _is_file_output(out: str) -> bool:

@@ -14,8 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from moetuner.apps.common import CONF_DIR
 from moetuner.online.migration import MigrationConfig
-from moetuner.online.policies import Context, Policy, make_policy
-from moetuner.online.replay import ReplayResult, make_context, replay, write_outputs
+from moetuner.online.policies import Context, Policy
+from moetuner.online.policy_config import make_policy
+from moetuner.online.stream_replay import ReplayResult, make_context, replay_stream, write_outputs
 from moetuner.online.stream import Stream, load_stream
 from moetuner.topology import topology_from_config
 from moetuner.trace import Trace
@@ -34,7 +35,7 @@ def prepare(cfg: Mapping[str, Any]) -> tuple[Stream, Trace, Policy, Context]:
 def run_online(cfg: Mapping[str, Any]) -> tuple[ReplayResult, Stream, Context]:
     """Replay the configured stream under the configured policy (no outputs written)."""
     stream, profile, policy, ctx = prepare(cfg)
-    return replay(stream, profile, policy, ctx), stream, ctx
+    return replay_stream(stream, profile, policy, ctx), stream, ctx
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="online")
@@ -45,7 +46,7 @@ def main(cfg: DictConfig) -> None:
             "stream": "->".join(seg.name for seg in stream.segments), "migration_mode": ctx.migration.mode,
             "dataflow": str(cfg.dataflow), "dispatch": str(cfg.dispatch)}
     with tracked_run("online", cfg, tags=tags) as run:
-        result = replay(stream, profile, policy, ctx)
+        result = replay_stream(stream, profile, policy, ctx)
         title = f"{policy.name} on {tags['stream']}, {ctx.topology.name} r{ctx.replicas}, {ctx.migration.mode}"
         paths = write_outputs(result, stream, ctx, title, cfg.out)
         run.log_metrics(result.metrics)

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from moetuner.apps.common import CONF_DIR
 from moetuner.atomic import write_json_atomic
-from moetuner.profiling import figures
+from moetuner.profiling import profile_figures as figures
 from moetuner.profiling.stats import Profile, compute_profile, save_profile, summarize, trace_tags
 from moetuner.trace import load_trace
 from moetuner.tracking import tracked_run

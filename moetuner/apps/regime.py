@@ -1,6 +1,6 @@
 """moetuner regime: speedup vs contiguous of each placement against tokens per step (the report's regime figure).
 
-    python -m moetuner.apps.regime trace=results/default/splits/intent/heldout.safetensors \
+    moetuner-regime trace=results/default/splits/intent/heldout.safetensors \
         'placements=[results/default/placements/intent/h200_2x8/eplb-r0.json]' out=results/default/regime
 writes out/regime.csv and out/regime.png. The topology of a placement is the preset named by its folder.
 """
@@ -15,28 +15,13 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from moetuner.apps.common import CONF_DIR
-from moetuner.apps.simulate import own_dispatch
 from moetuner.atomic import write_atomic
-from moetuner.placement.layout import load_placement
-from moetuner.report.collect import parse_run_dir
-from moetuner.report.regime import regime_figure, regime_table
-from moetuner.cost import cost_model
-from moetuner.simulator import primary_column
+from moetuner.report.regime import placements_by_topology, regime_figure, regime_table
+from moetuner.costmodel.cost import cost_model
+from moetuner.costmodel.simulator import primary_column
 from moetuner.topology import topology_from_config, topology_preset
 from moetuner.trace import load_trace
 from moetuner.tracking import tracked_run
-
-
-def placements_by_topology(paths: list[str], dispatch: str | None
-                           ) -> dict[str, dict[tuple[str, int], tuple[np.ndarray, str]]]:
-    """topology -> (solver, replicas) -> (phy2log [L, P], dispatch), from .../<topology>/<solver>-r<R>.json;
-    dispatch as moetuner-simulate picks it (`dispatch`, else the placement's own, else dynamic)."""
-    out: dict[str, dict[tuple[str, int], tuple[np.ndarray, str]]] = {}
-    for path in map(Path, paths):
-        placement = load_placement(path)
-        out.setdefault(path.parent.name, {})[parse_run_dir(path.stem)] = (placement.phy2log,
-                                                                          own_dispatch(placement, dispatch))
-    return out
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="regime")

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from moetuner.apps.common import CONF_DIR
 from moetuner.report.build import build_report
-from moetuner.report.online import online_section
+from moetuner.report.online_section import online_section
 from moetuner.tracking import tracked_run
 
 

@@ -10,8 +10,6 @@ one of `dispatches`), out/per_layer.csv, out/gpu_load_boxplot.png, out/a2a_tail_
 from __future__ import annotations
 
 import csv
-import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,70 +19,13 @@ from omegaconf import DictConfig
 
 from moetuner.apps.common import CONF_DIR
 from moetuner.atomic import atomic_path, write_json_atomic
-from moetuner.placement.layout import Placement, check_placement, contiguous_phy2log, load_placement, routed_experts
-from moetuner.profiling.figures import plt, save_figure
-from moetuner.cost import SimulationError, cost_model
-from moetuner.dispatch import DISPATCHES
-from moetuner.simulator import SimResult, primary_column, simulate
-from moetuner.topology import Topology, topology_from_config
-from moetuner.trace import Trace, load_trace
+from moetuner.costmodel.evaluate import check_dispatches, check_inputs, own_dispatch, run_simulation
+from moetuner.costmodel.simulator import SimResult
+from moetuner.placement import load_placement
+from moetuner.plotting import plt, save_figure
+from moetuner.topology import topology_from_config
+from moetuner.trace import load_trace
 from moetuner.tracking import tracked_run
-
-
-def check_inputs(placement: Placement, trace: Trace, topology: Topology) -> None:
-    """Raise PlacementError (or TopologyError) when placement, trace and topology disagree."""
-    topology.check_fits(trace.num_experts)
-    check_placement(placement, topology.num_gpus, trace.num_experts, trace.num_layers, topology.gpus_per_node,
-                    routed=routed_experts(trace.topk_ids, trace.num_experts), topology=f"topology {topology.name}")
-
-
-def own_dispatch(placement: Placement, dispatch: str | None) -> str:
-    """`dispatch`, else the one the placement was solved for (extra['dispatch']), else dynamic."""
-    chosen = dispatch or placement.extra.get("dispatch") or "dynamic"
-    if chosen not in DISPATCHES:
-        raise SimulationError(f"dispatch={chosen!r} is unknown; choose one of {list(DISPATCHES)}")
-    return str(chosen)
-
-
-def check_dispatches(dispatches: Sequence[str]) -> None:
-    """Raise SimulationError unless every name is one of DISPATCHES."""
-    unknown = [d for d in dispatches if d not in DISPATCHES]
-    if unknown:
-        raise SimulationError(f"dispatches={unknown} unknown; choose from {list(DISPATCHES)}")
-
-
-def run_simulation(placement: Placement, trace: Trace, topology: Topology, step_tokens: int,
-                   dataflow: str, dispatch: str | None = None, dispatches: Sequence[str] = ()
-                   ) -> tuple[SimResult, SimResult, dict[str, Any]]:
-    """(result, contiguous result, metrics) of `placement` on `trace` under `dispatch`
-    (None: the placement's own, see own_dispatch).
-
-    metrics: the scalars of `dispatch` plus `dispatch` and `by_dispatch` {name: scalars} for it and
-    every name in `dispatches`. The contiguous baseline is Megatron's layout with ceil(E/G) slots per GPU
-    and no replicas (so every dispatch routes it alike).
-    """
-    check_inputs(placement, trace, topology)
-    dispatch = own_dispatch(placement, dispatch)
-    check_dispatches(dispatches)
-    cost = cost_model(topology, trace.hidden_size, trace.moe_intermediate_size)
-    ids, primary = trace.topk_ids.astype(np.int64), primary_column(trace.topk_ids, trace.topk_weights)
-    run = lambda phy, d: simulate(phy, topology.num_gpus, ids, primary, trace.num_experts, cost,  # noqa: E731
-                                  step_tokens, dataflow, d, progress=True)
-    base = run(contiguous_phy2log(trace.num_layers, trace.num_experts, topology.num_gpus,
-                                  math.ceil(trace.num_experts / topology.num_gpus)), "dynamic")
-    base_time = base.metrics()["layer_time_s"]
-    replicated = bool((placement.replica_counts(trace.num_experts) > 1).any())
-    results: dict[str, SimResult] = {}
-    for name in dict.fromkeys([dispatch, *dispatches]):  # without replicas every dispatch routes alike
-        results[name] = run(placement.phy2log, name) if replicated or not results else next(iter(results.values()))
-    by_dispatch = {}
-    for name, res in results.items():
-        scalars = res.metrics()
-        scalars["contiguous_layer_time_s"] = base_time
-        scalars["speedup_vs_contiguous"] = base_time / scalars["layer_time_s"]
-        by_dispatch[name] = scalars
-    metrics: dict[str, Any] = {**by_dispatch[dispatch], "dispatch": dispatch, "by_dispatch": by_dispatch}
-    return results[dispatch], base, metrics
 
 
 def write_per_layer(result: SimResult, moe_layers: list[int], path: Path) -> Path:
@@ -113,7 +54,7 @@ def a2a_tail_plot(result: SimResult, base: SimResult, path: Path) -> Path:
     """Dispatch + combine tail per layer (mean over steps), this placement vs contiguous."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, res in (("placement", result), ("contiguous", base)):
-        ax.plot((res.dispatch_s + res.combine_s).mean(0) * 1e6, marker="o", ms=3, label=name)
+        ax.plot((res.scatter_s + res.combine_s).mean(0) * 1e6, marker="o", ms=3, label=name)
     ax.set(xlabel="MoE layer", ylabel="all-to-all tail (us)", title="dispatch + combine tail per layer")
     ax.legend()
     return save_figure(fig, path)

@@ -10,40 +10,19 @@ solvers optimise for.
 
 from __future__ import annotations
 
-import dataclasses
-import logging
-import shlex
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import hydra
-import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from moetuner.apps.common import CONF_DIR
-from moetuner.placement.layout import (Placement, engine_settings, export_sglang, export_torch, export_vllm,
-                                       gpu_loads, save_placement)
-from moetuner.placement.mip import relative_gap
-from moetuner.placement.problem import PlacementProblem, ProblemError, get_solver
-from moetuner.profiling.stats import imbalance
+from moetuner.engines import write_placement
+from moetuner.solvers.problem import PlacementProblem, ProblemError
+from moetuner.solvers.registry import get_solver, placement_metrics, solve_placement
 from moetuner.topology import topology_from_config
 from moetuner.trace import Trace, load_trace
 from moetuner.tracking import tracked_run
-
-log = logging.getLogger(__name__)
-
-
-def solve_placement(problem: PlacementProblem, solver: str, options: Mapping[str, Any]) -> Placement:
-    """Run solver `solver` on `problem`; record the model, topology and replicas in the placement."""
-    placement = get_solver(solver)(problem, options)
-    placement.extra.update(num_experts=problem.num_experts, replicas=problem.replicas,
-                           topology=problem.topology.name, model=problem.profile.model,
-                           source=problem.profile.source, dispatch=problem.dispatch, dataflow=problem.dataflow)
-    if len(problem.domains) > 1:
-        placement.extra.update(domains=[d.source for d in problem.domains], domain_weights=list(problem.weights),
-                               robust=problem.robust)
-    return placement
 
 
 def trace_paths(trace: Any) -> list[str]:
@@ -65,41 +44,6 @@ def problem_from_config(cfg: DictConfig) -> PlacementProblem:
         traces, topology_from_config(cfg.topology), weights=None if weights is None else list(weights),
         replicas=int(cfg.replicas), step_tokens=int(cfg.step_tokens), dispatch=str(cfg.dispatch),
         dataflow=str(cfg.dataflow), robust=str(cfg.robust))
-
-
-def placement_metrics(placement: Placement, load: np.ndarray) -> dict[str, float | None]:
-    """Solve record plus profile tokens per GPU: max/mean/imbalance, each averaged over layers."""
-    per_gpu = gpu_loads(placement.phy2log, load, placement.num_gpus)  # [L, G]
-    mean = per_gpu.mean(1)
-    return {
-        "objective": placement.objective,
-        "bound": placement.bound,
-        "gap": relative_gap(placement.objective, placement.bound),
-        "solve_seconds": placement.solve_seconds,
-        "max_gpu_load": float(per_gpu.max(1).mean()),
-        "mean_gpu_load": float(mean.mean()),
-        "imbalance": float(imbalance(per_gpu).mean()),
-    }
-
-
-def write_placement(placement: Placement, num_experts: int, out: str | Path) -> list[Path]:
-    """Engine files, then the placement JSON at `out` with an `engines` block of flags (all atomic).
-
-    <stem>.sglang.json: SGLang's --init-expert-location file; <stem>.vllm.json and <stem>.pt: vLLM's
-    EPLB maps. `out` is written last, so a complete `out` means the engine files are there too.
-    Returns [out, <stem>.vllm.json, <stem>.pt, <stem>.sglang.json].
-    """
-    out = Path(out)
-    sglang = export_sglang(placement, num_experts, out.with_suffix(".sglang.json"))
-    vllm = [export_vllm(placement, num_experts, out.with_suffix(".vllm.json")),
-            export_torch(placement, num_experts, out.with_suffix(".pt"))]
-    engines = engine_settings(placement, num_experts, sglang, tuple(str(p) for p in vllm))
-    for name in ("sglang", "vllm"):
-        log.info("%s: %s", name, shlex.join(engines[name]["flags"]))
-        for note in engines[name]["notes"]:
-            log.info("%s: %s", name, note)
-    recorded = dataclasses.replace(placement, extra={**placement.extra, "engines": engines})
-    return [save_placement(recorded, out), *vllm, sglang]
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="solve")

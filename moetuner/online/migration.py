@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from moetuner.cost import BYTES_PER_VALUE, CostModel
+from moetuner.costmodel.cost import BYTES_PER_VALUE, CostModel
 
 MODES = ("stop_the_world", "overlapped")
 

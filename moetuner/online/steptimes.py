@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moetuner.online.stream import StepKey, Stream
-from moetuner.cost import CostModel
-from moetuner.simulator import primary_column, simulate
+from moetuner.costmodel.cost import CostModel
+from moetuner.costmodel.simulator import primary_column, simulate
 
 
 def placement_id(phy2log: np.ndarray) -> str:
@@ -19,8 +19,8 @@ def placement_id(phy2log: np.ndarray) -> str:
 
 
 @dataclass(frozen=True)
-class LayerTimes:
-    """One step under one placement: per layer all-to-all (dispatch + combine) and compute tail. [L] each"""
+class StepLayerTimes:
+    """One step under one placement: per layer all-to-all (scatter + combine) and compute tail. [L] each"""
 
     a2a_s: np.ndarray
     compute_s: np.ndarray
@@ -44,17 +44,17 @@ class StepTimes:
     num_experts: int
     dataflow: str
     dispatch: str
-    cache: dict[tuple[str, StepKey], LayerTimes] = field(default_factory=dict)
+    cache: dict[tuple[str, StepKey], StepLayerTimes] = field(default_factory=dict)
     simulated: int = 0  # steps actually simulated (cache misses)
 
-    def get(self, phy2log: np.ndarray, key: StepKey) -> LayerTimes:
+    def get(self, phy2log: np.ndarray, key: StepKey) -> StepLayerTimes:
         """Per-layer times of step `key` under placement phy2log [L, P]."""
         index = (placement_id(phy2log), key)
         if index not in self.cache:
             ids, weights = self.stream.step_routing(key)
             result = simulate(phy2log, self.num_gpus, ids, primary_column(ids, weights), self.num_experts, self.cost,
                               self.stream.step_tokens, dataflow=self.dataflow, dispatch=self.dispatch)
-            self.cache[index] = LayerTimes((result.dispatch_s + result.combine_s)[0], result.compute_tail_s[0])
+            self.cache[index] = StepLayerTimes((result.scatter_s + result.combine_s)[0], result.compute_tail_s[0])
             self.simulated += 1
         return self.cache[index]
 

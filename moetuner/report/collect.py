@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from moetuner.solvers.mip import relative_gap
+
 KEY = ["trace", "topology", "solver", "replicas"]
 RUN_DIR = re.compile(r"(?P<solver>[a-z_]+)-r(?P<replicas>\d+)$")
 TABLE_COLUMNS = ["trace", "topology", "solver", "replicas", "eval", "predicted_layer_time_s",
@@ -41,11 +43,8 @@ def placement_path(results: Path, trace: str, topology: str, solver: str, replic
     return results / "placements" / trace / topology / f"{solver}-r{replicas}.json"
 
 
-def relative_gap(objective: float | None, bound: float | None) -> float:
-    """(objective - bound) / |objective|, NaN without a bound."""
-    if objective is None or bound is None or objective == 0:
-        return float("nan")
-    return (objective - bound) / abs(objective)
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def read_placements(results: Path) -> pd.DataFrame:
@@ -59,7 +58,7 @@ def read_placements(results: Path) -> pd.DataFrame:
         phy2log = np.asarray(doc["physical_to_logical_map"])
         rows.append({"trace": path.parent.parent.name, "topology": path.parent.name, "solver": solver,
                      "replicas": replicas, "solve_seconds": float(doc.get("solve_seconds") or 0.0),
-                     "gap": relative_gap(doc.get("objective"), doc.get("bound")), "status": doc.get("status"),
+                     "gap": _or_nan(relative_gap(doc.get("objective"), doc.get("bound"))), "status": doc.get("status"),
                      "layers": phy2log.shape[0], "experts": int(doc.get("num_experts", phy2log.max() + 1)),
                      "gpus": int(doc["num_gpus"])})
     return pd.DataFrame(rows, columns=[*KEY, "solve_seconds", "gap", "status", "layers", "experts", "gpus"])

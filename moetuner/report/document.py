@@ -24,7 +24,7 @@ CAPTIONS = {
     "load_heatmap": "Per-layer GPU load (tokens / layer mean) on held-out routing, contiguous placement (before) "
                     "and the fastest placement (after).",
     "gpu_load_box": "Spread of per-GPU token load in each layer, before and after placement.",
-    "a2a_tail": "All-to-all tail (dispatch + combine of the slowest GPU) per layer, every placement of the case.",
+    "a2a_tail": "All-to-all tail (scatter + combine of the slowest GPU) per layer, every placement of the case.",
     "predicted_vs_measured": "Simulator's predicted layer time against the served (measured) one on the "
                              "emulated cluster.",
     "solve_time": "Solve time against problem size (layers x experts x GPUs).",

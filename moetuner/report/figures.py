@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
-from moetuner.placement.layout import gpu_loads, load_placement
+from moetuner.placement import gpu_loads, load_placement
 from moetuner.profiling.stats import expert_load
-from moetuner.profiling.figures import plt, save_figure, spread_layers
+from moetuner.plotting import plt, save_figure, spread_layers
 from moetuner.report.collect import per_layer, placement_path
 from moetuner.trace import load_trace
 
@@ -86,12 +86,12 @@ def load_boxplots(loads: dict[str, np.ndarray], case: str, path: str | os.PathLi
 
 
 def a2a_tail(results: Path, table: pd.DataFrame, trace: str, topology: str, path: str | os.PathLike[str]) -> Path:
-    """Per-layer all-to-all time (dispatch + combine, the slowest GPU's) of every held-out run of a case."""
+    """Per-layer all-to-all time (scatter + combine, the slowest GPU's) of every held-out run of a case."""
     runs = table[(table.trace == trace) & (table.topology == topology) & (table["eval"] == "heldout")]
     fig, ax = plt.subplots(figsize=(7, 4))
     for _, run in runs.iterrows():
         layers = per_layer(results, trace, topology, run.solver, int(run.replicas))
-        ax.plot(layers["layer"], (layers["dispatch_s"] + layers["combine_s"]) * 1e6, marker=".",
+        ax.plot(layers["layer"], (layers["scatter_s"] + layers["combine_s"]) * 1e6, marker=".",
                 label=f"{run.solver}-r{run.replicas}")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="MoE layer", ylabel="all-to-all tail (us)", title=f"{trace} on {topology}: all-to-all tail per layer")

@@ -10,7 +10,7 @@ import html
 
 import pandas as pd
 
-from moetuner.dispatch import DISPATCHES
+from moetuner.costmodel.settings import DISPATCHES
 
 HELDOUT = "heldout"
 BASELINE = "contiguous"

@@ -19,10 +19,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from moetuner.placement.layout import contiguous_phy2log
-from moetuner.profiling.figures import plt, save_figure
-from moetuner.cost import CostModel
-from moetuner.simulator import simulate
+from moetuner.costmodel.cost import CostModel
+from moetuner.costmodel.evaluate import own_dispatch
+from moetuner.costmodel.simulator import simulate
+from moetuner.placement import contiguous_phy2log, load_placement
+from moetuner.plotting import plt, save_figure
+from moetuner.report.collect import parse_run_dir
 
 REGIME_COLUMNS = ["topology", "label", "solver", "replicas", "step_tokens", "num_steps", "tiled",
                   "layer_time_s", "contiguous_layer_time_s", "speedup_vs_contiguous"]
@@ -98,3 +100,15 @@ def regime_figure(table: pd.DataFrame, path: str | os.PathLike[str], title: str 
                         transform=axes[0, 0].transAxes)
     fig.suptitle(title or "where placement matters: decode-sized to prefill-sized steps")
     return save_figure(fig, path)
+
+
+def placements_by_topology(paths: list[str], dispatch: str | None
+                           ) -> dict[str, dict[tuple[str, int], tuple[np.ndarray, str]]]:
+    """topology -> (solver, replicas) -> (phy2log [L, P], dispatch), from .../<topology>/<solver>-r<R>.json;
+    dispatch as moetuner-simulate picks it (`dispatch`, else the placement's own, else dynamic)."""
+    out: dict[str, dict[tuple[str, int], tuple[np.ndarray, str]]] = {}
+    for path in map(Path, paths):
+        placement = load_placement(path)
+        out.setdefault(path.parent.name, {})[parse_run_dir(path.stem)] = (placement.phy2log,
+                                                                          own_dispatch(placement, dispatch))
+    return out

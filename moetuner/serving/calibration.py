@@ -13,6 +13,7 @@ with the bytes of the rank's ports in that phase (the bytes_<phase>_<sent|receiv
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,3 +186,30 @@ def plot_comparison(report: pd.DataFrame, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
+
+
+def read_runs(dirs: list[str]) -> dict[str, pd.DataFrame]:
+    """per_layer.csv of every serve run, keyed by the run folder's name (with its parent's when names
+    repeat, e.g. eplb/rep0); emulated runs in target units."""
+    runs = {}
+    paths = [Path(d) for d in dirs]
+    repeated = len({d.name for d in paths}) < len(paths)
+    for d in paths:
+        key = f"{d.parent.name}/{d.name}" if repeated else d.name
+        if not (d / "per_layer.csv").is_file():
+            raise CalibrationError(f"{d}: no per_layer.csv; give folders written by moetuner-serve")
+        table = pd.read_csv(d / "per_layer.csv")
+        metrics = json.loads((d / "metrics.json").read_text()) if (d / "metrics.json").is_file() else {}
+        runs[key] = undilate(table, metrics) if "dilation" in metrics else table
+    return runs
+
+
+def undilate(table: pd.DataFrame, metrics: dict) -> pd.DataFrame:
+    """An emulated run's rows in the target's units: seconds / D, replayed bytes x the target's bytes
+    per replayed byte (bf16 rows of `hidden` values for float32 rows of hidden / shape_scale)."""
+    out = table.copy()
+    seconds = [c for c in out.columns if c.endswith("_s")]
+    out[seconds] = out[seconds] / float(metrics["dilation"])
+    volumes = [c for c in out.columns if c.startswith("bytes_")]
+    out[volumes] = out[volumes] * float(metrics["target_bytes_per_byte"])
+    return out

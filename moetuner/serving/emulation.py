@@ -30,8 +30,8 @@ import pandas as pd
 import torch
 
 from moetuner.serving.replay import ReplaySettings, step_ranges
-from moetuner.cost import CostModel, cost_model
-from moetuner.simulator import SimResult, primary_column, simulate
+from moetuner.costmodel.cost import CostModel, cost_model
+from moetuner.costmodel.simulator import SimResult, primary_column, simulate
 from moetuner.topology import Topology
 from moetuner.trace import Trace
 
@@ -167,17 +167,17 @@ def predict_served(trace: Trace, phy2log: np.ndarray, cost: CostModel, settings:
 def add_predictions(table: pd.DataFrame, sim: SimResult, warmup_steps: int, dilation: float) -> pd.DataFrame:
     """per_layer rows with the prediction beside each measurement, in the same (dilated) seconds.
 
-    predicted_layer_s is the simulator's layer time (dispatch + compute tail + combine): every rank's
+    predicted_layer_s is the simulator's layer time (scatter + compute tail + combine): every rank's
     layer ends with the combine, so a rank's measured layer time includes waiting for the tail;
     predicted_combine_s = predicted_layer_s - dispatch - this rank's compute, as measured.
     """
     step = table["step"].to_numpy() - warmup_steps
     layer, rank = table["layer"].to_numpy(), table["rank"].to_numpy()
     out = table.copy()
-    out["predicted_dispatch_s"] = dilation * sim.dispatch_s[step, layer]
+    out["predicted_scatter_s"] = dilation * sim.scatter_s[step, layer]
     out["predicted_compute_s"] = dilation * sim.compute_s[step, layer, rank]
     out["predicted_layer_s"] = dilation * sim.layer_time_s[step, layer]
-    out["predicted_combine_s"] = out["predicted_layer_s"] - out["predicted_dispatch_s"] - out["predicted_compute_s"]
+    out["predicted_combine_s"] = out["predicted_layer_s"] - out["predicted_scatter_s"] - out["predicted_compute_s"]
     return out
 
 

@@ -140,7 +140,7 @@ def choose_slots(topk_ids: torch.Tensor, token: torch.Tensor, log2phy: torch.Ten
 class LayerTimes:
     """What one rank measured in one MoE layer call."""
 
-    dispatch_s: float = 0.0
+    scatter_s: float = 0.0
     compute_s: float = 0.0
     combine_s: float = 0.0
     rows_in: int = 0  # activation rows received for expert compute
@@ -177,7 +177,7 @@ def ep_layer(x: torch.Tensor, token_ids: torch.Tensor, slots: torch.Tensor, weig
     hidden = x.shape[1]
     dest_of_pair = slots // slots_per_rank  # [N, k]
     payload = torch.cat([x, weights.to(x.dtype)], 1)  # [N, H + k]
-    ports = np.zeros((2, 2, world))  # [dispatch|combine, sent|received, peer] row bytes on the wire
+    ports = np.zeros((2, 2, world))  # [scatter|combine, sent|received, peer] row bytes on the wire
     if ranks_per_node is None:
         src_x, src_meta = payload, torch.stack([token_ids, combine_dest], 1)  # (token id, combine target)
         src_slots, src_of_pair = slots, dest_of_pair
@@ -212,7 +212,7 @@ def ep_layer(x: torch.Tensor, token_ids: torch.Tensor, slots: torch.Tensor, weig
     meta = torch.cat([src_meta[row_src], row_src.unsqueeze(1), local], 1)  # token, target, sender's row, slots
     got = exchange(torch.cat([src_x[row_src, :hidden], wcol], 1), meta, row_dest, world, rank)
     ports[0] += (got.bytes_sent, got.bytes_received)
-    times.dispatch_s = time.perf_counter() - t0
+    times.scatter_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     acts, gate_w = got.x[:, :hidden], got.x[:, hidden:]

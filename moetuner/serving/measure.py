@@ -9,10 +9,10 @@ import pandas as pd
 
 from moetuner.serving.ep_moe import LayerTimes
 
-PORT_COLUMNS = [f"bytes_{phase}_{way}_{level}" for phase in ("dispatch", "combine")
+PORT_COLUMNS = [f"bytes_{phase}_{way}_{level}" for phase in ("scatter", "combine")
                 for way in ("sent", "received") for level in ("intra", "inter")]
 """Row bytes on the wire through the rank's ports in each phase: what the calibration fits the links on."""
-PER_LAYER_COLUMNS = ["step", "layer", "rank", "node", "rows_in", "pairs", "active_slots", "dispatch_s",
+PER_LAYER_COLUMNS = ["step", "layer", "rank", "node", "rows_in", "pairs", "active_slots", "scatter_s",
                      "compute_s", "combine_s", "layer_s", "bytes_intra", "bytes_inter", *PORT_COLUMNS]
 
 
@@ -35,8 +35,8 @@ def layer_row(step: int, layer: int, rank: int, cluster: Cluster, t: LayerTimes)
              for mask in (~inter, inter)]
     return {"step": step, "layer": layer, "rank": rank, "node": int(cluster.node(rank)),
             "rows_in": t.rows_in, "pairs": t.pairs, "active_slots": t.active_slots,
-            "dispatch_s": t.dispatch_s, "compute_s": t.compute_s, "combine_s": t.combine_s,
-            "layer_s": t.dispatch_s + t.compute_s + t.combine_s,
+            "scatter_s": t.scatter_s, "compute_s": t.compute_s, "combine_s": t.combine_s,
+            "layer_s": t.scatter_s + t.compute_s + t.combine_s,
             "bytes_intra": int(t.bytes_sent[~inter].sum()), "bytes_inter": int(t.bytes_sent[inter].sum()),
             **dict(zip(PORT_COLUMNS, ports))}
 
@@ -59,7 +59,7 @@ def summarize(per_layer: pd.DataFrame, tokens: int, wall_s: float) -> dict[str, 
         "bytes_inter_per_step": float(by_step["bytes_inter"].sum().mean()),
         "imbalance": float((by_layer["pairs"].max() / by_layer["pairs"].mean().clip(lower=1e-9)).mean()),
     }
-    for phase in ("dispatch", "compute", "combine"):
+    for phase in ("scatter", "compute", "combine"):
         metrics[f"{phase}_tail_s"] = float(by_layer[f"{phase}_s"].max().mean())
         metrics[f"{phase}_mean_s"] = float(by_layer[f"{phase}_s"].mean().mean())
     return metrics

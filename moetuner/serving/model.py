@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from moetuner.placement.layout import logical_replica_count, logical_to_physical_map
+from moetuner.placement import logical_replica_count, logical_to_physical_map
 from moetuner.serving.ep_moe import LayerTimes, choose_slots, ep_layer
 from moetuner.serving.experts import LocalExperts
 from moetuner.serving.measure import Cluster, layer_row

@@ -1,6 +1,6 @@
 """Trace replay: real routing drives real all-to-all traffic and real expert GEMMs (random weights).
 
-The same conventions as `moetuner.simulator`: every step takes `step_tokens` consecutive trace
+The same conventions as `moetuner.costmodel.simulator`: every step takes `step_tokens` consecutive trace
 tokens; token j of a step has home rank j % W; `dispatch` picks the replicas (dynamic: replica
 j % count of each expert; static, lp, lp_comm: the simulator's choose_slots for the whole step).
   dispatch_combine: every layer, tokens go from their home rank to their experts' ranks and back home;
@@ -23,17 +23,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from moetuner.cost import CostModel
-from moetuner.dispatch import DISPATCHES, layer_slots
-from moetuner.placement.layout import logical_replica_count, logical_to_physical_map
+from moetuner.costmodel.cost import CostModel
+from moetuner.costmodel.replicas import layer_slots
+from moetuner.costmodel.settings import check_dataflow, check_dispatch
+from moetuner.placement import logical_replica_count, logical_to_physical_map
 from moetuner.serving.ep_moe import ExpertFn, choose_slots, ep_layer
 from moetuner.serving.experts import random_experts
 from moetuner.serving.measure import Cluster, layer_row
-from moetuner.simulator import choose_step_slots, primary_column
+from moetuner.costmodel.simulator import choose_step_slots, primary_column
 from moetuner.trace import Trace
-
-DATAFLOWS = ("dispatch_combine", "expert_to_expert", "hierarchical")
-
 
 class ReplayError(ValueError):
     """The replay settings do not fit the trace or placement."""
@@ -47,13 +45,11 @@ class ReplaySettings:
     warmup_steps: int = 1
     max_steps: int | None = None
     seed: int = 0
-    dispatch: str = "dynamic"  # moetuner.dispatch.DISPATCHES
+    dispatch: str = "dynamic"  # moetuner.costmodel.settings.DISPATCHES
 
     def check(self) -> None:
-        if self.dataflow not in DATAFLOWS:
-            raise ReplayError(f"dataflow={self.dataflow!r}; choose one of {list(DATAFLOWS)}")
-        if self.dispatch not in DISPATCHES:
-            raise ReplayError(f"replay.dispatch={self.dispatch!r}; choose one of {list(DISPATCHES)}")
+        check_dataflow(self.dataflow, ReplayError, "replay.dataflow")
+        check_dispatch(self.dispatch, ReplayError, "replay.dispatch")
         if self.step_tokens < 1 or self.shape_scale < 1:
             raise ReplayError(f"step_tokens={self.step_tokens} and shape_scale={self.shape_scale} must be >= 1")
 

@@ -21,13 +21,13 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from moetuner.atomic import write_atomic, write_json_atomic
-from moetuner.placement.layout import load_placement
+from moetuner.placement import load_placement
 from moetuner.serving.emulation import (RankEmulator, add_predictions, cpu_share, emulation_metrics,
                                         predict_served, row_scale, target_cost, wire_row_bytes)
 from moetuner.serving.ep_moe import set_exchange_hook
 from moetuner.serving.measure import PER_LAYER_COLUMNS, Cluster, summarize
 from moetuner.serving.replay import replay, replay_settings
-from moetuner.cost import cost_model
+from moetuner.costmodel.cost import cost_model
 from moetuner.topology import topology_from_config
 from moetuner.tracking import tracked_run
 from moetuner.trace import Trace, load_trace

@@ -24,5 +24,5 @@ rule regime:
     conda:
         "../envs/moetuner.yaml"
     shell:
-        "{params.app} python -m moetuner.apps.regime trace={input.trace} {params.placements} out={params.out} "
+        "{params.app} moetuner-regime trace={input.trace} {params.placements} out={params.out} "
         "{params.args} > {log} 2>&1"

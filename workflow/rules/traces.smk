@@ -12,8 +12,7 @@ rule build_model:
     conda:
         "../envs/moetuner.yaml"
     shell:
-        "python -c 'import sys; from moetuner.extraction.presets import build_preset; "
-        "build_preset(sys.argv[1], sys.argv[2])' {wildcards.preset} {output} > {log} 2>&1"
+        f"python {PROJECT}/workflow/scripts/build_model.py {{wildcards.preset}} {{output}} > {{log}} 2>&1"
 
 
 rule extract:

@@ -1,4 +1,4 @@
-"""What every placement solver receives, and the registry that maps solver names to functions.
+"""What every placement solver receives: the profile statistics, the topology and the engine settings.
 
 A problem is built from one profile trace or from several (domains) with weights: `load`,
 `transitions` and `coactivation` are then the weighted mean of each domain's per-token statistics,
@@ -10,18 +10,15 @@ contiguous layout, i.e. the smallest speedup).
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 
 import numpy as np
 
-from moetuner.placement.layout import Placement
 from moetuner.profiling.stats import coactivation, expert_load, transitions
-from moetuner.dispatch import DISPATCHES
-from moetuner.simulator import DATAFLOWS
+from moetuner.costmodel.settings import check_choice, check_dataflow, check_dispatch
 from moetuner.topology import Topology, TopologyError
 from moetuner.trace import Trace
 
@@ -92,12 +89,9 @@ class PlacementProblem:
         if not self.domains:
             object.__setattr__(self, "domains", (self.profile,))
         object.__setattr__(self, "weights", domain_weights(self.domains, self.weights or None))
-        if self.robust not in ROBUST:
-            raise ProblemError(f"robust={self.robust!r} is unknown; choose one of {list(ROBUST)}")
-        if self.dispatch not in DISPATCHES:
-            raise ProblemError(f"dispatch={self.dispatch!r} is unknown; choose one of {list(DISPATCHES)}")
-        if self.dataflow not in DATAFLOWS:
-            raise ProblemError(f"dataflow={self.dataflow!r} is unknown; choose one of {list(DATAFLOWS)}")
+        check_choice("robust", self.robust, ROBUST, ProblemError)
+        check_dispatch(self.dispatch, ProblemError)
+        check_dataflow(self.dataflow, ProblemError)
         self.topology.check_fits(self.profile.num_experts)
         self.topology.slots_per_gpu(self.profile.num_experts, self.replicas)  # raises if over the cap
 
@@ -165,32 +159,4 @@ class PlacementProblem:
         return float(values @ np.asarray(self.weights))
 
 
-Solver = Callable[[PlacementProblem, Mapping[str, Any]], Placement]
-
-SOLVERS: dict[str, str] = {
-    "contiguous": "moetuner.placement.baselines:solve_contiguous",
-    "round_robin": "moetuner.placement.baselines:solve_round_robin",
-    "greedy": "moetuner.placement.baselines:solve_greedy",
-    "eplb": "moetuner.placement.eplb:solve_eplb",
-    "exflow": "moetuner.placement.exflow:solve_exflow",
-    "moetuner": "moetuner.placement.moetuner_ilp:solve_moetuner",
-    "partition": "moetuner.placement.partition:solve_partition",
-    "steptail": "moetuner.placement.steptail:solve_steptail",
-}
-"""Solver name -> 'module:function' (imported on first use)."""
-
-
-class UnknownSolverError(ValueError):
-    """No solver of that name."""
-
-
-def get_solver(name: str) -> Solver:
-    """The solver function registered under `name`."""
-    if name not in SOLVERS:
-        raise UnknownSolverError(f"unknown solver {name!r}; choose one of {sorted(SOLVERS)}")
-    module, func = SOLVERS[name].split(":")
-    return getattr(importlib.import_module(module), func)
-
-
-__all__ = ["PlacementProblem", "ProblemError", "ROBUST", "SOLVERS", "Solver", "concat_traces", "get_solver",
-           "TopologyError", "UnknownSolverError"]
+__all__ = ["PlacementProblem", "ProblemError", "ROBUST", "concat_traces", "TopologyError"]

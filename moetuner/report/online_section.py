@@ -39,7 +39,7 @@ def online_runs(results: Path) -> pd.DataFrame:
 
 def timeline_figure(table: pd.DataFrame, path: Path) -> Path:
     """Per-step speedup vs contiguous of every policy of the first (stream, setting)."""
-    from moetuner.profiling.figures import plt, save_figure
+    from moetuner.plotting import plt, save_figure
 
     first = table[(table.stream == table.stream.iloc[0]) & (table.setting == table.setting.iloc[0])]
     fig, ax = plt.subplots(figsize=(9, 3.5))

@@ -5,34 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from moetuner.atomic import atomic_path  # noqa: E402
-from moetuner.profiling.stats import Profile  # noqa: E402
-
-MAX_PANELS = 4
+from moetuner.plotting import plt, save_figure, spread_layers
+from moetuner.profiling.stats import Profile
 
 
 def row_shares(counts: np.ndarray) -> np.ndarray:
     """Each row divided by its sum (rows of zeros stay zero). [..., E] -> [..., E]"""
     return counts / np.maximum(counts.sum(axis=-1, keepdims=True), 1)
-
-
-def spread_layers(num: int, panels: int = MAX_PANELS) -> list[int]:
-    """Up to `panels` layer indices spread evenly over range(num), first and last included."""
-    return sorted({int(round(x)) for x in np.linspace(0, num - 1, min(panels, num))})
-
-
-def save_figure(fig: plt.Figure, path: str | os.PathLike[str]) -> Path:
-    """Save `fig` as PNG atomically and close it."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    plt.close(fig)
-    return Path(path)
 
 
 def heatmap_grid(matrices: list[np.ndarray], titles: list[str], suptitle: str, xlabel: str, ylabel: str,

@@ -17,9 +17,9 @@ from moetuner.online.migration import (NO_MIGRATION, Migration, MigrationConfig,
 from moetuner.online.policies import Context, Decision, Policy, Served
 from moetuner.online.steptimes import StepTimes
 from moetuner.online.stream import Stream
-from moetuner.placement.layout import Placement, check_placement, contiguous_phy2log, save_placement
-from moetuner.placement.problem import PlacementProblem
-from moetuner.cost import cost_model
+from moetuner.placement import Placement, check_placement, contiguous_phy2log, save_placement
+from moetuner.solvers.problem import PlacementProblem
+from moetuner.costmodel.cost import cost_model
 from moetuner.topology import Topology
 from moetuner.trace import Trace
 
@@ -54,7 +54,7 @@ def _version(decision: Decision, decided: int, effective: int, migration: Migrat
                    dict(decision.extra))
 
 
-def replay(stream: Stream, profile: Trace, policy: Policy, ctx: Context) -> ReplayResult:
+def replay_stream(stream: Stream, profile: Trace, policy: Policy, ctx: Context) -> ReplayResult:
     """Serve every step of `stream`; the policy is asked before each step (none while a migration runs)."""
     started = time.perf_counter()
     times, config = ctx.step_times, ctx.migration
@@ -151,7 +151,7 @@ def write_timeline(rows: list[dict[str, Any]], path: Path) -> Path:
 def speedup_figure(rows: list[dict[str, Any]], versions: list[Version], boundaries: list[int], title: str,
                    path: Path) -> Path:
     """Per-step speedup vs contiguous over time; segment boundaries (grey) and rebalances (red) marked."""
-    from moetuner.profiling.figures import plt, save_figure
+    from moetuner.plotting import plt, save_figure
 
     step = np.array([r["step"] for r in rows])
     speedup = np.array([r["contiguous_step_time_s"] / r["step_time_s"] for r in rows])

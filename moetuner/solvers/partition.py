@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from moetuner.placement.baselines import fill_hot_replicas, finish
-from moetuner.placement.layout import Placement
-from moetuner.placement.problem import PlacementProblem
+from moetuner.solvers.completion import fill_hot_replicas, finish
+from moetuner.placement import Placement
+from moetuner.solvers.problem import PlacementProblem
 
 
 def lpt_parts(load: np.ndarray, parts: int) -> np.ndarray:

@@ -1,6 +1,6 @@
 """steptail: local search over the simulator's per-step tail objective, warm-started from heuristics.
 
-Objective: the simulator's step time (sum over layers of dispatch + compute tail + combine) averaged
+Objective: the simulator's step time (sum over layers of scatter + compute tail + combine) averaged
 over the profile's steps of `step_tokens` tokens, with the problem's `dispatch` (how the engine splits
 tokens over replicas) and `dataflow`, so every step's tail counts, not the balance of the summed load.
 With several profile domains each domain's own steps are scored and the per-domain step times are
@@ -19,7 +19,7 @@ dispatch, but dynamic for lp_comm, whose per-step MILP is too slow for thousands
 measured better that way); `objective` is then recomputed with the problem's dispatch.
 `time_limit_s` bounds the whole solve except the warm-start solvers themselves and one scoring of
 each (a reserve for the final scoring is kept); the partition warm start gets 20% of it.
-Bound: the simulator's lower bound (compute and communication; `moetuner.simulator.lower_bound`) on
+Bound: the simulator's lower bound (compute and communication; `moetuner.costmodel.simulator.lower_bound`) on
 the profile steps, combined over domains like the objective.
 """
 
@@ -32,13 +32,14 @@ from typing import Any
 
 import numpy as np
 
-from moetuner.placement.baselines import finish
-from moetuner.placement.layout import Placement, logical_replica_count
-from moetuner.placement.problem import PlacementProblem, get_solver
-from moetuner.cost import CostModel, cost_model
-from moetuner.dispatch import layer_slots
-from moetuner.simulator import primary_column, simulate, simulate_layer
-from moetuner.simulator import lower_bound as simulator_bound
+from moetuner.solvers.completion import finish
+from moetuner.placement import Placement, logical_replica_count
+from moetuner.solvers.problem import PlacementProblem
+from moetuner.solvers.registry import get_solver
+from moetuner.costmodel.cost import CostModel, cost_model
+from moetuner.costmodel.replicas import layer_slots
+from moetuner.costmodel.simulator import primary_column, simulate, simulate_layer
+from moetuner.costmodel.bounds import lower_bound as simulator_bound
 from moetuner.trace import Trace
 
 WARM_STARTS = ("eplb", "greedy", "partition", "exflow", "round_robin", "contiguous")

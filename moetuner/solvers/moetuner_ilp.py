@@ -24,11 +24,12 @@ import numpy as np
 import pulp
 from tqdm import tqdm
 
-from moetuner.placement.baselines import finish, greedy_phy2log
-from moetuner.placement.exflow import follow_affinity, phy2log_from_gpus
-from moetuner.placement.layout import Placement
-from moetuner.placement.mip import MipResult, solve_mip
-from moetuner.placement.problem import PlacementProblem
+from moetuner.solvers.baselines import greedy_phy2log
+from moetuner.solvers.completion import finish
+from moetuner.solvers.exflow import follow_affinity, phy2log_from_gpus
+from moetuner.placement import Placement
+from moetuner.solvers.mip import MipResult, solve_mip
+from moetuner.solvers.problem import PlacementProblem
 
 
 def ilp1_objective(load: np.ndarray, cluster_of: np.ndarray, num_clusters: int) -> float:

@@ -53,7 +53,7 @@ def check_traces(traces: Mapping[str, Any], project: Path) -> None:
 def check_study_config(config: Mapping[str, Any], project: Path) -> None:
     """Raise StudyConfigError unless traces, grids and serve refer to things that exist.
 
-    project: the project root (holds conf/topology/*.yaml, conf/solver/*.yaml and `file` traces).
+    project: the project root (holds conf/{topology,solver,policy}/*.yaml and `file` traces).
     """
     traces = config.get("traces") or {}
     check_traces(traces, project)
@@ -74,6 +74,9 @@ def check_study_config(config: Mapping[str, Any], project: Path) -> None:
     if regime:
         _check_names("regime.traces", list(regime["traces"]), list(traces), "trace(s)")
         _check_names("regime.topologies", list(regime["topologies"]), topologies, "topology")
+    online = config.get("online")
+    if online:
+        _check_names("online.policies", list(online.get("policies") or []), _conf_names(conf, "policy"), "policy")
     serve = config.get("serve")
     if serve:
         _check_names("serve.traces", list(serve["traces"]), list(traces), "trace(s)")

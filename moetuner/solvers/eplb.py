@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from moetuner.placement.baselines import finish
-from moetuner.placement.layout import Placement
-from moetuner.placement.problem import PlacementProblem
+from moetuner.solvers.completion import finish
+from moetuner.placement import Placement
+from moetuner.solvers.problem import PlacementProblem
 
 
 class EplbError(ValueError):

@@ -1,6 +1,6 @@
 """Dispatch: which replica of an expert serves each token-expert pair of a batch (one MoE layer).
 
-DISPATCHES, named after the engines that use them:
+DISPATCHES (moetuner.costmodel.settings), named after the engines that use them:
 - `dynamic`: even split over an expert's replicas, token j takes replica j mod count (SGLang
   `dynamic`, vLLM);
 - `static`: each source GPU has one fixed replica per expert, the nearest (own GPU, own node, any;
@@ -20,11 +20,8 @@ import numpy as np
 from scipy.sparse import coo_matrix, csr_matrix
 from scipy.sparse.csgraph import maximum_flow
 
-from moetuner.cost import CostModel, copy_matrix
-from moetuner.placement.layout import logical_replica_count, logical_to_physical_map
-
-DISPATCHES = ("dynamic", "static", "lp", "lp_comm")
-
+from moetuner.costmodel.cost import CostModel, copy_matrix
+from moetuner.placement import logical_replica_count, logical_to_physical_map
 
 @dataclass(frozen=True)
 class LayerSlots:

@@ -22,7 +22,7 @@ layer time), then:
     dispatch = inter-node phase (home -> relays) + intra-node phase (home -> own-node expert GPUs,
     relay -> its node's expert GPUs); the combine runs the two phases backwards (partial sums
     reduced on the relay).
-- layer time = dispatch + compute tail + combine; step time = sum over layers.
+- layer time = scatter + compute tail + combine; step time = sum over layers.
 """
 
 from __future__ import annotations
@@ -32,18 +32,16 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from moetuner.cost import CostModel, SimulationError, a2a_time, copy_matrix
-from moetuner.dispatch import DISPATCHES, LayerSlots, choose_slots, layer_slots
-from moetuner.placement.layout import Placement, check_placement, routed_experts
-
-DATAFLOWS = ("dispatch_combine", "expert_to_expert", "hierarchical")
-
+from moetuner.costmodel.cost import CostModel, SimulationError, a2a_time, copy_matrix
+from moetuner.costmodel.replicas import LayerSlots, choose_slots, layer_slots
+from moetuner.costmodel.settings import DATAFLOWS, check_dataflow, check_dispatch
+from moetuner.placement import Placement, check_placement, routed_experts
 
 @dataclass(frozen=True)
 class LayerStep:
     """One layer of one step."""
 
-    dispatch_s: float
+    scatter_s: float
     combine_s: float
     compute_s: np.ndarray  # [G]
     tokens: np.ndarray  # [G] token-expert pairs served
@@ -53,7 +51,7 @@ class LayerStep:
 
     @property
     def time_s(self) -> float:
-        return self.dispatch_s + float(self.compute_s.max()) + self.combine_s
+        return self.scatter_s + float(self.compute_s.max()) + self.combine_s
 
 
 def relay_copies(src: np.ndarray, on: np.ndarray, cost: CostModel) -> tuple[np.ndarray, np.ndarray]:
@@ -102,17 +100,17 @@ def layer_step(slot: np.ndarray, src: np.ndarray, target: np.ndarray, slots: Lay
     on[np.arange(len(src))[:, None], dest] = True
     if hierarchical:
         inter, intra = relay_copies(src, on, cost)
-        dispatch_s = a2a_time(inter, cost) + a2a_time(intra, cost)
+        scatter_s = a2a_time(inter, cost) + a2a_time(intra, cost)
         combine_s = a2a_time(intra.T, cost) + a2a_time(inter.T, cost)
         copies = 2 * (inter + intra)
     else:
         out = copy_matrix(src, on)
         back = copy_matrix(target, on).T
-        dispatch_s, combine_s, copies = a2a_time(out, cost), a2a_time(back, cost), out + back
+        scatter_s, combine_s, copies = a2a_time(out, cost), a2a_time(back, cost), out + back
     per_slot = np.bincount(slot.ravel(), minlength=slots.num_slots)
     compute = cost.expert_time(per_slot).reshape(num_gpus, -1).sum(1)
     cross = cost.node[:, None] != cost.node[None, :]
-    return LayerStep(dispatch_s=dispatch_s, combine_s=combine_s, compute_s=compute,
+    return LayerStep(scatter_s=scatter_s, combine_s=combine_s, compute_s=compute,
                      tokens=per_slot.reshape(num_gpus, -1).sum(1).astype(float),
                      bytes_intra=float(copies[~cross].sum() * cost.token_bytes),
                      bytes_inter=float(copies[cross].sum() * cost.token_bytes), out_gpu=target)
@@ -159,7 +157,7 @@ def simulate_step(ids: np.ndarray, primary: np.ndarray, slots: list[LayerSlots],
 class SimResult:
     """Per step s and layer l (and GPU g) of a simulation."""
 
-    dispatch_s: np.ndarray  # [S, L]
+    scatter_s: np.ndarray  # [S, L]
     combine_s: np.ndarray  # [S, L]
     compute_s: np.ndarray  # [S, L, G]
     tokens: np.ndarray  # [S, L, G] token-expert pairs per GPU
@@ -173,8 +171,8 @@ class SimResult:
 
     @property
     def layer_time_s(self) -> np.ndarray:
-        """dispatch + compute tail + combine. [S, L]"""
-        return self.dispatch_s + self.compute_tail_s + self.combine_s
+        """scatter + compute tail + combine. [S, L]"""
+        return self.scatter_s + self.compute_tail_s + self.combine_s
 
     @property
     def tail_ratio(self) -> np.ndarray:
@@ -188,8 +186,8 @@ class SimResult:
         return {
             "layer_time_s": float(step_time.mean()),
             "layer_time_max_step_s": float(step_time.max()),
-            "a2a_time_s": float((self.dispatch_s + self.combine_s).sum(1).mean()),
-            "dispatch_time_s": float(self.dispatch_s.sum(1).mean()),
+            "a2a_time_s": float((self.scatter_s + self.combine_s).sum(1).mean()),
+            "scatter_time_s": float(self.scatter_s.sum(1).mean()),
             "compute_time_s": float(self.compute_tail_s.sum(1).mean()),
             "compute_mean_s": float(self.compute_s.mean(-1).sum(1).mean()),
             "compute_tail_ratio": float(self.tail_ratio.mean()),
@@ -201,7 +199,7 @@ class SimResult:
     def per_layer(self) -> dict[str, np.ndarray]:
         """Columns of the per-layer table (means over steps). Each [L]"""
         return {
-            "dispatch_s": self.dispatch_s.mean(0), "compute_tail_s": self.compute_tail_s.mean(0),
+            "scatter_s": self.scatter_s.mean(0), "compute_tail_s": self.compute_tail_s.mean(0),
             "compute_mean_s": self.compute_s.mean(-1).mean(0), "combine_s": self.combine_s.mean(0),
             "layer_time_s": self.layer_time_s.mean(0), "tail_ratio": self.tail_ratio.mean(0),
             "bytes_intra": self.bytes_intra.mean(0), "bytes_inter": self.bytes_inter.mean(0),
@@ -211,10 +209,8 @@ class SimResult:
 def check_inputs(phy2log: np.ndarray, num_gpus: int, ids: np.ndarray, num_experts: int, cost: CostModel,
                  step_tokens: int, dataflow: str, dispatch: str) -> None:
     """Raise SimulationError (PlacementError for the map itself) naming the first disagreement."""
-    if dataflow not in DATAFLOWS:
-        raise SimulationError(f"dataflow={dataflow!r} is unknown; choose one of {list(DATAFLOWS)}")
-    if dispatch not in DISPATCHES:
-        raise SimulationError(f"dispatch={dispatch!r} is unknown; choose one of {list(DISPATCHES)}")
+    check_dataflow(dataflow, SimulationError)
+    check_dispatch(dispatch, SimulationError)
     check_placement(Placement(phy2log, num_gpus, 1, "simulated"), cost.num_gpus, num_experts, ids.shape[1],
                     routed=routed_experts(ids, num_experts))
     if not 1 <= step_tokens <= ids.shape[0]:
@@ -234,80 +230,5 @@ def simulate(phy2log: np.ndarray, num_gpus: int, ids: np.ndarray, primary: np.nd
         window = slice(start, start + step_tokens)
         steps.append(simulate_step(ids[window].astype(np.int64), primary[window], slots, cost, dataflow, dispatch))
     field = lambda name: np.array([[getattr(layer, name) for layer in step] for step in steps])  # noqa: E731
-    return SimResult(dispatch_s=field("dispatch_s"), combine_s=field("combine_s"), compute_s=field("compute_s"),
+    return SimResult(scatter_s=field("scatter_s"), combine_s=field("combine_s"), compute_s=field("compute_s"),
                      tokens=field("tokens"), bytes_intra=field("bytes_intra"), bytes_inter=field("bytes_inter"))
-
-
-def compute_lower_bound(ids: np.ndarray, cost: CostModel, slots_per_gpu: int) -> float:
-    """Compute tail of one layer-step that no placement with `slots_per_gpu` slots per GPU beats. ids [B, k]
-
-    max(sum over experts of f(n_e) / G, f(n_max / c)): splitting an expert over replicas never lowers
-    the summed time (f(a) + f(b) >= f(a + b)), and the hottest expert has at most c = min(G, 1 + P - E')
-    copies (P slots, E' experts routed in the step, each needing one)."""
-    load = np.bincount(ids.ravel(), minlength=1)
-    active = int((load > 0).sum())
-    copies = max(1, min(cost.num_gpus, 1 + cost.num_gpus * slots_per_gpu - active))
-    spread = float(cost.expert_time(load).sum()) / cost.num_gpus
-    return max(spread, float(cost.expert_time(np.array([load.max() / copies]))[0]))
-
-
-def comm_lower_bound(ids: np.ndarray, cost: CostModel, slots_per_gpu: int, dataflow: str = "dispatch_combine"
-                     ) -> float:
-    """Dispatch + combine seconds of one layer-step that no placement with `slots_per_gpu` slots per GPU
-    beats. ids [B, k]; token j of the step starts on GPU j % G.
-
-    A GPU holds at most S = slots_per_gpu distinct experts, a node S * n, so a token with m distinct
-    experts needs copies to >= ceil(m / S) - 1 other GPUs (>= ceil(m / (S n)) - 1 other nodes); and the
-    pairs of GPU g's tokens served on g are at most the S largest expert counts among them, so g sends
-    >= (pairs - that) / min(k, S) copies. A phase costs >= max over GPUs of its sends at the fastest
-    link (+ the smallest latency if it sends anything) and >= all copies / G at the fastest link; the
-    combine mirrors the dispatch. hierarchical: the inter-node phase alone (per-token node counts at
-    the fastest inter-node link), or g's remote pairs over both phases (<= min(k, S n) per copy).
-    expert_to_expert (tokens not at home after layer 0) uses only the per-token, all-GPU part.
-    """
-    num_gpus, per_node, b = cost.num_gpus, cost.gpus_per_node, cost.token_bytes
-    off = ~np.eye(num_gpus, dtype=bool)
-    fastest = float(cost.bandwidth[off].max()) if num_gpus > 1 else np.inf
-    distinct = np.array([len(np.unique(row)) for row in ids]) if ids.shape[1] > 1 else np.ones(len(ids), int)
-    need = np.maximum(-(-distinct // slots_per_gpu) - 1, 0)  # [B] other GPUs per token
-    src = np.arange(len(ids)) % num_gpus
-    total = float(need.sum()) * b / fastest / num_gpus
-    if dataflow == "expert_to_expert":
-        return 2 * total
-    width = int(ids.max()) + 1
-    pairs = np.unique(np.arange(len(ids))[:, None] * width + ids)  # distinct (token, expert) pairs
-    counts = np.zeros((num_gpus, width))
-    np.add.at(counts, (src[pairs // width], pairs % width), 1)
-    local = -np.sort(-counts, axis=1)[:, :slots_per_gpu].sum(1)
-    copies = np.maximum(np.bincount(src, weights=need, minlength=num_gpus),
-                        (counts.sum(1) - local) / min(ids.shape[1], slots_per_gpu))  # [G] sends of each GPU
-    min_latency = np.where(off, cost.latency, np.inf).min(1)
-    cross = cost.node[:, None] != cost.node[None, :]
-    if dataflow == "hierarchical" and cross.any():  # on one node it is dispatch_combine
-        inter = np.maximum(-(-distinct // (slots_per_gpu * per_node)) - 1, 0)
-        inter_bw = float(cost.bandwidth[cross].max())
-        inter_lat = np.where(cross, cost.latency, np.inf).min(1)
-        sends = np.bincount(src, weights=inter, minlength=num_gpus)
-        inter_phase = sends * b / inter_bw + np.where(sends > 0, inter_lat, 0.0)
-        # g's remote pairs leave g in both phases: <= min(k, S n) pairs per inter-node copy
-        remote = (counts.sum(1) - local) / min(ids.shape[1], slots_per_gpu * per_node)
-        both_phases = remote * b / fastest + np.where(remote > 0, min_latency, 0.0)
-        return 2 * max(float(inter_phase.max()), float(both_phases.max()), total)
-    per_gpu = copies * b / fastest + np.where(copies > 0, min_latency, 0.0)
-    return 2 * max(float(per_gpu.max()), total)
-
-
-def lower_bound(ids: np.ndarray, cost: CostModel, slots_per_gpu: int, step_tokens: int,
-                dataflow: str = "dispatch_combine") -> float:
-    """Step time (mean over full steps of the sum over layers) that no placement with `slots_per_gpu`
-    slots per GPU, under any dispatch, beats: compute_lower_bound + comm_lower_bound. ids [T, L, k]"""
-    steps = []
-    for start in range(0, ids.shape[0] - step_tokens + 1, step_tokens):
-        window = ids[start:start + step_tokens].astype(np.int64)
-        steps.append(sum(compute_lower_bound(window[:, layer], cost, slots_per_gpu)
-                         + comm_lower_bound(window[:, layer], cost, slots_per_gpu, dataflow)
-                         for layer in range(ids.shape[1])))
-    if not steps:
-        raise SimulationError(f"step_tokens={step_tokens} but the trace has {ids.shape[0]} tokens; "
-                              f"choose 1 <= step_tokens <= {ids.shape[0]}")
-    return float(np.mean(steps))

@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from moetuner.placement.baselines import finish
-from moetuner.placement.layout import Placement
-from moetuner.placement.problem import PlacementProblem
+from moetuner.solvers.completion import finish
+from moetuner.placement import Placement
+from moetuner.solvers.problem import PlacementProblem
 
 
 def assign_to_gpus(score: np.ndarray, capacity: int) -> np.ndarray:

@@ -1,0 +1,71 @@
+"""Solver names -> solver functions, and running one on a problem with its solve record.
+
+Every solver is `solve_<name>(problem: PlacementProblem, options: Mapping) -> Placement` (conf/solver/<name>.yaml
+holds its options); its module is imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from moetuner.placement import Placement, gpu_loads
+from moetuner.profiling.stats import imbalance
+from moetuner.solvers.mip import relative_gap
+from moetuner.solvers.problem import PlacementProblem
+
+Solver = Callable[[PlacementProblem, Mapping[str, Any]], Placement]
+
+SOLVERS: dict[str, str] = {
+    "contiguous": "moetuner.solvers.baselines:solve_contiguous",
+    "round_robin": "moetuner.solvers.baselines:solve_round_robin",
+    "greedy": "moetuner.solvers.baselines:solve_greedy",
+    "eplb": "moetuner.solvers.eplb:solve_eplb",
+    "exflow": "moetuner.solvers.exflow:solve_exflow",
+    "moetuner": "moetuner.solvers.moetuner_ilp:solve_moetuner",
+    "partition": "moetuner.solvers.partition:solve_partition",
+    "steptail": "moetuner.solvers.steptail:solve_steptail",
+}
+"""Solver name -> 'module:function' (imported on first use)."""
+
+
+class UnknownSolverError(ValueError):
+    """No solver of that name."""
+
+
+def get_solver(name: str) -> Solver:
+    """The solver function registered under `name`."""
+    if name not in SOLVERS:
+        raise UnknownSolverError(f"unknown solver {name!r}; choose one of {sorted(SOLVERS)}")
+    module, func = SOLVERS[name].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def solve_placement(problem: PlacementProblem, solver: str, options: Mapping[str, Any]) -> Placement:
+    """Run solver `solver` on `problem`; record the model, topology and replicas in the placement."""
+    placement = get_solver(solver)(problem, options)
+    placement.extra.update(num_experts=problem.num_experts, replicas=problem.replicas,
+                           topology=problem.topology.name, model=problem.profile.model,
+                           source=problem.profile.source, dispatch=problem.dispatch, dataflow=problem.dataflow)
+    if len(problem.domains) > 1:
+        placement.extra.update(domains=[d.source for d in problem.domains], domain_weights=list(problem.weights),
+                               robust=problem.robust)
+    return placement
+
+
+def placement_metrics(placement: Placement, load: np.ndarray) -> dict[str, float | None]:
+    """Solve record plus profile tokens per GPU: max/mean/imbalance, each averaged over layers."""
+    per_gpu = gpu_loads(placement.phy2log, load, placement.num_gpus)  # [L, G]
+    mean = per_gpu.mean(1)
+    return {
+        "objective": placement.objective,
+        "bound": placement.bound,
+        "gap": relative_gap(placement.objective, placement.bound),
+        "solve_seconds": placement.solve_seconds,
+        "max_gpu_load": float(per_gpu.max(1).mean()),
+        "mean_gpu_load": float(mean.mean()),
+        "imbalance": float(imbalance(per_gpu).mean()),
+    }
