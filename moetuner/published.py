@@ -1,0 +1,159 @@
+"""Published kernel measurements shipped in ``data/published/``: DeepEP's V1 dispatch/combine tables and
+DeepGEMM's FP8 GEMM tables, each transcribed from a verbatim excerpt of its source kept in
+``data/published/source/`` (see ``data/published/README.md`` for setups, units and licences).
+
+``load_table(name)`` reads a shipped CSV. ``table_from_source(name)`` rebuilds the same rows from the
+excerpt's markdown table, which is how the CSVs were written (``write_tables()``) and how the tests
+check them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from moetuner import PROJECT_ROOT
+
+PUBLISHED_DIR = PROJECT_ROOT / "data" / "published"
+SOURCE_DIR = PUBLISHED_DIR / "source"
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a table comes from: the stored copy it was read from, and the heading above it."""
+
+    repository: str  # the repository whose stored copy was read
+    upstream_repository: str  # the project that published the numbers
+    path: str
+    commit: str  # 40 hex digits
+    excerpt: str  # file name under SOURCE_DIR
+    heading: str  # the markdown heading right above the table
+
+
+_DEEPEP = dict(repository="deepseek-ai/DeepEP", upstream_repository="deepseek-ai/DeepEP",
+               path="docs/legacy.md", commit="3528514a6c3dac39e53d39cf67c7fffd49e23487",
+               excerpt="deepseek-ai_DeepEP__docs-legacy.md__3528514a.md")
+_DEEPGEMM = dict(repository="cassiewilliam/DeepGEMM", upstream_repository="deepseek-ai/DeepGEMM",
+                 path="README.md", commit="d7964a5a0d4b20101b548df3a845f6f09f2d7c3f",
+                 excerpt="cassiewilliam_DeepGEMM__README.md__d7964a5a.md")
+
+TABLES: dict[str, Source] = {
+    "deepep_normal": Source(**_DEEPEP, heading="Normal kernels with NVLink and RDMA forwarding"),
+    "deepep_low_latency": Source(**_DEEPEP, heading="Low-latency kernels with pure RDMA"),
+    "deepgemm_dense": Source(**_DEEPGEMM, heading="Normal GEMMs for dense models"),
+    "deepgemm_grouped_contiguous": Source(**_DEEPGEMM,
+                                          heading="Grouped GEMMs for MoE models (contiguous layout)"),
+    "deepgemm_grouped_masked": Source(**_DEEPGEMM, heading="Grouped GEMMs for MoE models (masked layout)"),
+}
+
+
+@dataclass(frozen=True)
+class MarkdownTable:
+    """One pipe table: the nearest heading above it, its header cells and its body rows (stripped)."""
+
+    heading: str
+    header: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+
+
+def parse_markdown_tables(text: str) -> list[MarkdownTable]:
+    """Every pipe table in ``text``, in order; the alignment row (``|:---:|``) is dropped."""
+    tables: list[MarkdownTable] = []
+    heading, block = "", []
+    for line in [*text.splitlines(), ""]:
+        stripped = line.strip()
+        if stripped.startswith("|") and stripped.endswith("|"):
+            block.append(tuple(cell.strip() for cell in stripped[1:-1].split("|")))
+            continue
+        if block:
+            body = tuple(row for row in block[1:] if not all(re.fullmatch(r":?-+:?", c) for c in row))
+            tables.append(MarkdownTable(heading, block[0], body))
+            block = []
+        if stripped.startswith("#"):
+            heading = stripped.lstrip("#").strip()
+    return tables
+
+
+def source_table(name: str) -> MarkdownTable:
+    """The markdown table behind ``name``, parsed from its verbatim excerpt."""
+    source = TABLES[name]
+    found = [t for t in parse_markdown_tables((SOURCE_DIR / source.excerpt).read_text())
+             if t.heading == source.heading]
+    if len(found) != 1:
+        raise ValueError(f"{source.excerpt}: expected one table under {source.heading!r}, found {len(found)}")
+    return found[0]
+
+
+def quantity(printed: str, unit: str) -> float:
+    """The number in a printed cell such as ``153 GB/s (NVLink)``, ``77 us`` or ``2.7x``, after checking
+    its unit."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(\S+)(?:\s+\((\w+)\))?", printed)
+    if match is None or match.group(2) != unit:
+        raise ValueError(f"{printed!r} is not a number in {unit}")
+    return float(match.group(1))
+
+
+def bandwidth_kind(printed: str) -> str:
+    """The link named in brackets in a DeepEP bandwidth cell: ``NVLink`` or ``RDMA``."""
+    match = re.search(r"\((NVLink|RDMA)\)$", printed)
+    if match is None:
+        raise ValueError(f"{printed!r} names no link")
+    return match.group(1)
+
+
+def _gemm_columns(computation: str, bandwidth: str, speedup: str) -> dict[str, object]:
+    return {"computation": computation, "computation_tflops": quantity(computation, "TFLOPS"),
+            "memory_bandwidth": bandwidth, "memory_bandwidth_gbps": quantity(bandwidth, "GB/s"),
+            "speedup": speedup, "speedup_x": quantity(speedup, "x")}
+
+
+def _rows(name: str, table: MarkdownTable) -> list[dict[str, object]]:
+    """The CSV rows (table columns only) for one source table."""
+    if name == "deepep_normal":
+        return [{"type": kind, "operation": operation, "num_ep": int(ep), "bottleneck_bandwidth": bw,
+                 "bottleneck_bandwidth_gbps": quantity(bw, "GB/s"), "bandwidth_kind": bandwidth_kind(bw)}
+                for kind, dispatch_ep, dispatch_bw, combine_ep, combine_bw in table.rows
+                for operation, ep, bw in (("dispatch", dispatch_ep, dispatch_bw),
+                                          ("combine", combine_ep, combine_bw))]
+    if name == "deepep_low_latency":
+        rows = []
+        for dispatch_ep, d_lat, d_bw, combine_ep, c_lat, c_bw in table.rows:
+            if dispatch_ep != combine_ep:
+                raise ValueError(f"dispatch #EP {dispatch_ep} differs from combine #EP {combine_ep}")
+            rows.append({"num_ep": int(dispatch_ep),
+                         "dispatch_latency": d_lat, "dispatch_latency_us": quantity(d_lat, "us"),
+                         "dispatch_rdma_bandwidth": d_bw, "dispatch_rdma_bandwidth_gbps": quantity(d_bw, "GB/s"),
+                         "combine_latency": c_lat, "combine_latency_us": quantity(c_lat, "us"),
+                         "combine_rdma_bandwidth": c_bw, "combine_rdma_bandwidth_gbps": quantity(c_bw, "GB/s")})
+        return rows
+    if name == "deepgemm_dense":
+        return [{"m": int(m), "n": int(n), "k": int(k), **_gemm_columns(*rest)} for m, n, k, *rest in table.rows]
+    if name in ("deepgemm_grouped_contiguous", "deepgemm_grouped_masked"):
+        return [{"num_groups": int(g), "m_per_group": int(m), "n": int(n), "k": int(k), **_gemm_columns(*rest)}
+                for g, m, n, k, *rest in table.rows]
+    raise KeyError(name)
+
+
+def table_from_source(name: str) -> pd.DataFrame:
+    """The rows of table ``name`` rebuilt from its source excerpt, provenance columns first."""
+    source = TABLES[name]
+    table = source_table(name)
+    provenance = {"repository": source.repository, "upstream_repository": source.upstream_repository,
+                  "path": source.path, "commit": source.commit, "table": source.heading}
+    return pd.DataFrame([{**provenance, **row} for row in _rows(name, table)])
+
+
+def load_table(name: str) -> pd.DataFrame:
+    """The shipped CSV ``data/published/<name>.csv`` (``name`` is a key of ``TABLES``)."""
+    if name not in TABLES:
+        raise KeyError(f"unknown published table {name!r}; known: {sorted(TABLES)}")
+    return pd.read_csv(PUBLISHED_DIR / f"{name}.csv", dtype={"commit": str})
+
+
+def write_tables(directory: Path = PUBLISHED_DIR) -> None:
+    """Write every table's CSV from its source excerpt (numbers printed as in the source)."""
+    for name in TABLES:
+        table_from_source(name).to_csv(directory / f"{name}.csv", index=False, float_format="%g")
