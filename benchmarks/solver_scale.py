@@ -1,7 +1,7 @@
 """Solve time and optimality gap of the placement solvers from Mixtral to DeepSeek-V3 scale.
 
     .venv/bin/python benchmarks/solver_scale.py --time-limit 2 --tokens 4096
-    .venv/bin/python benchmarks/solver_scale.py --esft ../shared/data/esft-deepseek-v2-lite
+    .venv/bin/python benchmarks/solver_scale.py --esft ESFT/results/expert_scores  # raw intent/ and law/ dumps
     .venv/bin/python benchmarks/solver_scale.py --cases dsv3-g64 --replicas 1 --steptail-time-limit 45
 
 Synthetic traces (moetuner.synth: Zipf skew 1.0, inter-layer affinity 0.3) with each model's shape;

@@ -1,4 +1,5 @@
-"""Engine files and flags of a placement: SGLang's `--init-expert-location`, vLLM's EPLB maps (JSON and torch).
+"""Engine files and flags of a placement: SGLang's `--init-expert-location`, vLLM's EPLB maps (JSON and torch);
+docs/formulation.md section 7.
 
 SGLang 0.5.23 and vLLM 0.33 are the engines these files were checked against (tests/test_engine_conformance.py).
 """

@@ -1,4 +1,4 @@
-"""The placement contract: the layout shared with DeepSeek EPLB, vLLM and SGLang.
+"""The placement contract: the layout shared with DeepSeek EPLB, vLLM and SGLang (docs/formulation.md section 2).
 
 `phy2log` [L, P], P = G * S: the logical expert held by physical slot s in layer l; slot s lives on
 GPU s // S; -1 marks an empty slot; an expert may hold several slots (replicas).

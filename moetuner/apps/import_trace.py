@@ -1,6 +1,6 @@
 """moetuner-import: real routing recorded elsewhere -> a moetuner trace.
 
-    moetuner-import format=esft path=../shared/data/esft-deepseek-v2-lite/intent out=traces/intent.safetensors
+    moetuner-import format=esft path=ESFT/results/expert_scores/intent out=traces/intent.safetensors
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ def compute_lower_bound(ids: np.ndarray, cost: CostModel, slots_per_gpu: int) ->
 
 def comm_lower_bound(ids: np.ndarray, cost: CostModel, slots_per_gpu: int, dataflow: str = "dispatch_combine"
                      ) -> float:
-    """Dispatch + combine seconds of one layer-step that no placement with `slots_per_gpu` slots per GPU
+    """Scatter + combine seconds of one layer-step that no placement with `slots_per_gpu` slots per GPU
     beats. ids [B, k]; token j of the step starts on GPU j % G.
 
     A GPU holds at most S = slots_per_gpu distinct experts, a node S * n, so a token with m distinct
@@ -35,7 +35,7 @@ def comm_lower_bound(ids: np.ndarray, cost: CostModel, slots_per_gpu: int, dataf
     pairs of GPU g's tokens served on g are at most the S largest expert counts among them, so g sends
     >= (pairs - that) / min(k, S) copies. A phase costs >= max over GPUs of its sends at the fastest
     link (+ the smallest latency if it sends anything) and >= all copies / G at the fastest link; the
-    combine mirrors the dispatch. hierarchical: the inter-node phase alone (per-token node counts at
+    combine mirrors the scatter. hierarchical: the inter-node phase alone (per-token node counts at
     the fastest inter-node link), or g's remote pairs over both phases (<= min(k, S n) per copy).
     expert_to_expert (tokens not at home after layer 0) uses only the per-token, all-GPU part.
     """

@@ -1,4 +1,4 @@
-"""Cost constants of expert-parallel serving: expert time f(n) and the links (formulation.md section 3).
+"""Cost constants of expert-parallel serving: expert time f(n) and the links (docs/formulation.md section 3).
 
 - compute: roofline f(n) = max(n * 6*h*i / peak_flops, 3*h*i*2 / hbm_bw), or the calibrated
   f(n) = expert_fixed_s + expert_per_token_s * n (a topology's `calibration` block).

@@ -1,4 +1,5 @@
-"""Dispatch: which replica of an expert serves each token-expert pair of a batch (one MoE layer).
+"""Dispatch: which replica of an expert serves each token-expert pair of a batch (one MoE layer;
+docs/formulation.md section 3.2).
 
 DISPATCHES (moetuner.costmodel.settings), named after the engines that use them:
 - `dynamic`: even split over an expert's replicas, token j takes replica j mod count (SGLang
@@ -188,7 +189,7 @@ LP_COMM_EXACT_VARS = 64
 def pick_lp_comm(ids: np.ndarray, src: np.ndarray, slots: LayerSlots, cost: CostModel,
                  exact_vars: int = LP_COMM_EXACT_VARS) -> np.ndarray:
     """Ours: the split that minimises predicted layer time per_token * (most pairs on a GPU) + 2 * (the
-    dispatch all-to-all, max over GPUs of send and receive seconds; the combine mirrors it).
+    scatter all-to-all, max over GPUs of send and receive seconds; the combine mirrors it).
 
     A pair's copy is free when the chosen replica's GPU is the token's own or one its unreplicated
     experts already need; pairs alike in (source GPU, expert, which replicas are free) form a class,

@@ -1,4 +1,4 @@
-"""Per-step cost model of expert-parallel MoE serving (formulation.md section 3).
+"""Per-step cost model of expert-parallel MoE serving (docs/formulation.md section 3).
 
 A trace's tokens are cut into steps of `step_tokens` consecutive tokens (a trailing partial step is
 left out). Token j of a step lives on home GPU j % G (attention is data parallel). In every MoE layer
@@ -13,13 +13,13 @@ layer time), then:
   GPU the token is on. An all-to-all phase costs max over GPUs of max(send, receive), where send =
   sum over peers of bytes / link bandwidth + the largest latency among the peers it sends to
   (messages leave concurrently, links are full duplex); receive likewise.
-  - `dispatch_combine`: dispatch from home to the token's expert GPUs, combine the same copies back.
-  - `expert_to_expert`: layer 0 dispatches from home; the combine gathers the k partial results on
+  - `dispatch_combine`: scatter from home to the token's expert GPUs, combine the same copies back.
+  - `expert_to_expert`: layer 0 scatters from home; the combine gathers the k partial results on
     the GPU of the token's primary expert (largest gate weight, else the first listed), which is
-    where the next layer dispatches from; the last layer combines back to home.
+    where the next layer scatters from; the last layer combines back to home.
   - `hierarchical` (DeepEP inter-node): home to experts and back like dispatch_combine, but a token
     crosses to another node once per destination node, to the relay GPU of its own local rank there;
-    dispatch = inter-node phase (home -> relays) + intra-node phase (home -> own-node expert GPUs,
+    scatter = inter-node phase (home -> relays) + intra-node phase (home -> own-node expert GPUs,
     relay -> its node's expert GPUs); the combine runs the two phases backwards (partial sums
     reduced on the relay).
 - layer time = scatter + compute tail + combine; step time = sum over layers.

@@ -1,4 +1,5 @@
-"""DeepSeek's expert-parallel load balancer (EPLB), reimplemented with its signature and semantics.
+"""DeepSeek's expert-parallel load balancer (EPLB), reimplemented with its signature and semantics
+(docs/formulation.md section 6).
 
 Hierarchical policy (num_groups % num_nodes == 0): pack expert groups onto nodes (equal counts,
 balanced load), replicate hot experts inside each node (each new replica goes to the expert with the

@@ -1,4 +1,5 @@
-"""MoETuner's two-stage ILPs (arXiv 2502.06643, section 4.2), as published with its gaps fixed.
+"""MoETuner's two-stage ILPs (arXiv 2502.06643, section 4.2), as published with its gaps fixed
+(docs/formulation.md section 4 states both versions and each fix).
 
 ILP1 (per layer) partitions the E experts into G clusters, minimising the L1 deviation of cluster
 load from the mean. ILP2 (all layers) maps clusters to GPUs, one per GPU per layer, minimising the sum

@@ -1,4 +1,5 @@
-"""steptail: local search over the simulator's per-step tail objective, warm-started from heuristics.
+"""steptail: local search over the simulator's per-step tail objective, warm-started from heuristics
+(docs/formulation.md section 8).
 
 Objective: the simulator's step time (sum over layers of scatter + compute tail + combine) averaged
 over the profile's steps of `step_tokens` tokens, with the problem's `dispatch` (how the engine splits
@@ -19,8 +20,8 @@ dispatch, but dynamic for lp_comm, whose per-step MILP is too slow for thousands
 measured better that way); `objective` is then recomputed with the problem's dispatch.
 `time_limit_s` bounds the whole solve except the warm-start solvers themselves and one scoring of
 each (a reserve for the final scoring is kept); the partition warm start gets 20% of it.
-Bound: the simulator's lower bound (compute and communication; `moetuner.costmodel.simulator.lower_bound`) on
-the profile steps, combined over domains like the objective.
+Bound: the simulator's lower bound (compute and communication; `moetuner.costmodel.bounds.lower_bound`,
+docs/formulation.md section 5) on the profile steps, combined over domains like the objective.
 """
 
 from __future__ import annotations
