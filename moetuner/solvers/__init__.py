@@ -1,1 +1,1 @@
-"""Expert placements: the shared layout, solvers and their exporters."""
+"""Placement solvers: the problem they receive, one module per algorithm, the registry that names them."""
