@@ -27,11 +27,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy.optimize import least_squares
 
+from moetuner.atomic import write_atomic, write_text_atomic
 from moetuner.costmodel.cost import SCALE_BYTES, CostModel, GemmCurve, a2a_time, copy_matrix, pair_copy_matrix
 from moetuner.costmodel.simulator import phases, relay_copies
 from moetuner.published import TABLES, load_table
@@ -306,6 +308,18 @@ def fit_published(seed: int = 0) -> HardwareFit:
     cfit = c[c["used_in_fit"]]
     links = fit_links(cfit, cfit["published"].to_numpy(float), benches)
     return HardwareFit(gemm, links, row_table(gemm, links, benches))
+
+
+def write_fit(fit: HardwareFit, out: Path, command: str) -> list[Path]:
+    """out/rows.csv, out/summary.csv and out/calibration.yaml (the `calibration` block, headed by `command`)."""
+    from omegaconf import OmegaConf
+
+    block = OmegaConf.to_yaml(OmegaConf.create({"calibration": fit.calibration()}))
+    header = (f"# fitted by {command} on data/published/ (fit split: GEMMs {FIT_RULES['gemm']}; "
+              f"communication {FIT_RULES['comm']})\n")
+    return [write_atomic(out / "rows.csv", lambda tmp: fit.rows.to_csv(tmp, index=False)),
+            write_atomic(out / "summary.csv", lambda tmp: error_summary(fit.rows).to_csv(tmp, index=False)),
+            write_text_atomic(out / "calibration.yaml", header + block)]
 
 
 def error_summary(rows: pd.DataFrame) -> pd.DataFrame:
