@@ -108,3 +108,19 @@ def test_synth_app_writes_the_requested_trace(tmp_path: Path, monkeypatch: pytes
     synth_main()
     spec = SynthSpec(num_tokens=300, num_layers=2, num_experts=16, top_k=2, group_size=4, seed=7)
     np.testing.assert_array_equal(load_trace(out).topk_ids, synthesize(spec).topk_ids)
+
+
+def test_synth_shape_presets() -> None:
+    """conf/synth_shape: the default is DeepSeek-V2-Lite's shape; deepseek_v3 gives V3's expert shape."""
+    from hydra import compose, initialize_config_dir
+
+    from moetuner.apps.common import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        lite = compose("synth", overrides=["out=x"])
+        v3 = compose("synth", overrides=["out=x", "synth_shape=deepseek_v3", "num_layers=2"])
+    assert (lite.hidden_size, lite.moe_intermediate_size, lite.num_experts, lite.top_k) == (2048, 1408, 64, 6)
+    assert (v3.hidden_size, v3.moe_intermediate_size, v3.num_experts, v3.top_k, v3.num_layers) == (7168, 2048, 256, 8, 2)
+    trace = synthesize(SynthSpec(**{f: v3[f] for f in SynthSpec.__dataclass_fields__ if f != "num_tokens"},
+                                 num_tokens=64).check())
+    assert trace.hidden_size == 7168 and trace.moe_intermediate_size == 2048 and trace.topk_ids.shape == (64, 2, 8)

@@ -22,7 +22,8 @@ def compute_lower_bound(ids: np.ndarray, cost: CostModel, slots_per_gpu: int) ->
     active = int((load > 0).sum())
     copies = max(1, min(cost.num_gpus, 1 + cost.num_gpus * slots_per_gpu - active))
     spread = float(cost.expert_time(load).sum()) / cost.num_gpus
-    return max(spread, float(cost.expert_time(np.array([load.max() / copies]))[0]))
+    busy = cost.kernel_s if load.sum() > 0 else 0.0  # some GPU runs the layer's kernels
+    return max(spread, float(cost.expert_time(np.array([load.max() / copies]))[0])) + busy
 
 
 def comm_lower_bound(ids: np.ndarray, cost: CostModel, slots_per_gpu: int, dataflow: str = "dispatch_combine"
@@ -39,9 +40,13 @@ def comm_lower_bound(ids: np.ndarray, cost: CostModel, slots_per_gpu: int, dataf
     the fastest inter-node link), or g's remote pairs over both phases (<= min(k, S n) per copy).
     expert_to_expert (tokens not at home after layer 0) uses only the per-token, all-GPU part.
     """
-    num_gpus, per_node, b = cost.num_gpus, cost.gpus_per_node, cost.token_bytes
+    num_gpus, per_node = cost.num_gpus, cost.gpus_per_node
+    b = sum(cost.phase_bytes) / 2  # 2 * (a bound at b) = the scatter bound + the combine bound
     off = ~np.eye(num_gpus, dtype=bool)
+    cross = cost.node[:, None] != cost.node[None, :]
     fastest = float(cost.bandwidth[off].max()) if num_gpus > 1 else np.inf
+    if cost.link_model == "concurrent" and cross.any() and (off & ~cross).any():  # both ports at once
+        fastest = float(cost.bandwidth[off & ~cross].max() + cost.bandwidth[cross].max())
     distinct = np.array([len(np.unique(row)) for row in ids]) if ids.shape[1] > 1 else np.ones(len(ids), int)
     need = np.maximum(-(-distinct // slots_per_gpu) - 1, 0)  # [B] other GPUs per token
     src = np.arange(len(ids)) % num_gpus
@@ -56,7 +61,6 @@ def comm_lower_bound(ids: np.ndarray, cost: CostModel, slots_per_gpu: int, dataf
     copies = np.maximum(np.bincount(src, weights=need, minlength=num_gpus),
                         (counts.sum(1) - local) / min(ids.shape[1], slots_per_gpu))  # [G] sends of each GPU
     min_latency = np.where(off, cost.latency, np.inf).min(1)
-    cross = cost.node[:, None] != cost.node[None, :]
     if dataflow == "hierarchical" and cross.any():  # on one node it is dispatch_combine
         inter = np.maximum(-(-distinct // (slots_per_gpu * per_node)) - 1, 0)
         inter_bw = float(cost.bandwidth[cross].max())
@@ -66,6 +70,8 @@ def comm_lower_bound(ids: np.ndarray, cost: CostModel, slots_per_gpu: int, dataf
         # g's remote pairs leave g in both phases: <= min(k, S n) pairs per inter-node copy
         remote = (counts.sum(1) - local) / min(ids.shape[1], slots_per_gpu * per_node)
         both_phases = remote * b / fastest + np.where(remote > 0, min_latency, 0.0)
+        if cost.link_model == "concurrent":  # pipelined phases: the longer is >= half their sum
+            both_phases = both_phases / 2
         return 2 * max(float(inter_phase.max()), float(both_phases.max()), total)
     per_gpu = copies * b / fastest + np.where(copies > 0, min_latency, 0.0)
     return 2 * max(float(per_gpu.max()), total)

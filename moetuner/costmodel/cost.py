@@ -1,10 +1,19 @@
 """Cost constants of expert-parallel serving: expert time f(n) and the links (docs/formulation.md section 3).
 
-- compute: roofline f(n) = max(n * 6*h*i / peak_flops, 3*h*i*2 / hbm_bw), or the calibrated
-  f(n) = expert_fixed_s + expert_per_token_s * n (a topology's `calibration` block).
-- communication: one copy of a token is h * 2 bytes (bf16). An all-to-all phase costs max over GPUs
-  of max(send, receive), where send = sum over peers of bytes / link bandwidth + the largest latency
-  among the peers it sends to (messages leave concurrently, links are full duplex); receive likewise.
+- compute, one of EXPERT_MODELS (a topology's `calibration.expert_model`; default: `calibrated_linear`
+  when the block has expert_fixed_s, else `roofline`):
+  - `roofline`: f(n) = max(n * 6*h*i / peak_flops, 3*h*i*2 / hbm_bw) (vendor peaks, bf16).
+  - `calibrated_linear`: f(n) = expert_fixed_s + expert_per_token_s * n (fitted on served steps).
+  - `efficiency`: an expert is two grouped GEMMs, gate+up (M=n, N=2i, K=h) and down (M=n, N=h, K=i);
+    each costs the smooth roofline ((flops/P)^q + (bytes/W)^q)^(1/q) (GemmCurve), and a GPU that
+    serves any token pays each GEMM's K-loop latency k_latency_s * K once (one grouped kernel).
+    The constants are fitted on DeepGEMM's published tables (moetuner.costmodel.hardware_fit).
+- communication: one copy of a token is `scatter_bytes` on the way out and `combine_bytes` on the way
+  back (default h * 2, bf16 both ways). An all-to-all phase costs max over GPUs of max(send, receive),
+  where send = the transfer seconds + the largest latency among the peers it sends to (messages leave
+  concurrently, links are full duplex) + message_s per peer; receive likewise. Transfer seconds per
+  LINK_MODELS: `serial` sums bytes / bandwidth over all peers (one port); `concurrent` takes the larger
+  of the intra-node and the inter-node sums (NVLink and RDMA ports work in parallel).
 """
 
 from __future__ import annotations
@@ -13,11 +22,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moetuner.costmodel.settings import EXPERT_MODELS, LINK_MODELS, check_choice
 from moetuner.topology import GB, Topology
 
 BYTES_PER_VALUE = 2  # bf16 activations and weights
+SCALE_BYTES = 4  # one float32 scale per block of an FP8 tensor
 CALIBRATION_KEYS = ("expert_fixed_s", "expert_per_token_s", "intra_node_bw_GBps", "inter_node_bw_GBps",
-                    "intra_node_latency_us", "inter_node_latency_us")
+                    "intra_node_latency_us", "inter_node_latency_us", "expert_model", "gemm_peak_tflops",
+                    "gemm_mem_bw_GBps", "gemm_overlap_q", "gemm_k_latency_ns", "gemm_act_bytes",
+                    "gemm_weight_bytes", "gemm_out_bytes", "link_model", "message_us",
+                    "scatter_bytes_per_value", "scatter_scale_block", "combine_bytes_per_value")
+GEMM_KEYS = ("gemm_peak_tflops", "gemm_mem_bw_GBps", "gemm_overlap_q", "gemm_k_latency_ns")
 
 
 class SimulationError(ValueError):
@@ -25,8 +40,43 @@ class SimulationError(ValueError):
 
 
 @dataclass(frozen=True)
+class GemmCurve:
+    """Achieved time of a GEMM [M, K] x [K, N]: ((2MNK / peak_flops)^q + (bytes / mem_bw)^q)^(1/q), bytes =
+    M*K*act + N*K*weight + M*N*out; q = 1 adds compute and memory time, q -> inf is the roofline's max.
+    The K-loop latency k_latency_s * K is paid once per kernel (kernel_s)."""
+
+    peak_flops: float  # FLOP/s
+    mem_bw: float  # B/s
+    overlap_q: float
+    k_latency_s: float  # seconds per unit of K
+    act_bytes: float = 1.0  # FP8 activations
+    weight_bytes: float = 1.0  # FP8 weights
+    out_bytes: float = 2.0  # BF16 output
+
+    def time(self, m: np.ndarray, n: int, k: int) -> np.ndarray:
+        """Seconds of the GEMM body (no kernel latency) for M = m rows. [...] -> [...]"""
+        m = np.asarray(m, dtype=float)
+        compute = 2.0 * m * n * k / self.peak_flops
+        memory = (m * k * self.act_bytes + n * k * self.weight_bytes + m * n * self.out_bytes) / self.mem_bw
+        q = self.overlap_q
+        return (compute ** q + memory ** q) ** (1.0 / q)
+
+    def kernel_s(self, k: int) -> float:
+        """Fixed seconds of one (grouped) GEMM kernel of depth K."""
+        return self.k_latency_s * k
+
+
+def expert_gemms(hidden_size: int, intermediate_size: int) -> tuple[tuple[int, int], ...]:
+    """(N, K) of an expert's GEMMs: fused gate+up [h -> 2i], then down [i -> h]."""
+    return ((2 * intermediate_size, hidden_size), (hidden_size, intermediate_size))
+
+
+@dataclass(frozen=True)
 class CostModel:
-    """Expert time f(n) = max(n * per_token_s, floor_s) + fixed_s for n > 0, and the links."""
+    """Expert time f(n) = max(n * per_token_s, floor_s) + fixed_s for n > 0 (or the GEMM curve), and the links.
+
+    With `gemm` set, f(n) = sum over `gemms` (N, K) of gemm.time(n, N, K), per_token_s is its large-n
+    slope (the linear proxy lp_comm uses) and a busy GPU adds kernel_s once per layer."""
 
     per_token_s: float
     floor_s: float
@@ -35,6 +85,13 @@ class CostModel:
     bandwidth: np.ndarray  # [G, G] B/s, inf on the diagonal
     latency: np.ndarray  # [G, G] s, 0 on the diagonal
     node: np.ndarray  # [G] node of each GPU
+    gemm: GemmCurve | None = None
+    gemms: tuple[tuple[int, int], ...] = ()
+    kernel_s: float = 0.0  # seconds per busy GPU per layer
+    scatter_bytes: float | None = None  # bytes of one token copy on the way out (None: token_bytes)
+    combine_bytes: float | None = None  # on the way back (None: token_bytes)
+    message_s: float = 0.0  # seconds per peer a GPU sends to (receives from) in a phase
+    link_model: str = "serial"
 
     @property
     def num_gpus(self) -> int:
@@ -44,14 +101,42 @@ class CostModel:
     def gpus_per_node(self) -> int:
         return int((self.node == self.node[0]).sum())
 
+    @property
+    def phase_bytes(self) -> tuple[float, float]:
+        """(scatter, combine) bytes of one token copy."""
+        return (self.token_bytes if self.scatter_bytes is None else self.scatter_bytes,
+                self.token_bytes if self.combine_bytes is None else self.combine_bytes)
+
     def expert_time(self, tokens: np.ndarray) -> np.ndarray:
         """Seconds an expert slot needs for `tokens` tokens (0 when idle). [...] -> [...]"""
-        busy = np.maximum(tokens * self.per_token_s, self.floor_s) + self.fixed_s
+        if self.gemm is not None:
+            busy = sum(self.gemm.time(tokens, n, k) for n, k in self.gemms)
+        else:
+            busy = np.maximum(tokens * self.per_token_s, self.floor_s) + self.fixed_s
         return np.where(tokens > 0, busy, 0.0)
 
+    def gpu_compute(self, per_slot: np.ndarray) -> np.ndarray:
+        """Seconds each GPU computes one layer: its slots' expert times + kernel_s if any is busy.
+        per_slot [G * S] tokens of each slot (GPU-major) -> [G]"""
+        slots = per_slot.reshape(self.num_gpus, -1)
+        compute = self.expert_time(per_slot).reshape(self.num_gpus, -1).sum(1)
+        return compute + np.where(slots.sum(1) > 0, self.kernel_s, 0.0) if self.kernel_s else compute
 
-def cost_model(topology: Topology, hidden_size: int, intermediate_size: int) -> CostModel:
-    """Roofline (or calibrated) expert cost and link matrices of `topology` for one expert shape."""
+
+def _calibrated(cal: dict, key: str, default: float, scale: float) -> float:
+    return float(cal[key]) * scale if key in cal else default
+
+
+def expert_model(topology: Topology) -> str:
+    """The topology's expert model: `calibration.expert_model`, else calibrated_linear if the block has
+    expert_fixed_s, else roofline."""
+    cal = topology.calibration
+    default = "calibrated_linear" if "expert_fixed_s" in cal else "roofline"
+    return check_choice("calibration.expert_model", cal.get("expert_model", default), EXPERT_MODELS, SimulationError)
+
+
+def check_calibration(topology: Topology) -> str:
+    """Raise SimulationError naming the first bad key of `topology.calibration`; return its expert model."""
     cal = topology.calibration
     unknown = sorted(set(cal) - set(CALIBRATION_KEYS))
     if unknown:
@@ -60,35 +145,92 @@ def cost_model(topology: Topology, hidden_size: int, intermediate_size: int) -> 
     if ("expert_fixed_s" in cal) != ("expert_per_token_s" in cal):
         raise SimulationError(f"topology {topology.name}: calibration needs both expert_fixed_s and "
                               f"expert_per_token_s (or neither, for the roofline)")
+    model = expert_model(topology)
+    check_choice("calibration.link_model", cal.get("link_model", "serial"), LINK_MODELS, SimulationError)
+    if model == "calibrated_linear" and "expert_fixed_s" not in cal:
+        raise SimulationError(f"topology {topology.name}: expert_model=calibrated_linear needs expert_fixed_s "
+                              f"and expert_per_token_s in its calibration")
+    if model != "calibrated_linear" and ("expert_fixed_s" in cal or "expert_per_token_s" in cal):
+        raise SimulationError(f"topology {topology.name}: expert_fixed_s/expert_per_token_s belong to "
+                              f"expert_model=calibrated_linear, not {model}; drop them or change the model")
+    missing = [k for k in GEMM_KEYS if k not in cal]
+    if model == "efficiency" and missing:
+        raise SimulationError(f"topology {topology.name}: expert_model=efficiency needs {missing} in its "
+                              f"calibration (fit them with moetuner-fit-hardware)")
+    return model
+
+
+def gemm_curve(cal: dict) -> GemmCurve:
+    """The GemmCurve of a calibration block (GEMM_KEYS, optional gemm_*_bytes)."""
+    return GemmCurve(peak_flops=float(cal["gemm_peak_tflops"]) * 1e12, mem_bw=float(cal["gemm_mem_bw_GBps"]) * GB,
+                     overlap_q=float(cal["gemm_overlap_q"]), k_latency_s=float(cal["gemm_k_latency_ns"]) * 1e-9,
+                     act_bytes=float(cal.get("gemm_act_bytes", 1.0)),
+                     weight_bytes=float(cal.get("gemm_weight_bytes", 1.0)),
+                     out_bytes=float(cal.get("gemm_out_bytes", 2.0)))
+
+
+def phase_token_bytes(cal: dict, hidden_size: int) -> tuple[float | None, float | None]:
+    """(scatter, combine) bytes of one token copy from the calibration block (None: bf16 default).
+    FP8 scatter: h * 1 + ceil(h / scatter_scale_block) * 4 scale bytes."""
+    scatter = combine = None
+    if "scatter_bytes_per_value" in cal:
+        block = cal.get("scatter_scale_block")
+        scales = 0 if block is None else -(-hidden_size // int(block)) * SCALE_BYTES
+        scatter = float(cal["scatter_bytes_per_value"]) * hidden_size + scales
+    if "combine_bytes_per_value" in cal:
+        combine = float(cal["combine_bytes_per_value"]) * hidden_size
+    return scatter, combine
+
+
+def cost_model(topology: Topology, hidden_size: int, intermediate_size: int) -> CostModel:
+    """Expert cost (the topology's expert_model) and link matrices of `topology` for one expert shape."""
+    cal = topology.calibration
+    model = check_calibration(topology)
     node = np.arange(topology.num_gpus) // topology.gpus_per_node
     same = node[:, None] == node[None, :]
     bandwidth = topology.bandwidth()
     if "intra_node_bw_GBps" in cal or "inter_node_bw_GBps" in cal:
-        intra = float(cal["intra_node_bw_GBps"]) * GB if "intra_node_bw_GBps" in cal else topology.intra_node_bw
-        inter = float(cal["inter_node_bw_GBps"]) * GB if "inter_node_bw_GBps" in cal else topology.inter_node_bw
+        intra = _calibrated(cal, "intra_node_bw_GBps", topology.intra_node_bw, GB)
+        inter = _calibrated(cal, "inter_node_bw_GBps", topology.inter_node_bw, GB)
         bandwidth = np.where(same, intra, inter)
         np.fill_diagonal(bandwidth, np.inf)
-    intra_lat = float(cal["intra_node_latency_us"]) * 1e-6 if "intra_node_latency_us" in cal \
-        else topology.intra_node_latency
-    inter_lat = float(cal["inter_node_latency_us"]) * 1e-6 if "inter_node_latency_us" in cal \
-        else topology.inter_node_latency
+    intra_lat = _calibrated(cal, "intra_node_latency_us", topology.intra_node_latency, 1e-6)
+    inter_lat = _calibrated(cal, "inter_node_latency_us", topology.inter_node_latency, 1e-6)
     latency = np.where(same, intra_lat, inter_lat)
     np.fill_diagonal(latency, 0.0)
     shape = hidden_size * intermediate_size
-    if "expert_fixed_s" in cal:
+    gemm, gemms, kernel = None, (), 0.0
+    if model == "calibrated_linear":
         per_token, floor, fixed = float(cal["expert_per_token_s"]), 0.0, float(cal["expert_fixed_s"])
-    else:
+    elif model == "roofline":
         per_token = 6.0 * shape / topology.gpu_peak_flops
         floor, fixed = 3.0 * shape * BYTES_PER_VALUE / topology.hbm_bw, 0.0
-    return CostModel(per_token, floor, fixed, float(hidden_size * BYTES_PER_VALUE), bandwidth, latency, node)
+    else:
+        gemm, gemms = gemm_curve(cal), expert_gemms(hidden_size, intermediate_size)
+        per_token, floor, fixed = sum(2.0 * n * k for n, k in gemms) / gemm.peak_flops, 0.0, 0.0
+        kernel = sum(gemm.kernel_s(k) for _, k in gemms)
+    scatter, combine = phase_token_bytes(cal, hidden_size)
+    return CostModel(per_token, floor, fixed, float(hidden_size * BYTES_PER_VALUE), bandwidth, latency, node,
+                     gemm=gemm, gemms=gemms, kernel_s=kernel, scatter_bytes=scatter, combine_bytes=combine,
+                     message_s=float(cal.get("message_us", 0.0)) * 1e-6, link_model=str(cal.get("link_model", "serial")))
 
 
-def a2a_time(copies: np.ndarray, cost: CostModel) -> float:
-    """Seconds of one all-to-all phase: max over GPUs of max(send, receive). copies [G, G] (src, dst)"""
-    seconds = copies * cost.token_bytes / cost.bandwidth  # diagonal is 0 / inf = 0
+def a2a_time(copies: np.ndarray, cost: CostModel, token_bytes: float | None = None) -> float:
+    """Seconds of one all-to-all phase: max over GPUs of max(send, receive). copies [G, G] (src, dst);
+    token_bytes: bytes of one copy (None: cost.token_bytes)."""
+    seconds = copies * (cost.token_bytes if token_bytes is None else token_bytes) / cost.bandwidth  # diag 0
     lat = np.where(copies > 0, cost.latency, 0.0)
-    send = seconds.sum(1) + lat.max(1)
-    receive = seconds.sum(0) + lat.max(0)
+    if cost.link_model == "concurrent":
+        cross = cost.node[:, None] != cost.node[None, :]
+        inside, across = np.where(cross, 0.0, seconds), np.where(cross, seconds, 0.0)
+        send = np.maximum(inside.sum(1), across.sum(1)) + lat.max(1)
+        receive = np.maximum(inside.sum(0), across.sum(0)) + lat.max(0)
+    else:
+        send = seconds.sum(1) + lat.max(1)
+        receive = seconds.sum(0) + lat.max(0)
+    if cost.message_s:
+        peers = (copies > 0) & ~np.eye(len(copies), dtype=bool)
+        send, receive = send + cost.message_s * peers.sum(1), receive + cost.message_s * peers.sum(0)
     return float(np.maximum(send, receive).max())
 
 
@@ -99,3 +241,12 @@ def copy_matrix(src: np.ndarray, dst_mask: np.ndarray) -> np.ndarray:
     mask[np.arange(len(src)), src] = False
     tok, dst = np.nonzero(mask)
     return np.bincount(src[tok] * num_gpus + dst, minlength=num_gpus * num_gpus).reshape(num_gpus, num_gpus)
+
+
+def pair_copy_matrix(src: np.ndarray, dest: np.ndarray, num_gpus: int) -> np.ndarray:
+    """One copy per token-expert pair (low_latency: no dedup per GPU), none to the token's own GPU.
+    src [B], dest [B, k] GPU of each pair -> [G, G] (src, dst)"""
+    pair_src = np.broadcast_to(src[:, None], dest.shape)
+    away = pair_src != dest
+    flat = pair_src[away] * num_gpus + dest[away]
+    return np.bincount(flat, minlength=num_gpus * num_gpus).reshape(num_gpus, num_gpus)

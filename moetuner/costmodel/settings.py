@@ -11,11 +11,19 @@ from typing import Literal, get_args
 
 Dispatch = Literal["dynamic", "static", "lp", "lp_comm"]
 """Which replica serves each token-expert pair: even split, nearest fixed, min busiest GPU, min layer time."""
-Dataflow = Literal["dispatch_combine", "expert_to_expert", "hierarchical"]
-"""How tokens travel between a layer's all-to-alls (docs/formulation.md section 3.3)."""
+Dataflow = Literal["dispatch_combine", "expert_to_expert", "hierarchical", "low_latency"]
+"""How tokens travel between a layer's all-to-alls (docs/formulation.md section 3.3; low_latency: DeepEP's
+decode kernels, one copy per token-expert pair, straight to the expert's GPU)."""
+ExpertModel = Literal["roofline", "calibrated_linear", "efficiency"]
+"""Expert time f(n): vendor-peak roofline, fitted fixed + per-token line, or fitted GEMM efficiency curve."""
+LinkModel = Literal["serial", "concurrent"]
+"""A GPU's transfers of one phase: serial (one port, all peers add up) or concurrent (NVLink and RDMA ports
+in parallel, hierarchical phases pipelined)."""
 
 DISPATCHES: tuple[str, ...] = get_args(Dispatch)
 DATAFLOWS: tuple[str, ...] = get_args(Dataflow)
+EXPERT_MODELS: tuple[str, ...] = get_args(ExpertModel)
+LINK_MODELS: tuple[str, ...] = get_args(LinkModel)
 
 
 def check_choice(setting: str, value: object, choices: Iterable[str], error: type[Exception] = ValueError) -> str:

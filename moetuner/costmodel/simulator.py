@@ -12,16 +12,21 @@ layer time), then:
 - communication, one copy of a token (h * 2 bytes, bf16) per distinct destination GPU, none to the
   GPU the token is on. An all-to-all phase costs max over GPUs of max(send, receive), where send =
   sum over peers of bytes / link bandwidth + the largest latency among the peers it sends to
-  (messages leave concurrently, links are full duplex); receive likewise.
+  (messages leave concurrently, links are full duplex); receive likewise (cost.a2a_time: the link
+  model and per-peer message cost of a calibrated topology refine this).
   - `dispatch_combine`: scatter from home to the token's expert GPUs, combine the same copies back.
   - `expert_to_expert`: layer 0 scatters from home; the combine gathers the k partial results on
     the GPU of the token's primary expert (largest gate weight, else the first listed), which is
     where the next layer scatters from; the last layer combines back to home.
-  - `hierarchical` (DeepEP inter-node): home to experts and back like dispatch_combine, but a token
-    crosses to another node once per destination node, to the relay GPU of its own local rank there;
-    scatter = inter-node phase (home -> relays) + intra-node phase (home -> own-node expert GPUs,
-    relay -> its node's expert GPUs); the combine runs the two phases backwards (partial sums
-    reduced on the relay).
+  - `hierarchical` (DeepEP's normal kernels): home to experts and back like dispatch_combine, but a
+    token crosses to another node once per destination node, to the relay GPU of its own local rank
+    there; scatter = inter-node phase (home -> relays) + intra-node phase (home -> own-node expert
+    GPUs, relay -> its node's expert GPUs); the combine runs the two phases backwards (partial sums
+    reduced on the relay). Under the `concurrent` link model the two phases are pipelined: each
+    direction costs the larger of them instead of their sum.
+  - `low_latency` (DeepEP's decode kernels): every token-expert pair is its own copy, sent straight
+    from home to the expert's GPU (no dedup per GPU, no NVLink forwarding), and combined back the same way.
+  One copy is `scatter_bytes` out and `combine_bytes` back (cost.phase_bytes; bf16 unless calibrated).
 - layer time = scatter + compute tail + combine; step time = sum over layers.
 """
 
@@ -32,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from moetuner.costmodel.cost import CostModel, SimulationError, a2a_time, copy_matrix
+from moetuner.costmodel.cost import CostModel, SimulationError, a2a_time, copy_matrix, pair_copy_matrix
 from moetuner.costmodel.replicas import LayerSlots, choose_slots, layer_slots
 from moetuner.costmodel.settings import DATAFLOWS, check_dataflow, check_dispatch
 from moetuner.placement import Placement, check_placement, routed_experts
@@ -55,7 +60,7 @@ class LayerStep:
 
 
 def relay_copies(src: np.ndarray, on: np.ndarray, cost: CostModel) -> tuple[np.ndarray, np.ndarray]:
-    """Hierarchical dispatch copies: (inter-node phase, intra-node phase), each [G, G] (src, dst).
+    """Hierarchical scatter copies: (inter-node phase, intra-node phase), each [G, G] (src, dst).
 
     A token on GPU g (local rank g mod n) that needs GPUs on another node b sends one copy to the
     relay b * n + g mod n, which forwards it to b's other GPUs it needs; own-node GPUs get it directly.
@@ -77,43 +82,52 @@ def relay_copies(src: np.ndarray, on: np.ndarray, cost: CostModel) -> tuple[np.n
 
 def simulate_layer(ids: np.ndarray, token: np.ndarray, src: np.ndarray, primary: np.ndarray,
                    combine_to_home: np.ndarray | None, slots: LayerSlots, cost: CostModel,
-                   dispatch: str = "dynamic", hierarchical: bool = False) -> LayerStep:
+                   dispatch: str = "dynamic", dataflow: str = "dispatch_combine") -> LayerStep:
     """One layer for B tokens at GPUs src [B] with experts ids [B, k], replicas chosen by `dispatch`.
 
     combine_to_home: [B] home GPUs to combine back to, or None to combine on the GPU of the
-    primary expert (column primary [B] of ids). hierarchical: relay inter-node copies (then
-    combine_to_home must be src).
+    primary expert (column primary [B] of ids). dataflow hierarchical or low_latency: then
+    combine_to_home must be src.
     """
     slot = choose_slots(ids, token, src, slots, dispatch, cost)
     if combine_to_home is None:
         combine_to_home = slots.gpu_of_slot[slot[np.arange(len(src)), primary]]
-    return layer_step(slot, src, combine_to_home, slots, cost, hierarchical)
+    return layer_step(slot, src, combine_to_home, slots, cost, dataflow)
+
+
+def phases(first: float, second: float, cost: CostModel) -> float:
+    """Seconds of two phases of one direction of hierarchical: their sum, or pipelined (concurrent links)."""
+    return max(first, second) if cost.link_model == "concurrent" else first + second
 
 
 def layer_step(slot: np.ndarray, src: np.ndarray, target: np.ndarray, slots: LayerSlots, cost: CostModel,
-               hierarchical: bool = False) -> LayerStep:
-    """Times and bytes of one layer whose pairs are served by slot [B, k]: tokens at src [B] dispatch,
+               dataflow: str = "dispatch_combine") -> LayerStep:
+    """Times and bytes of one layer whose pairs are served by slot [B, k]: tokens at src [B] scatter,
     their partial results combine on target [B]."""
     num_gpus = cost.num_gpus
+    out_bytes, back_bytes = cost.phase_bytes
     dest = slots.gpu_of_slot[slot]  # [B, k]
     on = np.zeros((len(src), num_gpus), dtype=bool)
     on[np.arange(len(src))[:, None], dest] = True
-    if hierarchical:
+    if dataflow == "hierarchical":
         inter, intra = relay_copies(src, on, cost)
-        scatter_s = a2a_time(inter, cost) + a2a_time(intra, cost)
-        combine_s = a2a_time(intra.T, cost) + a2a_time(inter.T, cost)
-        copies = 2 * (inter + intra)
+        scatter_s = phases(a2a_time(inter, cost, out_bytes), a2a_time(intra, cost, out_bytes), cost)
+        combine_s = phases(a2a_time(intra.T, cost, back_bytes), a2a_time(inter.T, cost, back_bytes), cost)
+        out = back = inter + intra
     else:
-        out = copy_matrix(src, on)
-        back = copy_matrix(target, on).T
-        scatter_s, combine_s, copies = a2a_time(out, cost), a2a_time(back, cost), out + back
+        if dataflow == "low_latency":
+            out = pair_copy_matrix(src, dest, num_gpus)
+            back = pair_copy_matrix(target, dest, num_gpus).T
+        else:
+            out = copy_matrix(src, on)
+            back = copy_matrix(target, on).T
+        scatter_s, combine_s = a2a_time(out, cost, out_bytes), a2a_time(back, cost, back_bytes)
     per_slot = np.bincount(slot.ravel(), minlength=slots.num_slots)
-    compute = cost.expert_time(per_slot).reshape(num_gpus, -1).sum(1)
     cross = cost.node[:, None] != cost.node[None, :]
-    return LayerStep(scatter_s=scatter_s, combine_s=combine_s, compute_s=compute,
+    moved = lambda where: float(out[where].sum() * out_bytes + back[where].sum() * back_bytes)  # noqa: E731
+    return LayerStep(scatter_s=scatter_s, combine_s=combine_s, compute_s=cost.gpu_compute(per_slot),
                      tokens=per_slot.reshape(num_gpus, -1).sum(1).astype(float),
-                     bytes_intra=float(copies[~cross].sum() * cost.token_bytes),
-                     bytes_inter=float(copies[cross].sum() * cost.token_bytes), out_gpu=target)
+                     bytes_intra=moved(~cross), bytes_inter=moved(cross), out_gpu=target)
 
 
 def primary_column(trace_ids: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
@@ -148,7 +162,7 @@ def simulate_step(ids: np.ndarray, primary: np.ndarray, slots: list[LayerSlots],
     for layer in range(num_layers):
         to_home = dataflow != "expert_to_expert" or layer == num_layers - 1
         target = home if to_home else slots[layer].gpu_of_slot[chosen[token, layer, primary[:, layer]]]
-        out.append(layer_step(chosen[:, layer], src, target, slots[layer], cost, dataflow == "hierarchical"))
+        out.append(layer_step(chosen[:, layer], src, target, slots[layer], cost, dataflow))
         src = target
     return out
 

@@ -113,7 +113,6 @@ class LayerSearch:
         self.steps, self.src = steps, src  # src: per domain [S, B] GPU each token starts the layer on
         last = layer == problem.num_layers - 1
         self.to_home = problem.dataflow != "expert_to_expert" or last
-        self.hierarchical = problem.dataflow == "hierarchical"
 
     def evaluate(self, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(per-domain mean layer time [D], per-GPU compute summed over all steps [G]) of a row [P]."""
@@ -126,7 +125,7 @@ class LayerSearch:
             for s in range(len(domain.ids)):
                 step = simulate_layer(domain.ids[s, :, self.layer], token, src[s], domain.primary[s, :, self.layer],
                                       home if self.to_home else None, slots, self.cost, self.dispatch,
-                                      hierarchical=self.hierarchical)
+                                      dataflow=self.problem.dataflow)
                 total += step.time_s
                 busy += step.compute_s
             times.append(total / len(domain.ids))
