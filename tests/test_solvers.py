@@ -190,6 +190,23 @@ def test_balanced_partition_keeps_coactivated_experts_together() -> None:
     assert part[0] == part[3] != part[1] == part[2] and cut_mass(coact, part) == 0
 
 
+def test_partition_phy2log_and_node_cut_by_hand() -> None:
+    from moetuner.solvers.partition import node_cut_coactivation, partition_phy2log
+
+    # the case above as one layer on 2 nodes x 1 GPU, 3 slots per GPU: {0, 3} and {1, 2} share a node,
+    # in expert-id order, the third slot of each GPU empty
+    coact = np.zeros((1, 4, 4))
+    coact[0, 0, 3] = coact[0, 3, 0] = coact[0, 1, 2] = coact[0, 2, 1] = 10
+    coact[0, 0, 1] = coact[0, 1, 0] = 1  # a weak pair across the split
+    phy2log = partition_phy2log(np.ones((1, 4)), coact, nodes=2, gpus_per_node=1, slots_per_gpu=3)
+    assert sorted(map(tuple, phy2log.reshape(2, 3).tolist())) == [(0, 3, -1), (1, 2, -1)]
+    assert node_cut_coactivation(phy2log, coact, gpus_per_node=1, slots_per_gpu=3) == 1.0
+    # contiguous on 2 nodes: 0,1 | 2,3 cuts both strong pairs (10 + 10), keeps the weak one
+    assert node_cut_coactivation(np.array([[0, 1, 2, 3]]), coact, gpus_per_node=1, slots_per_gpu=2) == 20.0
+    # one node of 2 GPUs: nothing crosses a node
+    assert node_cut_coactivation(np.array([[0, 1, 2, 3]]), coact, gpus_per_node=2, slots_per_gpu=2) == 0.0
+
+
 def test_balanced_partition_against_brute_force() -> None:
     from moetuner.solvers.partition import balanced_partition, cut_mass
 

@@ -215,19 +215,20 @@ def _sum_or_none(values: list[float | None]) -> float | None:
     return None if any(v is None for v in values) else float(sum(values))
 
 
-def cluster_layers(problem: PlacementProblem, min_size: int, max_size: int, mip: Mapping[str, Any]
-                   ) -> tuple[np.ndarray, list[MipResult], list[str]]:
-    """ILP1 on every layer, started from (and falling back to) greedy's GPUs as clusters.
+def cluster_layers(load: np.ndarray, num_gpus: int, slots_per_gpu: int, min_size: int, max_size: int,
+                   mip: Mapping[str, Any]) -> tuple[np.ndarray, list[MipResult], list[str]]:
+    """ILP1 on every layer (G clusters), started from (and falling back to) greedy's GPUs as clusters.
 
-    Returns cluster_of [L, E], the ILP1 solve records and the fallback reasons.
+    load: [L, E]. Returns cluster_of [L, E], the ILP1 solve records and the fallback reasons.
     """
-    num_gpus, num_experts, slots = problem.num_gpus, problem.num_experts, problem.slots_per_gpu
-    greedy = greedy_phy2log(problem.load, num_gpus, slots)
-    cluster_of = np.zeros(problem.load.shape, dtype=np.int64)
+    num_layers, num_experts = load.shape
+    greedy = greedy_phy2log(load, num_gpus, slots_per_gpu)
+    cluster_of = np.zeros(load.shape, dtype=np.int64)
     results, fallbacks = [], []
-    for layer in tqdm(range(problem.num_layers), desc="moetuner ILP1", leave=False):
-        greedy_clusters = np.argsort(greedy[layer])[-num_experts:] // slots  # greedy holds each expert once
-        clusters, result = solve_ilp1(problem.load[layer], num_gpus, min_size, max_size, mip, start=greedy_clusters)
+    for layer in tqdm(range(num_layers), desc="moetuner ILP1", leave=False):
+        # greedy holds each expert once: the last E slots of the sorted row are the experts' slots
+        greedy_clusters = np.argsort(greedy[layer])[-num_experts:] // slots_per_gpu
+        clusters, result = solve_ilp1(load[layer], num_gpus, min_size, max_size, mip, start=greedy_clusters)
         results.append(result)
         if clusters is None:
             fallbacks.append(f"ILP1 layer {layer}: {result.status}, greedy clusters used")
@@ -269,7 +270,7 @@ def solve_moetuner(problem: PlacementProblem, options: Mapping[str, Any]) -> Pla
         min_size, max_size = num_experts // num_gpus, -(-num_experts // num_gpus)
     else:
         min_size, max_size = int(num_experts >= num_gpus), problem.slots_per_gpu  # no empty cluster if E >= G
-    cluster_of, ilp1, fallbacks = cluster_layers(problem, min_size, max_size, mip)
+    cluster_of, ilp1, fallbacks = cluster_layers(problem.load, num_gpus, problem.slots_per_gpu, min_size, max_size, mip)
     transition = problem.transitions  # [L-1, E, E], weighted over the profile's domains
     cluster_mass = cluster_transitions(transition, cluster_of, num_gpus)
     sizes = np.stack([np.bincount(row, minlength=num_gpus) for row in cluster_of])

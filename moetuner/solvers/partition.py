@@ -107,6 +107,44 @@ def partition_row(load: np.ndarray, coact: np.ndarray, nodes: int, gpus_per_node
     return row
 
 
+def partition_phy2log(load: np.ndarray, coact: np.ndarray, nodes: int, gpus_per_node: int, slots_per_gpu: int,
+                      tolerance: float = 0.05, deadline: float | None = None) -> np.ndarray:
+    """Every layer partitioned (`partition_row`): experts to nodes, then to each node's GPUs. [L, P]
+
+    load: [L, E]; coact: [L, E, E]; P = nodes * gpus_per_node * slots_per_gpu, slots beyond the experts
+    empty (-1). deadline (time.perf_counter() seconds, None: none): each layer's swap search gets an equal
+    share of what is left of it.
+    """
+    num_layers, num_experts = load.shape
+    assert coact.shape == (num_layers, num_experts, num_experts), "coact must be [L, E, E] like load [L, E]"
+    assert slots_per_gpu * nodes * gpus_per_node >= num_experts, "not enough slots for every expert"
+    rows = []
+    for layer in range(num_layers):
+        layer_deadline = None if deadline is None else \
+            time.perf_counter() + (deadline - time.perf_counter()) / (num_layers - layer)
+        rows.append(partition_row(load[layer], coact[layer], nodes, gpus_per_node, slots_per_gpu, tolerance,
+                                  layer_deadline))
+    return np.stack(rows)
+
+
+def node_cut_coactivation(phy2log: np.ndarray, coact: np.ndarray, gpus_per_node: int, slots_per_gpu: int) -> float:
+    """Co-activation mass between experts on different nodes, summed over layers.
+
+    phy2log: [L, P], each expert in one slot, the other slots empty (-1), as before replicas; coact: [L, E, E].
+    """
+    num_experts = coact.shape[1]
+    assert all((np.bincount(row[row >= 0], minlength=num_experts) == 1).all() for row in phy2log), \
+        "every expert in exactly one slot"
+    node_of = np.arange(phy2log.shape[1] // slots_per_gpu) // gpus_per_node
+    cut = 0.0
+    for layer, row in enumerate(phy2log):
+        expert_node = np.zeros(num_experts, dtype=np.int64)
+        placed = row >= 0
+        expert_node[row[placed]] = node_of[np.flatnonzero(placed) // slots_per_gpu]
+        cut += cut_mass(coact[layer], expert_node)
+    return cut
+
+
 def solve_partition(problem: PlacementProblem, options: Mapping[str, Any]) -> Placement:
     """Co-activation partition per layer (module docstring); objective = the balance objective,
     `node_cut_coactivation` = co-activation mass between experts on different nodes (summed over layers).
@@ -119,24 +157,12 @@ def solve_partition(problem: PlacementProblem, options: Mapping[str, Any]) -> Pl
     start = time.perf_counter()
     tolerance = float(options.get("tolerance", 0.05))
     topo = problem.topology
-    slots = problem.slots_per_gpu
-    coact, load = problem.coactivation, problem.load
     by_node, near = bool(options.get("by_node", True)), bool(options.get("near_replicas", True))
     nodes, per_node = (topo.nodes, topo.gpus_per_node) if by_node else (1, problem.num_gpus)
     limit = options.get("time_limit_s")
-    rows = []
-    for layer in range(problem.num_layers):  # an equal share of what is left of the time limit per layer
-        deadline = None if limit is None else \
-            time.perf_counter() + (start + float(limit) - time.perf_counter()) / (problem.num_layers - layer)
-        rows.append(partition_row(load[layer], coact[layer], nodes, per_node, slots, tolerance, deadline))
-    phy2log = np.stack(rows)
-    node_of = np.arange(problem.num_gpus) // topo.gpus_per_node
-    cut = 0.0
-    for layer, row in enumerate(phy2log):
-        expert_node = np.zeros(problem.num_experts, dtype=np.int64)
-        placed = row >= 0
-        expert_node[row[placed]] = node_of[np.flatnonzero(placed) // slots]
-        cut += cut_mass(coact[layer], expert_node)
-    phy2log = fill_hot_replicas(phy2log, load, problem.num_gpus, topo.gpus_per_node if near else None)
-    return finish(problem, phy2log, "partition", start, node_cut_coactivation=cut,
-                  tolerance=tolerance)
+    deadline = None if limit is None else start + float(limit)
+    phy2log = partition_phy2log(problem.load, problem.coactivation, nodes, per_node, problem.slots_per_gpu,
+                                tolerance, deadline)
+    cut = node_cut_coactivation(phy2log, problem.coactivation, topo.gpus_per_node, problem.slots_per_gpu)
+    phy2log = fill_hot_replicas(phy2log, problem.load, problem.num_gpus, topo.gpus_per_node if near else None)
+    return finish(problem, phy2log, "partition", start, node_cut_coactivation=cut, tolerance=tolerance)

@@ -2,6 +2,12 @@
 
 Every solver is `solve_<name>(problem: PlacementProblem, options: Mapping) -> Placement` (conf/solver/<name>.yaml
 holds its options); its module is imported on first use.
+
+The names live in this one dict rather than as `_target_` keys in conf/solver/*.yaml for
+`hydra.utils.instantiate`: code without a Hydra config looks solvers up by name (steptail's warm starts,
+the online policies, the benchmarks), and would then have to read the YAML files to find a function;
+instantiate also calls its target with the config's keys as keyword arguments, where every solver takes
+(problem, options).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ docs/formulation.md section 5) on the profile steps, combined over domains like 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -172,6 +172,47 @@ def best_rows(candidates: list[np.ndarray], scores: list[np.ndarray], totals: li
     return candidates[int(np.argmin(totals))].copy()
 
 
+def warm_start_maps(problem: PlacementProblem, names: Sequence[str], time_limit_s: float) -> list[np.ndarray]:
+    """phy2log [L, P] of each solver in `names` on the problem and, with several domains, also on each domain
+    alone (one domain's placement may serve the others better than one from the mixed statistics); the
+    partition solver's swap search gets 20% of `time_limit_s`."""
+    alone = [replace(problem, profile=d, domains=(d,), weights=()) for d in problem.domains] \
+        if len(problem.domains) > 1 else []
+    options = {"partition": {"time_limit_s": 0.2 * time_limit_s}}
+    return [get_solver(name)(p, options.get(name, {})).phy2log for name in names for p in [problem, *alone]]
+
+
+def search_layers(phy2log: np.ndarray, problem: PlacementProblem, cost: CostModel, steps: list[Steps],
+                  dispatch: str, reference: np.ndarray | None, deadline: float, rng: np.random.Generator) -> int:
+    """Local search, layer by layer, each layer within an equal share of the time left until `deadline`
+    (time.perf_counter() seconds): `propose` moves kept when the combined objective on `steps` (scored
+    with `dispatch`, reference [D] as in PlacementProblem.combine) drops. Improves phy2log [L, P] in
+    place; returns the number of moves scored."""
+    separable = problem.dataflow != "expert_to_expert"
+    scores = step_objective(phy2log, problem, cost, steps, dispatch)  # [D, L]
+    src = [np.broadcast_to(np.arange(d.ids.shape[1]) % problem.num_gpus, d.ids.shape[:2]) for d in steps]
+    moves = 0
+    for layer in range(problem.num_layers):
+        left = deadline - time.perf_counter()
+        layer_deadline = time.perf_counter() + left / (problem.num_layers - layer)
+        search = LayerSearch(problem, cost, layer, steps, src, dispatch)
+        rest = scores.sum(1) - scores[:, layer]  # [D] the other layers
+        current, busy = search.evaluate(phy2log[layer])
+        best = problem.combine(rest + current, reference)
+        load = problem.load[layer]
+        while time.perf_counter() < layer_deadline:
+            row = propose(phy2log[layer], busy, load, problem.slots_per_gpu, rng)
+            times, row_busy = search.evaluate(row)
+            moves += 1
+            score = problem.combine(rest + times, reference)
+            if score < best:
+                best, busy, phy2log[layer], current = score, row_busy, row, times
+        scores[:, layer] = current
+        if not separable and layer < problem.num_layers - 1:
+            src = search.next_src(phy2log[layer])
+    return moves
+
+
 def solve_steptail(problem: PlacementProblem, options: Mapping[str, Any]) -> Placement:
     """Local search on the per-step tail objective of the profile (see module docstring).
 
@@ -180,7 +221,8 @@ def solve_steptail(problem: PlacementProblem, options: Mapping[str, Any]) -> Pla
     seed (0).
     """
     start = time.perf_counter()
-    deadline = start + float(options.get("time_limit_s", 10.0))
+    limit = float(options.get("time_limit_s", 10.0))
+    deadline = start + limit
     rng = np.random.default_rng(int(options.get("seed", 0)))
     trace = problem.profile
     cost = cost_model(problem.topology, trace.hidden_size, trace.moe_intermediate_size)
@@ -198,13 +240,7 @@ def solve_steptail(problem: PlacementProblem, options: Mapping[str, Any]) -> Pla
 
     full_ref, search_ref = reference(steps, dispatch), reference(search_steps, dispatch)
 
-    names = options.get("warm_starts", WARM_STARTS)
-    # several domains: every warm-start solver also on each domain alone (one domain's placement may
-    # serve the others better than one from the mixed statistics)
-    alone = [replace(problem, profile=d, domains=(d,), weights=()) for d in problem.domains] \
-        if len(problem.domains) > 1 else []
-    warm_options = {"partition": {"time_limit_s": 0.2 * float(options.get("time_limit_s", 10.0))}}
-    warm = [get_solver(name)(p, warm_options.get(name, {})).phy2log for name in names for p in [problem, *alone]]
+    warm = warm_start_maps(problem, options.get("warm_starts", WARM_STARTS), limit)
     scoring = time.perf_counter()
     warm_scores = [step_objective(phy, problem, cost, steps, dispatch) for phy in warm]  # [D, L] each
     final_cost = (time.perf_counter() - scoring) / len(warm)  # seconds of one full scoring
@@ -213,27 +249,7 @@ def solve_steptail(problem: PlacementProblem, options: Mapping[str, Any]) -> Pla
     warm_totals = [problem.combine(s.sum(1), full_ref) for s in warm_scores]
     phy2log = best_rows(warm, warm_scores, warm_totals, separable, problem)
     warm_objective = float(min(warm_totals))
-    search_scores = step_objective(phy2log, problem, cost, search_steps, dispatch)  # [D, L]
-    src = [np.broadcast_to(np.arange(d.ids.shape[1]) % problem.num_gpus, d.ids.shape[:2]) for d in search_steps]
-    moves = 0
-    for layer in range(problem.num_layers):
-        left = deadline - final_cost - time.perf_counter()
-        layer_deadline = time.perf_counter() + left / (problem.num_layers - layer)
-        search = LayerSearch(problem, cost, layer, search_steps, src, dispatch)
-        rest = search_scores.sum(1) - search_scores[:, layer]  # [D] the other layers
-        current, busy = search.evaluate(phy2log[layer])
-        best = problem.combine(rest + current, search_ref)
-        load = problem.load[layer]
-        while time.perf_counter() < layer_deadline:
-            row = propose(phy2log[layer], busy, load, problem.slots_per_gpu, rng)
-            times, row_busy = search.evaluate(row)
-            moves += 1
-            score = problem.combine(rest + times, search_ref)
-            if score < best:
-                best, busy, phy2log[layer], current = score, row_busy, row, times
-        search_scores[:, layer] = current
-        if not separable and layer < problem.num_layers - 1:
-            src = search.next_src(phy2log[layer])
+    moves = search_layers(phy2log, problem, cost, search_steps, dispatch, search_ref, deadline - final_cost, rng)
     found = objective(phy2log, dispatch, full_ref)
     if found > warm_objective:
         phy2log, found = warm[int(np.argmin(warm_totals))].copy(), warm_objective

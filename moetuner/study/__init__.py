@@ -1,6 +1,7 @@
 """A study: the Snakemake workflow's grid of jobs, with one MLflow parent run per invocation.
 
 - `config`: the checks of a study config (`conf/study/*.yaml`), run when Snakemake parses it;
+- `targets`: the grid expanded into the files the rules make (the layout under `results`);
 - `parent_run`: the invocation's parent run (created before any job, ended with the report);
 - `jobs`: one job, an app run as a child of the parent (`python -m moetuner.study job`);
 - `__main__`: the command line the rules call (`job`, `finish`).

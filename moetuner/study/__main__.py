@@ -9,12 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from moetuner.study.jobs import run_job
+from moetuner.study.jobs import parse_wildcards, run_job
 from moetuner.study.parent_run import finish_parent
-
-
-def _parse_wildcards(text: str) -> dict[str, str]:
-    return dict(item.split("=", 1) for item in text.split(",") if item)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -37,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "job":
         command = args.command[1:] if args.command[:1] == ["--"] else args.command
         assert command, "give the app command after --"
-        return run_job(args.results, args.rule, _parse_wildcards(args.wildcards), command)
+        return run_job(args.results, args.rule, parse_wildcards(args.wildcards), command)
     metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
     note = Path(args.note).read_text() if args.note else None
     finish_parent(args.results, args.status, args.artifacts, metrics, note)

@@ -2,6 +2,15 @@
 
 A mistake in the grid (an unknown trace, topology or solver, a shipped trace file that is missing)
 fails before any job starts, with a message naming the setting to change.
+
+Why not Snakemake's `validate()` with a JSON schema for the structural part (kinds, required keys,
+replicas >= 0): its message is jsonschema's, e.g. for `replicas: [-1]` "-1 is less than the minimum of
+0 / Failed validating 'minimum' in schema['properties']['grids']['items']['properties']['replicas']
+['items'] / On instance['grids'][0]['replicas'][0]", where this module says
+"grids[0].replicas: [-1]; replicas are integers >= 0" (and "a grid needs [...]", "choose one of [...]"
+elsewhere): the path is the schema's, not the setting's, and the fix is not said. It would also raise
+Snakemake's WorkflowError only inside a workflow, so callers outside one (the tests, the apps) would lose
+the checks. With one home per check the whole set stays here.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,6 +20,22 @@ from moetuner.study.parent_run import read_parent
 from moetuner.tracking import RUN_NAME_TAG, RUN_TAGS_ENV
 
 MLFLOW_KEYS = ("mlflow.tracking_uri", "mlflow.experiment", "mlflow.parent_run_id")
+
+
+def format_wildcards(wildcards: Mapping[str, Any]) -> str:
+    """A job's wildcards as 'k=v,k=v' (read back by `parse_wildcards`)."""
+    return ",".join(f"{k}={v}" for k, v in wildcards.items())
+
+
+def parse_wildcards(text: str) -> dict[str, str]:
+    """'k=v,k=v' -> {k: v}."""
+    return dict(item.split("=", 1) for item in text.split(",") if item)
+
+
+def job_prefix(results: str, rule: str, wildcards: Mapping[str, Any]) -> str:
+    """The shell prefix a rule puts before its app command: `python -m moetuner.study job ... --`."""
+    return (f"python -m moetuner.study job --results {shlex.quote(results)} --rule {rule} "
+            f"--wildcards '{format_wildcards(wildcards)}' --")
 
 
 def config_hash(overrides: Sequence[str]) -> str:

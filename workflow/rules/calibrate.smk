@@ -3,7 +3,7 @@
 
 rule calibrate:
     input:
-        serve=serve_targets(),
+        serve=SERVE_TARGETS,
     output:
         metrics=f"{RESULTS}/calibrate/{config['serve']['topology']}/metrics.json",
         topology=f"{RESULTS}/calibrate/{config['serve']['topology']}/topology.yaml",

@@ -1,24 +1,27 @@
-# Shared helpers: the study grid (config, defined once) expanded into targets, paths, and app commands.
-import re
-import shlex
+# Shared helpers: the study config checked, its grid expanded into targets (moetuner.study.targets), and
+# the rules' paths and app commands bound to this config.
 import sys
 
+from moetuner.study import targets
 from moetuner.study.config import check_study_config
+from moetuner.study.jobs import job_prefix
 
 check_study_config(config, PROJECT)  # fails at parse time, naming the setting to change
 RESULTS = config["results"]
 SHARED = (PROJECT / config["shared_data"]).resolve()
 TRACES = config["traces"]
-
-
-def real_data_present(spec):
-    return spec["kind"] != "import" or (SHARED / spec["real"]).exists()
-
-
-AVAILABLE = [name for name, spec in TRACES.items() if real_data_present(spec)]
-SKIPPED = [f"{name} ({SHARED / spec['real']})" for name, spec in TRACES.items() if not real_data_present(spec)]
+AVAILABLE = targets.available_traces(TRACES, SHARED)
+SKIPPED = targets.skipped_traces(TRACES, SHARED)
 if SKIPPED:
     print(f"moetuner study: real data not found, skipped: {', '.join(SKIPPED)}", file=sys.stderr)
+
+SIMULATION_TARGETS = targets.simulation_targets(config, AVAILABLE, RESULTS)
+SERVE_TARGETS = targets.serve_targets(config, AVAILABLE, RESULTS)
+PROFILE_TARGETS = targets.profile_targets(config, AVAILABLE, RESULTS)
+REGIME_TRACE = targets.regime_trace(config, AVAILABLE)
+REGIME_PLACEMENTS = targets.regime_placements(config, AVAILABLE, RESULTS)
+ONLINE_STREAM = targets.online_stream(config, AVAILABLE)  # None: no online stage
+ONLINE_TARGETS = targets.online_targets(config, AVAILABLE, RESULTS)
 
 
 wildcard_constraints:
@@ -30,11 +33,15 @@ wildcard_constraints:
 
 
 def trace_path(name):
-    return f"{RESULTS}/traces/{name}.safetensors"
+    return targets.trace_path(RESULTS, name)
+
+
+def split_path(trace, part):
+    return targets.split_path(RESULTS, trace, part)
 
 
 def placement_path(trace, topology, solver, replicas):
-    return f"{RESULTS}/placements/{trace}/{topology}/{solver}-r{replicas}.json"
+    return targets.placement_path(RESULTS, trace, topology, solver, replicas)
 
 
 def shipped_trace_file(wildcards):
@@ -43,8 +50,7 @@ def shipped_trace_file(wildcards):
 
 
 def traces_of_kind(kind):
-    """Wildcard constraint matching exactly the trace names of `kind` (nothing when there are none)."""
-    return "|".join(re.escape(n) for n, s in TRACES.items() if s["kind"] == kind) or "^$"
+    return targets.traces_of_kind(TRACES, kind)
 
 
 def extract_model(wildcards):
@@ -53,77 +59,16 @@ def extract_model(wildcards):
 
 
 def evaluation_trace(wildcards):
-    """What a placement is scored on: its trace's held-out part, or another domain's whole trace."""
-    if wildcards.eval == "heldout":
-        return f"{RESULTS}/splits/{wildcards.trace}/heldout.safetensors"
-    return trace_path(wildcards.eval)
-
-
-def grid_points():
-    """(trace, topology, solver, replicas, evaluate_on) of every available point of the grids."""
-    points = []
-    for grid in config["grids"]:
-        for trace in (t for t in grid["traces"] if t in AVAILABLE):
-            evals = [e for e in grid["evaluate_on"] if e == "heldout" or e in AVAILABLE]
-            for topology in grid["topologies"]:
-                for solver in grid["solvers"]:
-                    for replicas in grid["replicas"]:
-                        points.append((trace, topology, solver, replicas, evals))
-    return points
-
-
-def serve_trace():
-    """The first available trace listed for serving, or None."""
-    return next((t for t in config["serve"]["traces"] if t in AVAILABLE), None)
-
-
-def serve_points():
-    """(trace, solver, replicas) served on config['serve']['topology']."""
-    trace, serve = serve_trace(), config["serve"]
-    if trace is None:
-        return []
-    return [(trace, solver, replicas) for solver in serve["solvers"] for replicas in serve["replicas"]]
-
-
-def simulation_targets():
-    targets = [f"{RESULTS}/simulate/{trace}/{topology}/{solver}-r{replicas}/{ev}/metrics.json"
-               for trace, topology, solver, replicas, evals in grid_points() for ev in evals]
-    targets += [f"{RESULTS}/simulate/{trace}/{config['serve']['topology']}/{solver}-r{replicas}/heldout/metrics.json"
-                for trace, solver, replicas in serve_points()]
-    return sorted(set(targets))
-
-
-def serve_targets():
-    return [f"{RESULTS}/serve/{trace}/{config['serve']['topology']}/{solver}-r{replicas}/metrics.json"
-            for trace, solver, replicas in serve_points()]
-
-
-def regime_trace():
-    """The first available trace of the config's `regime.traces`, or None."""
-    return next((t for t in (config.get("regime") or {}).get("traces", []) if t in AVAILABLE), None)
-
-
-def regime_placements():
-    """Placement JSONs of the regime trace on the regime topologies (every solver and replica budget solved)."""
-    trace, topologies = regime_trace(), (config.get("regime") or {}).get("topologies", [])
-    return sorted({placement_path(t, g, s, r) for t, g, s, r, _ in grid_points() if t == trace and g in topologies})
-
-
-def profile_targets():
-    """Profiles of the traces placements are solved from."""
-    solved = {point[0] for point in grid_points()} | {point[0] for point in serve_points()}
-    return [f"{RESULTS}/profiles/{trace}/summary.json" for trace in sorted(solved)]
+    return targets.evaluation_path(RESULTS, wildcards.trace, wildcards.eval)
 
 
 def app(rule_name, wildcards):
     """Command prefix that runs an app as a child of the study's MLflow parent run."""
-    pairs = ",".join(f"{k}={v}" for k, v in wildcards.items())
-    return f"python -m moetuner.study job --results {shlex.quote(RESULTS)} --rule {rule_name} --wildcards '{pairs}' --"
+    return job_prefix(RESULTS, rule_name, dict(wildcards.items()))
 
 
 def overrides(args):
-    """Hydra overrides from the study config, shell-quoted."""
-    return " ".join(shlex.quote(str(a)) for a in args)
+    return targets.shell_args(args)
 
 
 def log_path(rule_name, name):
@@ -134,36 +79,5 @@ def bench_path(rule_name, name):
     return f"{RESULTS}/benchmarks/{rule_name}/{name}.tsv"
 
 
-# Online rebalancing (config `online:`, rule online in online.smk)
-def online_stream():
-    """The configured stream if all its traces are available, else None."""
-    spec = config.get("online") or {}
-    segments = spec.get("segments") or []
-    if not segments or any(s["trace"] not in AVAILABLE for s in segments):
-        return None
-    return segments
-
-
-def online_setting():
-    return f"{config['online']['topology']}-r{config['online']['replicas']}"
-
-
-def online_name():
-    return "-".join(s["trace"] for s in online_stream())
-
-
-def online_targets():
-    """metrics.json of every configured policy (none when a trace of the stream is unavailable)."""
-    if online_stream() is None:
-        return []
-    return [f"{RESULTS}/online/{online_name()}/{online_setting()}/{policy}/metrics.json"
-            for policy in config["online"]["policies"]]
-
-
 def online_overrides(wildcards):
-    spec = config["online"]
-    segments = ",".join(f"{{trace:{trace_path(s['trace'])},steps:{int(s['steps'])}}}" for s in spec["segments"])
-    args = [f"stream.segments=[{segments}]", f"profile={trace_path(spec['segments'][0]['trace'])}",
-            f"topology={spec['topology']}", f"replicas={spec['replicas']}", f"policy={wildcards.policy}",
-            *spec.get("args", []), *(spec.get("policy_args") or {}).get(wildcards.policy, [])]
-    return overrides(args)
+    return overrides(targets.online_args(config, RESULTS, wildcards.policy))

@@ -4,9 +4,9 @@
 
 rule online:
     input:
-        traces=lambda w: sorted({trace_path(s["trace"]) for s in online_stream()}),
+        traces=lambda w: sorted({trace_path(s["trace"]) for s in ONLINE_STREAM}),
     output:
-        metrics=f"{RESULTS}/online/{{stream}}/{{setting}}/{{policy}}/metrics.json",
+        metrics=targets.online_path(RESULTS, "{stream}", "{setting}", "{policy}"),
     wildcard_constraints:
         stream="[A-Za-z0-9_.-]+",
         setting="[A-Za-z0-9_.-]+",

@@ -3,13 +3,13 @@
 
 rule profile:
     input:
-        trace=f"{RESULTS}/splits/{{trace}}/profile.safetensors",
+        trace=split_path("{trace}", "profile"),
     output:
-        summary=f"{RESULTS}/profiles/{{trace}}/summary.json",
+        summary=targets.profile_path(RESULTS, "{trace}"),
     params:
         app=lambda w: app("profile", w),
         args=overrides(config["profile"]),
-        out=lambda w: f"{RESULTS}/profiles/{w.trace}",
+        out=lambda w, output: str(Path(output.summary).parent),
     log:
         log_path("profile", "{trace}"),
     benchmark:

@@ -4,8 +4,8 @@
 
 rule regime:
     input:
-        placements=regime_placements(),
-        trace=f"{RESULTS}/splits/{regime_trace()}/heldout.safetensors",
+        placements=REGIME_PLACEMENTS,
+        trace=split_path(REGIME_TRACE, "heldout"),
     output:
         table=report(f"{RESULTS}/regime/regime.csv", caption="../report/regime_table.rst", category="Report"),
         figure=report(f"{RESULTS}/regime/regime.png", caption="../report/regime.rst", category="Figures"),
@@ -15,7 +15,7 @@ rule regime:
         # step sizes, plus the dataflow/dispatch settings of the study's simulate rule
         args=overrides([f"step_tokens=[{','.join(str(int(s)) for s in config['regime']['step_tokens'])}]"]
                        + [a for a in config["simulate"] if str(a).lstrip("+").split("=")[0] in ("dataflow", "dispatch")])
-        if regime_placements() else "",
+        if REGIME_PLACEMENTS else "",
         out=lambda w, output: str(Path(output.table).parent),
     log:
         log_path("regime", "regime"),

@@ -6,12 +6,12 @@ FIGURES = ["load_heatmap", "gpu_load_box", "a2a_tail", "predicted_vs_measured", 
 
 rule report:
     input:
-        simulate=simulation_targets(),
-        serve=serve_targets(),
-        profiles=profile_targets(),
-        calibration=rules.calibrate.output.metrics if serve_targets() else [],
-        regime=rules.regime.output.table if regime_placements() else [],
-        online=online_targets(),
+        simulate=SIMULATION_TARGETS,
+        serve=SERVE_TARGETS,
+        profiles=PROFILE_TARGETS,
+        calibration=rules.calibrate.output.metrics if SERVE_TARGETS else [],
+        regime=rules.regime.output.table if REGIME_PLACEMENTS else [],
+        online=ONLINE_TARGETS,
     output:
         html=report(f"{REPORT}/report.html", caption="../report/report.rst", category="Report"),
         table=report(f"{REPORT}/summary.csv", caption="../report/summary.rst", category="Report"),

@@ -9,14 +9,14 @@ SRUN = ("srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c 'exec \"$0\" \"$@
 rule serve:
     input:
         placement=placement_path("{trace}", "{topology}", "{solver}", "{replicas}"),
-        trace=f"{RESULTS}/splits/{{trace}}/heldout.safetensors",
+        trace=split_path("{trace}", "heldout"),
     output:
-        metrics=f"{RESULTS}/serve/{{trace}}/{{topology}}/{{solver}}-r{{replicas}}/metrics.json",
+        metrics=targets.serve_path(RESULTS, "{trace}", "{topology}", "{solver}", "{replicas}"),
     params:
         app=lambda w: app("serve", w),
         launch=SRUN if config.get("serve_srun") else "",
         args=overrides(config["serve"]["args"]),
-        out=lambda w: f"{RESULTS}/serve/{w.trace}/{w.topology}/{w.solver}-r{w.replicas}",
+        out=lambda w, output: str(Path(output.metrics).parent),
     threads: config["serve"]["cores"]
     resources:
         serve_jobs=1,

@@ -6,11 +6,11 @@ rule simulate:
         placement=placement_path("{trace}", "{topology}", "{solver}", "{replicas}"),
         trace=evaluation_trace,
     output:
-        metrics=f"{RESULTS}/simulate/{{trace}}/{{topology}}/{{solver}}-r{{replicas}}/{{eval}}/metrics.json",
+        metrics=targets.simulate_path(RESULTS, "{trace}", "{topology}", "{solver}", "{replicas}", "{eval}"),
     params:
         app=lambda w: app("simulate", w),
         args=overrides(config["simulate"]),
-        out=lambda w: f"{RESULTS}/simulate/{w.trace}/{w.topology}/{w.solver}-r{w.replicas}/{w.eval}",
+        out=lambda w, output: str(Path(output.metrics).parent),
     log:
         log_path("simulate", "{trace}/{topology}/{solver}-r{replicas}/{eval}"),
     benchmark:

@@ -3,7 +3,7 @@
 
 rule solve:
     input:
-        trace=f"{RESULTS}/splits/{{trace}}/profile.safetensors",
+        trace=split_path("{trace}", "profile"),
     output:
         placement=placement_path("{trace}", "{topology}", "{solver}", "{replicas}"),
     params:

@@ -19,7 +19,7 @@ rule extract:
     input:
         model=extract_model,
     output:
-        trace=f"{RESULTS}/traces/{{trace}}.safetensors",
+        trace=trace_path("{trace}"),
     wildcard_constraints:
         trace=traces_of_kind("extract"),
     params:
@@ -37,12 +37,12 @@ rule extract:
 
 rule import_trace:
     output:
-        trace=f"{RESULTS}/traces/{{trace}}.safetensors",
+        trace=trace_path("{trace}"),
     wildcard_constraints:
         trace=traces_of_kind("import"),
     params:
         app=lambda w: app("import_trace", w),
-        path=lambda w: shlex.quote(str(SHARED / TRACES[w.trace]["real"])),
+        path=lambda w: overrides([targets.real_data_path(TRACES[w.trace], SHARED)]),
         args=lambda w: overrides(TRACES[w.trace].get("args", [])),
     log:
         log_path("import_trace", "{trace}"),
@@ -58,7 +58,7 @@ rule shipped_trace:
     input:
         shipped_trace_file,
     output:
-        trace=f"{RESULTS}/traces/{{trace}}.safetensors",
+        trace=trace_path("{trace}"),
     wildcard_constraints:
         trace=traces_of_kind("file"),
     log:
@@ -73,7 +73,7 @@ rule shipped_trace:
 
 rule synth:
     output:
-        trace=f"{RESULTS}/traces/{{trace}}.safetensors",
+        trace=trace_path("{trace}"),
     wildcard_constraints:
         trace=traces_of_kind("synth"),
     params:
@@ -93,12 +93,12 @@ rule split:
     input:
         trace=lambda w: trace_path(w.trace),
     output:
-        profile=f"{RESULTS}/splits/{{trace}}/profile.safetensors",
-        heldout=f"{RESULTS}/splits/{{trace}}/heldout.safetensors",
+        profile=split_path("{trace}", "profile"),
+        heldout=split_path("{trace}", "heldout"),
     params:
         app=lambda w: app("split", w),
         args=overrides(config["split"]),
-        out=lambda w: f"{RESULTS}/splits/{w.trace}",
+        out=lambda w, output: str(Path(output.profile).parent),
     log:
         log_path("split", "{trace}"),
     benchmark:

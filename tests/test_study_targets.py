@@ -1,0 +1,152 @@
+"""The study grid expanded into targets (moetuner.study.targets): hand-written expected files for the tiny
+study and for a small config with an unavailable `import` trace, a regime section and an online stream."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from moetuner import PROJECT_ROOT
+from moetuner.study import targets
+from moetuner.study.jobs import format_wildcards, job_prefix, parse_wildcards
+
+TINY = yaml.safe_load((PROJECT_ROOT / "conf" / "study" / "tiny.yaml").read_text())
+R = "results/tiny"
+
+
+# --- the tiny study (conf/study/tiny.yaml) ------------------------------------------------------------
+
+def test_tiny_grid_points_in_config_order() -> None:
+    assert targets.grid_points(TINY, ["synth-a", "synth-b"]) == [
+        ("synth-a", "cpu_2x2", "contiguous", 0, ["heldout", "synth-b"]),
+        ("synth-a", "cpu_2x2", "eplb", 0, ["heldout", "synth-b"]),
+        ("synth-a", "cpu_2x2", "eplb", 1, ["heldout"]),
+    ]
+
+
+def test_tiny_simulation_targets_merge_served_placements() -> None:
+    # the two served placements (contiguous, eplb at r0 on cpu_2x2, heldout) are grid points already
+    assert targets.simulation_targets(TINY, ["synth-a", "synth-b"], R) == [
+        f"{R}/simulate/synth-a/cpu_2x2/contiguous-r0/heldout/metrics.json",
+        f"{R}/simulate/synth-a/cpu_2x2/contiguous-r0/synth-b/metrics.json",
+        f"{R}/simulate/synth-a/cpu_2x2/eplb-r0/heldout/metrics.json",
+        f"{R}/simulate/synth-a/cpu_2x2/eplb-r0/synth-b/metrics.json",
+        f"{R}/simulate/synth-a/cpu_2x2/eplb-r1/heldout/metrics.json",
+    ]
+
+
+def test_tiny_serve_profile_regime_and_online_targets() -> None:
+    available = ["synth-a", "synth-b"]
+    assert targets.serve_points(TINY, available) == [("synth-a", "contiguous", 0), ("synth-a", "eplb", 0)]
+    assert targets.serve_targets(TINY, available, R) == [f"{R}/serve/synth-a/cpu_2x2/contiguous-r0/metrics.json",
+                                                         f"{R}/serve/synth-a/cpu_2x2/eplb-r0/metrics.json"]
+    assert targets.profile_targets(TINY, available, R) == [f"{R}/profiles/synth-a/summary.json"]
+    assert targets.regime_trace(TINY, available) == "synth-a"
+    assert targets.regime_placements(TINY, available, R) == [f"{R}/placements/synth-a/cpu_2x2/contiguous-r0.json",
+                                                             f"{R}/placements/synth-a/cpu_2x2/eplb-r0.json",
+                                                             f"{R}/placements/synth-a/cpu_2x2/eplb-r1.json"]
+    assert targets.online_stream(TINY, available) is None  # `online: {segments: []}`
+    assert targets.online_targets(TINY, available, R) == []
+
+
+def test_tiny_has_nothing_without_its_traces() -> None:
+    assert targets.grid_points(TINY, []) == []
+    assert targets.simulation_targets(TINY, [], R) == []
+    assert targets.serve_targets(TINY, [], R) == []
+    assert targets.profile_targets(TINY, [], R) == []
+    assert targets.regime_trace(TINY, []) is None and targets.regime_placements(TINY, [], R) == []
+
+
+# --- a config with an import trace, regime and online ---------------------------------------------------
+
+CONFIG = {
+    "traces": {"a": {"kind": "synth"}, "b": {"kind": "file", "path": "data/esft/law.safetensors"},
+               "real": {"kind": "import", "real": "some/real"}},
+    "grids": [
+        {"traces": ["real", "a"], "topologies": ["t1", "t2"], "solvers": ["s"], "replicas": [0, 2],
+         "evaluate_on": ["heldout", "real", "b"]},
+        {"traces": ["b"], "topologies": ["t2"], "solvers": ["s", "u"], "replicas": [1], "evaluate_on": ["a"]},
+    ],
+    "serve": {"traces": ["real", "b"], "topology": "t1", "solvers": ["u"], "replicas": [0, 1]},
+    "regime": {"traces": ["real", "a"], "topologies": ["t2"]},
+    "online": {"segments": [{"trace": "a", "steps": 3}, {"trace": "b", "steps": 2.0}], "topology": "t2",
+               "replicas": 1, "policies": ["static", "periodic"], "args": ["step_tokens=64"],
+               "policy_args": {"periodic": ["policy.interval_steps=2"]}},
+}
+
+
+def test_import_trace_without_real_data_is_skipped(tmp_path: Path) -> None:
+    traces = CONFIG["traces"]
+    assert targets.available_traces(traces, tmp_path) == ["a", "b"]
+    assert targets.skipped_traces(traces, tmp_path) == [f"real ({tmp_path / 'some/real'})"]
+    (tmp_path / "some" / "real").mkdir(parents=True)
+    assert targets.available_traces(traces, tmp_path) == ["a", "b", "real"]
+    assert targets.skipped_traces(traces, tmp_path) == []
+
+
+def test_points_leave_out_unavailable_traces_and_evaluations() -> None:
+    available = ["a", "b"]
+    assert targets.grid_points(CONFIG, available) == [
+        ("a", "t1", "s", 0, ["heldout", "b"]), ("a", "t1", "s", 2, ["heldout", "b"]),
+        ("a", "t2", "s", 0, ["heldout", "b"]), ("a", "t2", "s", 2, ["heldout", "b"]),
+        ("b", "t2", "s", 1, ["a"]), ("b", "t2", "u", 1, ["a"]),
+    ]
+    assert targets.serve_trace(CONFIG, available) == "b"
+    assert targets.serve_points(CONFIG, available) == [("b", "u", 0), ("b", "u", 1)]
+
+
+def test_targets_of_a_small_config() -> None:
+    available, r = ["a", "b"], "out"
+    sim = "out/simulate"
+    assert targets.simulation_targets(CONFIG, available, r) == [
+        f"{sim}/a/t1/s-r0/b/metrics.json", f"{sim}/a/t1/s-r0/heldout/metrics.json",
+        f"{sim}/a/t1/s-r2/b/metrics.json", f"{sim}/a/t1/s-r2/heldout/metrics.json",
+        f"{sim}/a/t2/s-r0/b/metrics.json", f"{sim}/a/t2/s-r0/heldout/metrics.json",
+        f"{sim}/a/t2/s-r2/b/metrics.json", f"{sim}/a/t2/s-r2/heldout/metrics.json",
+        f"{sim}/b/t1/u-r0/heldout/metrics.json", f"{sim}/b/t1/u-r1/heldout/metrics.json",  # served
+        f"{sim}/b/t2/s-r1/a/metrics.json", f"{sim}/b/t2/u-r1/a/metrics.json",
+    ]
+    assert targets.serve_targets(CONFIG, available, r) == ["out/serve/b/t1/u-r0/metrics.json",
+                                                           "out/serve/b/t1/u-r1/metrics.json"]
+    assert targets.profile_targets(CONFIG, available, r) == ["out/profiles/a/summary.json",
+                                                             "out/profiles/b/summary.json"]
+    # regime: `real` is unavailable, so `a`; only its points on t2
+    assert targets.regime_trace(CONFIG, available) == "a"
+    assert targets.regime_placements(CONFIG, available, r) == ["out/placements/a/t2/s-r0.json",
+                                                               "out/placements/a/t2/s-r2.json"]
+    assert targets.online_targets(CONFIG, available, r) == ["out/online/a-b/t2-r1/static/metrics.json",
+                                                            "out/online/a-b/t2-r1/periodic/metrics.json"]
+    assert targets.online_targets(CONFIG, ["a"], r) == []  # `b` of the stream missing: no online stage
+
+
+def test_online_args_of_each_policy() -> None:
+    stream = "stream.segments=[{trace:out/traces/a.safetensors,steps:3},{trace:out/traces/b.safetensors,steps:2}]"
+    common = [stream, "profile=out/traces/a.safetensors", "topology=t2", "replicas=1"]
+    assert targets.online_args(CONFIG, "out", "static") == [*common, "policy=static", "step_tokens=64"]
+    assert targets.online_args(CONFIG, "out", "periodic") == [*common, "policy=periodic", "step_tokens=64",
+                                                              "policy.interval_steps=2"]
+
+
+def test_paths_and_wildcard_patterns() -> None:
+    assert targets.evaluation_path("out", "a", "heldout") == "out/splits/a/heldout.safetensors"
+    assert targets.evaluation_path("out", "a", "b") == "out/traces/b.safetensors"
+    # the rules name their outputs with the same functions, wildcards in braces
+    assert targets.placement_path("out", "{trace}", "{topology}", "{solver}", "{replicas}") == \
+        "out/placements/{trace}/{topology}/{solver}-r{replicas}.json"
+    traces = {"x.1": {"kind": "file"}, "y": {"kind": "synth"}, "z": {"kind": "file"}}
+    pattern = targets.traces_of_kind(traces, "file")
+    assert [n for n in ("x.1", "xa1", "y", "z") if re.fullmatch(pattern, n)] == ["x.1", "z"]
+    assert targets.traces_of_kind(traces, "import") == "^$"
+    assert targets.shell_args(["a=1", "b=[x, y]", 3]) == "a=1 'b=[x, y]' 3"
+
+
+def test_job_prefix_wildcards_round_trip() -> None:
+    wildcards = {"trace": "intent", "topology": "h200_2x8", "replicas": "1"}
+    assert format_wildcards(wildcards) == "trace=intent,topology=h200_2x8,replicas=1"
+    assert parse_wildcards(format_wildcards(wildcards)) == wildcards
+    assert parse_wildcards("") == {}
+    assert job_prefix("results/my study", "solve", wildcards) == (
+        "python -m moetuner.study job --results 'results/my study' --rule solve "
+        "--wildcards 'trace=intent,topology=h200_2x8,replicas=1' --")
