@@ -24,3 +24,15 @@ def write_csv(path: Path, rows: list[dict], columns: list[str]) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return Path(path)
+
+
+def write_run_record(folder: Path, command: str, note: str) -> Path:
+    """folder/run.json: the command that wrote the CSVs beside it, today's date and a note on the run
+    (size, wall time, machine), read by render_tables.py for the line above each rendered table."""
+    import datetime
+    import json
+
+    from moetuner.atomic import write_json_atomic
+
+    return write_json_atomic(Path(folder) / "run.json", {"command": command, "date": datetime.date.today().isoformat(),
+                                                        "note": note})
