@@ -35,7 +35,6 @@ MLflow (experiment `benchmarks`, run `placement_quality`).
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -54,7 +53,7 @@ from moetuner.costmodel.simulator import primary_column, simulate
 from moetuner.topology import Topology, topology_from_config, topology_preset
 from moetuner.trace import Trace, load_trace
 from moetuner.tracking import tracked_run
-from table import markdown, write_csv, write_run_record  # benchmarks/table.py
+from table import command_line, markdown, write_csv, write_run_record  # benchmarks/table.py
 
 DATA = PROJECT_ROOT / "data" / "esft"
 DOMAINS = ("intent", "law")
@@ -181,8 +180,8 @@ def main() -> None:
         out = Path(args.out)
         write_csv(out, rows, columns)
         write_csv(out.with_name(out.stem + "_aims.csv"), aims, aim_columns)
-        command = "python benchmarks/placement_quality.py " + shlex.join(sys.argv[1:])
-        write_run_record(out.parent, command.strip(), f"{time.time() - started:.0f} s wall, {len(grid)} rows"
+        write_run_record(out.parent, command_line("placement_quality.py", sys.argv[1:]),
+                         f"{time.time() - started:.0f} s wall, {len(grid)} rows"
                          + (f"; {args.note}" if args.note else ""))
         run.log_artifact(out)
         run.log_artifact(out.with_name(out.stem + "_aims.csv"))

@@ -16,7 +16,6 @@ and run.json (command, date, note), then renders the marked tables of README.md 
 from __future__ import annotations
 
 import argparse
-import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ from moetuner import PROJECT_ROOT
 from moetuner.atomic import write_atomic
 from moetuner.report.headline import eval_title, headline_intervals, headline_tables, headline_trace
 from render_tables import main as render  # benchmarks/render_tables.py
-from table import write_run_record  # benchmarks/table.py
+from table import command_line, write_run_record  # benchmarks/table.py
 
 OUT = PROJECT_ROOT / "docs" / "results" / "default_study"
 
@@ -85,7 +84,7 @@ def main() -> None:
     note = "the default study, `snakemake --cores 2`" + (f"; {args.note}" if args.note else "")
     if unshaped:
         note += f"; {unshaped} serve runs on unshaped links left out"
-    write_run_record(OUT, "python benchmarks/readme_headline.py " + shlex.join(sys.argv[1:]), note)
+    write_run_record(OUT, command_line("readme_headline.py", sys.argv[1:]), note)
     sys.argv = sys.argv[:1]
     render()
 

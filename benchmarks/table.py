@@ -36,3 +36,17 @@ def write_run_record(folder: Path, command: str, note: str) -> Path:
 
     return write_json_atomic(Path(folder) / "run.json", {"command": command, "date": datetime.date.today().isoformat(),
                                                         "note": note})
+
+
+def command_line(script: str, argv: list[str]) -> str:
+    """`python benchmarks/<script> <args>` as run, without `--note TEXT` (the note is recorded on its own)."""
+    import shlex
+
+    args, skip = [], False
+    for arg in argv:
+        if skip or arg == "--note":
+            skip = arg == "--note"
+            continue
+        if not arg.startswith("--note="):
+            args.append(arg)
+    return " ".join(["python", f"benchmarks/{script}", *map(shlex.quote, args)])

@@ -55,7 +55,7 @@ def solver_notes(table: pd.DataFrame, trace: str) -> list[str]:
     notes = []
     for (solver, label), group in rows.groupby(["solver", "solver_label"]):
         settings = ", ".join(sorted({f"{t} r{int(r)}" for t, r in zip(group["topology"], group["replicas"])}))
-        why = " (ilp2_max_vars: the ILP2 of 16 GPUs is too large)" if label == ILP2_SKIPPED else ""
+        why = ": its ILP2 needs more variables than ilp2_max_vars" if label == ILP2_SKIPPED else ""
         notes.append(f"`{solver}` on {settings} is {label}{why}.")
     return notes
 
