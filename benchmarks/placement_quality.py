@@ -4,13 +4,18 @@ under every engine dispatch, and the aims of issue 9.
     .venv/bin/python benchmarks/placement_quality.py --time-limit 5
 
 Traces: ESFT DeepSeek-V2-Lite `intent` and `law` (shipped in data/esft/, data/README.md). Each is split
-by sequence order: the first half of the sequences is the profile, the rest is held out. Rows:
+by sequence order: the first half of the sequences is the profile, the rest is held out (512-token
+steps: 8 held-out steps of intent). Rows:
 topology (h100_1x8, h200_2x8, h100_4x8) x replicas (0, 1) x dataflow (dispatch_combine, hierarchical;
 one node has no inter-node hop, so h100_1x8 runs dispatch_combine only) x the dispatch the engine
 uses when scoring (dynamic, static, lp, lp_comm). Columns: speedup vs contiguous (same slot budget,
 same dispatch) on held-out `intent`, of placements solved on the `intent` profile; load-based solvers
 are solved once, steptail once per dispatch (for the dispatch it is scored with). `bound_us` is the
 simulator's lower bound (compute + communication, any placement and dispatch) on the held-out steps.
+`lp` and `lp_comm` pay their per-batch decision (costmodel/charges.py, the default 100 us budget per
+solve plus the counts all-gather). `steptail_ci_low`/`_high`: the paired bootstrap 95% interval of
+steptail's speedup vs contiguous, `vs_eplb_ci_low`/`_high` of steptail's speedup over eplb
+(costmodel/intervals.py, over the held-out steps).
 
 The aims table, per topology x replicas x dataflow:
 - `dyn_vs_eplb`: EPLB time / steptail time, both under dynamic;
@@ -22,13 +27,16 @@ The aims table, per topology x replicas x dataflow:
   all as speedups vs the contiguous layout whose hot replicas (replicas=1) follow the two-domain
   profile;
 - `gap`: steptail (dynamic) time / lower bound.
-Prints Markdown tables, writes them as CSV and logs every number to MLflow (experiment `benchmarks`,
-run `placement_quality`).
+Prints Markdown tables, writes them as CSV (docs/results/placement_quality/, with run.json: command, date,
+wall time; docs/simulator.md renders them with benchmarks/render_tables.py) and logs every number to
+MLflow (experiment `benchmarks`, run `placement_quality`).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,13 +45,15 @@ from tqdm import tqdm
 from moetuner import PROJECT_ROOT
 from moetuner.solvers.registry import solve_placement
 from moetuner.solvers.problem import PlacementProblem
+from moetuner.costmodel.charges import DispatchCharge, charged_step_times, layer_charges, replicated_layers
 from moetuner.costmodel.cost import cost_model
 from moetuner.costmodel.bounds import lower_bound
+from moetuner.costmodel.intervals import speedup_interval
 from moetuner.costmodel.simulator import primary_column, simulate
 from moetuner.topology import Topology, topology_from_config, topology_preset
 from moetuner.trace import Trace, load_trace
 from moetuner.tracking import tracked_run
-from table import markdown, write_csv  # benchmarks/table.py
+from table import command_line, markdown, write_csv, write_run_record  # benchmarks/table.py
 
 DATA = PROJECT_ROOT / "data" / "esft"
 DOMAINS = ("intent", "law")
@@ -61,13 +71,22 @@ def first_part(trace: Trace, fraction: float = 0.5) -> tuple[Trace, Trace]:
     return trace.select_sequences(seqs[:cut], ":profile"), trace.select_sequences(seqs[cut:], ":heldout")
 
 
+def step_times(phy2log: np.ndarray, trace: Trace, topology: Topology, step_tokens: int, dataflow: str,
+               dispatch: str) -> np.ndarray:
+    """Simulated seconds of every step of `trace` (lp and lp_comm charged for their decision). [S]"""
+    cost = cost_model(topology, trace.hidden_size, trace.moe_intermediate_size)
+    ids, primary = trace.topk_ids.astype(np.int64), primary_column(trace.topk_ids, trace.topk_weights)
+    result = simulate(phy2log, topology.num_gpus, ids, primary, trace.num_experts, cost, step_tokens, dataflow,
+                      dispatch)
+    charges = layer_charges(result, dispatch, DispatchCharge(), cost, trace.num_experts,
+                            replicated_layers(phy2log, trace.num_experts))
+    return charged_step_times(result, charges)
+
+
 def score(phy2log: np.ndarray, trace: Trace, topology: Topology, step_tokens: int, dataflow: str,
           dispatch: str) -> float:
     """Simulated mean step time (s) of a placement on `trace`."""
-    cost = cost_model(topology, trace.hidden_size, trace.moe_intermediate_size)
-    ids, primary = trace.topk_ids.astype(np.int64), primary_column(trace.topk_ids, trace.topk_weights)
-    return simulate(phy2log, topology.num_gpus, ids, primary, trace.num_experts, cost, step_tokens,
-                    dataflow, dispatch).metrics()["layer_time_s"]
+    return float(step_times(phy2log, trace, topology, step_tokens, dataflow, dispatch).mean())
 
 
 def bound(trace: Trace, topology: Topology, slots_per_gpu: int, step_tokens: int, dataflow: str) -> float:
@@ -79,13 +98,16 @@ def bound(trace: Trace, topology: Topology, slots_per_gpu: int, step_tokens: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--time-limit", type=float, default=5.0, help="steptail seconds per solve (default 5)")
-    parser.add_argument("--step-tokens", type=int, default=2048, help="tokens per step (default 2048)")
+    parser.add_argument("--step-tokens", type=int, default=512, help="tokens per step (default 512)")
     parser.add_argument("--topologies", nargs="*", default=list(TOPOLOGIES))
     parser.add_argument("--replicas", nargs="*", type=int, default=[0, 1])
     parser.add_argument("--dataflows", nargs="*", default=list(DATAFLOWS))
     parser.add_argument("--ilp", action="store_true", help="also the MoETuner ILPs (1 s per MIP; slow)")
-    parser.add_argument("--out", default="results/benchmarks/placement_quality.csv", help="CSV of the table")
+    parser.add_argument("--out", default=str(PROJECT_ROOT / "docs" / "results" / "placement_quality"
+                                             / "placement_quality.csv"), help="CSV of the table")
+    parser.add_argument("--note", default="", help="what to say about the machine (e.g. 2 shared cores)")
     args = parser.parse_args()
+    started = time.time()
     splits = {d: first_part(load_trace(DATA / f"{d}.safetensors")) for d in DOMAINS}
     (profile, held), (law_profile, law_held) = splits["intent"], splits["law"]
     load_solvers = LOAD_SOLVERS + (("moetuner",) if args.ilp else ())
@@ -93,7 +115,8 @@ def main() -> None:
     mip_options = {**options, "time_limit_s": 1.0}
     config = {**vars(args), "mlflow": {"experiment": "benchmarks"}}
     columns = ["topology", "replicas", "dataflow", "dispatch", "contiguous_us", *load_solvers[1:], "steptail",
-               "steptail_vs_eplb", "bound_us", "steptail_vs_bound"]
+               "steptail_ci_low", "steptail_ci_high", "steptail_vs_eplb", "vs_eplb_ci_low", "vs_eplb_ci_high",
+               "bound_us", "steptail_vs_bound"]
     aim_columns = ["topology", "replicas", "dataflow", "dyn_vs_eplb", "lp_comm_vs_best_eplb", "robust_intent",
                    "robust_law", "worst_intent", "worst_law", "intent_on_law", "law_on_intent", "gap"]
     rows, aims = [], []
@@ -109,17 +132,22 @@ def main() -> None:
             fixed = {s: solve_placement(base, s, mip_options if s == "moetuner" else options).phy2log
                      for s in load_solvers}
             ours = {d: solve_placement(problem([profile], d), "steptail", options).phy2log for d in DISPATCHES}
-            times = {}  # (placement, dispatch) -> held-out intent seconds
+            times, steps = {}, {}  # (placement, dispatch) -> held-out intent seconds (mean, per step)
             lb = bound(held, topology, base.slots_per_gpu, args.step_tokens, dataflow)
             for dispatch in DISPATCHES:
-                run_on = lambda phy: score(phy, held, topology, args.step_tokens, dataflow, dispatch)  # noqa: E731
+                run_on = lambda phy: step_times(phy, held, topology, args.step_tokens, dataflow, dispatch)  # noqa: E731
                 for name, phy in fixed.items():
-                    times[name, dispatch] = run_on(phy)
-                times["steptail", dispatch] = run_on(ours[dispatch])
+                    steps[name, dispatch] = run_on(phy)
+                steps["steptail", dispatch] = run_on(ours[dispatch])
+                times.update({key: float(s.mean()) for key, s in steps.items()})
                 contiguous = times["contiguous", dispatch]
+                ci = speedup_interval(steps["contiguous", dispatch], steps["steptail", dispatch])
+                vs_eplb = speedup_interval(steps["eplb", dispatch], steps["steptail", dispatch])
                 row = {"topology": topo_name, "replicas": replicas, "dataflow": dataflow, "dispatch": dispatch,
                        "contiguous_us": contiguous * 1e6,
                        **{s: contiguous / times[s, dispatch] for s in (*load_solvers[1:], "steptail")},
+                       "steptail_ci_low": ci[0], "steptail_ci_high": ci[1],
+                       "vs_eplb_ci_low": vs_eplb[0], "vs_eplb_ci_high": vs_eplb[1],
                        "steptail_vs_eplb": times["eplb", dispatch] / times["steptail", dispatch],
                        "bound_us": lb * 1e6, "steptail_vs_bound": times["steptail", dispatch] / lb}
                 rows.append(row)
@@ -152,6 +180,9 @@ def main() -> None:
         out = Path(args.out)
         write_csv(out, rows, columns)
         write_csv(out.with_name(out.stem + "_aims.csv"), aims, aim_columns)
+        write_run_record(out.parent, command_line("placement_quality.py", sys.argv[1:]),
+                         f"{time.time() - started:.0f} s wall, {len(grid)} rows"
+                         + (f"; {args.note}" if args.note else ""))
         run.log_artifact(out)
         run.log_artifact(out.with_name(out.stem + "_aims.csv"))
 

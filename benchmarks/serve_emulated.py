@@ -7,7 +7,8 @@ sequences held out, placements solved on the rest) is replayed with moetuner-ser
 topology emulated at full rank count (one process and one shaped network namespace per rank,
 time-dilated by D, compute timed: docs/serving.md). Every placement is served `--repeats` times.
 Per placement: the target's measured time (measured / D, mean over repeats), the simulator's
-prediction on exactly the served steps, their relative error, the run-to-run coefficient of
+prediction on exactly the served steps, their relative error, the share of the prediction the
+emulation waits out from the cost model (injected_share) and the error on the transfers alone, the run-to-run coefficient of
 variation, and speedups vs contiguous. Then Spearman(measured, predicted), the calibration
 self-check (moetuner-calibrate on a sweep of contiguous runs at D = 20000 whose traffic stays in a
 node or only crosses nodes, at two step sizes each, vs the topology's own constants), and the
@@ -34,6 +35,7 @@ from moetuner.placement import save_placement
 from moetuner.solvers.problem import PlacementProblem
 from moetuner.solvers.registry import get_solver
 from moetuner.serving.calibration import fit_costs, read_runs, stack_runs
+from moetuner.serving.netns import netns_unavailable_reason
 from moetuner.serving.run import serve
 from moetuner.serving.emulation import target_cost
 from moetuner.topology import topology_from_config, topology_preset
@@ -177,6 +179,9 @@ def main() -> None:
         return
     start = time.monotonic()
     args.out.mkdir(parents=True, exist_ok=True)
+    if netns_unavailable_reason():
+        raise SystemExit(f"the emulated links need shaped network namespaces but {netns_unavailable_reason()}: "
+                         f"runs on unshaped loopback measure nothing of the target; run as root")
     profile, heldout = split_by_sequence(routing(), args.holdout, seed=0)
     held_path = save_trace(heldout, args.out / "heldout.safetensors")
     topo_cfg = topology_preset(args.topology)
@@ -188,8 +193,11 @@ def main() -> None:
         runs = [run_serve(held_path, path, args.out / label / f"rep{i}", args) for i in range(args.repeats)]
         measured = np.array([m["target_moe_layer_time_s"] for m in runs])
         predicted = runs[0]["predicted_moe_layer_time_s"]
+        comm = np.array([m.get("measured_comm_s", np.nan) for m in runs])
         rows.append({"placement": label, "predicted_us": 1e6 * predicted, "measured_us": 1e6 * measured.mean(),
                      "rel_error": measured.mean() / predicted - 1,
+                     "injected_share": runs[0]["injected_share"],
+                     "transfer_error": comm.mean() / runs[0].get("predicted_comm_s", np.nan) - 1,
                      "cv": measured.std(ddof=1) / measured.mean() if len(measured) > 1 else float("nan"),
                      "dilation": runs[0]["dilation"], "cpu_share": float(np.mean([m["cpu_share"] for m in runs])),
                      "measured_runs_us": " ".join(f"{1e6 * v:.0f}" for v in measured)})

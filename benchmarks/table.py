@@ -24,3 +24,29 @@ def write_csv(path: Path, rows: list[dict], columns: list[str]) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return Path(path)
+
+
+def write_run_record(folder: Path, command: str, note: str) -> Path:
+    """folder/run.json: the command that wrote the CSVs beside it, today's date and a note on the run
+    (size, wall time, machine), read by render_tables.py for the line above each rendered table."""
+    import datetime
+    import json
+
+    from moetuner.atomic import write_json_atomic
+
+    return write_json_atomic(Path(folder) / "run.json", {"command": command, "date": datetime.date.today().isoformat(),
+                                                        "note": note})
+
+
+def command_line(script: str, argv: list[str]) -> str:
+    """`python benchmarks/<script> <args>` as run, without `--note TEXT` (the note is recorded on its own)."""
+    import shlex
+
+    args, skip = [], False
+    for arg in argv:
+        if skip or arg == "--note":
+            skip = arg == "--note"
+            continue
+        if not arg.startswith("--note="):
+            args.append(arg)
+    return " ".join(["python", f"benchmarks/{script}", *map(shlex.quote, args)])

@@ -118,3 +118,33 @@ def test_emulated_runs_are_read_in_target_units(tmp_path: Path) -> None:
     fit = fit_costs(stack_runs({"emulated": table, "target": synthetic_run(1, 2.0)}))
     assert fit.inter_node_bw == pytest.approx(TRUE.inter_node_bw, rel=1e-4)
     assert fit.expert_fixed_s == pytest.approx(TRUE.expert_fixed_s, rel=1e-6)
+
+
+def test_unshaped_emulated_runs_are_left_out(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An emulated run on unshaped loopback measured no link of the target: the fit never sees it, and
+    with no other run nothing is calibrated (metrics.json says so, no topology.yaml)."""
+    import json
+
+    dirs = []
+    for i, scale in enumerate([1.0, 2.0, 4.0]):
+        d = tmp_path / f"placement{i}"
+        d.mkdir()
+        synthetic_run(i, scale).to_csv(d / "per_layer.csv", index=False)
+        dirs.append(str(d))
+    (tmp_path / "placement2" / "metrics.json").write_text(json.dumps(
+        {"dilation": 1.0, "target_bytes_per_byte": 1.0, "emulation_shaped": False}))
+
+    def run(runs: list[str], out: str) -> dict:
+        with initialize_config_dir(CONF_DIR, version_base="1.3"):
+            cfg = compose("calibrate", overrides=[f"out={tmp_path / out}", f"runs=[{','.join(runs)}]",
+                                                  "mlflow.enabled=false"])
+        return calibrate(cfg)
+
+    metrics = run(dirs, "calib")
+    assert metrics["fitted"] is True and metrics["runs_left_out_unshaped"] == [dirs[2]]
+    assert list(pd.read_csv(tmp_path / "calib" / "report.csv")["run"]) == ["placement0", "placement1"]
+    assert f"{dirs[2]}: emulated on unshaped links" in caplog.text
+    nothing = run([dirs[2]], "none")
+    assert nothing == {"fitted": False, "runs_left_out_unshaped": [dirs[2]]}
+    assert not (tmp_path / "none" / "topology.yaml").exists()
+    assert json.loads((tmp_path / "none" / "metrics.json").read_text())["fitted"] is False

@@ -224,3 +224,70 @@ def test_transfer_sentence_of_one_setting() -> None:
                          + results_rows({("g", 0): {"eplb": 0.9}}, "a", "b"))
     assert headline_sentences(headline_tables(table, "a"), "a")[-1] == \
         "Scored on b, another domain, the best speedup on g r0 falls from 1.200x to 0.900x, no faster than contiguous."
+
+
+# --- intervals, serve runs and solver labels in the headline ------------------------------------------------------
+
+def test_winner_sentence_calls_faster_only_outside_the_interval() -> None:
+    from moetuner.report.headline import winner_margins
+
+    tables = headline_tables(hand_table(), "a")
+    base = np.array([1.0, 1.1, 0.9, 1.0])
+    steps = {("a", "h100_1x8", "eplb", 0, "heldout"): base,  # steptail 1.023 vs eplb 1.015: noise either way
+             ("a", "h100_1x8", "steptail", 0, "heldout"): base * np.array([0.95, 1.04, 0.97, 1.03]),
+             ("a", "h200_2x8", "eplb", 0, "heldout"): base,  # steptail 2% faster on every step
+             ("a", "h200_2x8", "steptail", 0, "heldout"): base / 1.02}
+    margins = winner_margins(tables, steps, "a")
+    held = margins["heldout"]
+    assert list(held.index) == [("h100_1x8", 0), ("h200_2x8", 0)]  # h200_2x8 r1 has no step times: left out
+    assert held.loc[("h200_2x8", 0), "low"] == pytest.approx(1.02) and held.loc[("h200_2x8", 0), "high"] == \
+        pytest.approx(1.02)
+    low, high = held.loc[("h100_1x8", 0), ["low", "high"]]
+    assert low < 1.0 < high
+    sentence = headline_sentences(tables, "a", margins=margins)[0]
+    assert sentence.startswith("On held-out a routing, the highest speedup is steptail in 3 of 3 settings "
+                               "(largest 1.144x contiguous, steptail on h200_2x8 r0); it is faster than the runner-up")
+    assert "on h200_2x8 r0 (vs eplb: 1.020-1.020x)" in sentence
+    assert f"and not distinguishable from the runner-up on h100_1x8 r0 (vs eplb: {low:.3f}-{high:.3f}x)." in sentence
+
+
+def test_headline_cells_carry_their_intervals() -> None:
+    from moetuner.report.headline import headline_intervals
+
+    table = hand_table()
+    table["speedup_ci_low"], table["speedup_ci_high"] = table["speedup_vs_contiguous"] - 0.01, \
+        table["speedup_vs_contiguous"] + 0.02
+    tables, intervals = headline_tables(table, "a"), headline_intervals(table, "a")
+    assert markdown_headline(tables["heldout"], intervals["heldout"]).splitlines()[2] == \
+        "| h100_1x8 | r0 | 1.015 (1.005-1.035) | **1.023** (1.013-1.043) |"
+
+
+def test_unshaped_serve_runs_stay_out_of_the_headline() -> None:
+    from moetuner.report.headline import serve_sentence
+
+    rows = pd.DataFrame({"topology": ["h200_2x8"] * 3, "solver": ["contiguous", "eplb", "steptail"],
+                         "measured_layer_time_s": [1.10, 0.99, 5.0], "served_predicted_layer_time_s": [1.0, 1.0, 1.0],
+                         "serve_links_shaped": [True, True, False], "injected_share": [0.5, 0.6, 0.9],
+                         "comm_rel_error": [0.2, -0.05, 4.0]})
+    assert serve_sentence(rows) == (
+        "Served on the emulated h200_2x8 with shaped links (2 placements), the measured step time is -1.0% to "
+        "+10.0% off the prediction, and -5.0% to +20.0% on the transfers alone: the emulation waits out 50%-60% of "
+        "the predicted time (expert compute and link latency) from the cost model itself, so only the transfers "
+        "are measured. 1 serve run on unshaped links (emulation without root) is left out.")
+    assert serve_sentence(rows.assign(serve_links_shaped=False)) == \
+        "3 serve runs on unshaped links (emulation without root) are left out."
+    assert serve_sentence(rows.assign(measured_layer_time_s=np.nan)) is None
+
+
+def test_solver_label_says_what_ran() -> None:
+    from moetuner.report.collect import ILP2_SKIPPED, solver_label
+
+    skipped = {"ilp2_seconds": None,
+               "fallback_reasons": ["ILP2 needs 1536000 variables > ilp2_max_vars=200000; affinity assignment used"]}
+    assert solver_label("moetuner", skipped) == ILP2_SKIPPED == \
+        "MoETuner ILP1 + affinity mapping (ILP2 skipped at this size)"
+    assert solver_label("moetuner", {"ilp2_seconds": 2.9, "fallback_reasons": []}) == "MoETuner ILP1 + ILP2"
+    assert solver_label("moetuner", {"ilp2_seconds": 2.9, "fallback_reasons": ["ILP2: infeasible, affinity "
+                                                                               "assignment used"]}) == \
+        "MoETuner ILP1 + affinity mapping (ILP2 failed)"
+    assert solver_label("eplb", {}) == "eplb"

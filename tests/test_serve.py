@@ -17,6 +17,7 @@ from moetuner.serving.run import serve
 from moetuner.placement import Placement, PlacementError, contiguous_phy2log, save_placement
 from moetuner.serving.ep_moe import choose_slots
 from moetuner.serving.launcher import LaunchError, descendants, failure_cause
+from moetuner.serving.emulation import shaped_run
 from moetuner.serving.measure import summarize
 from moetuner.serving.netns import leftover_namespaces, netns_unavailable_reason
 from moetuner.costmodel.cost import CostModel
@@ -121,6 +122,8 @@ def test_unshaped_emulation_delivers_every_pair_exactly_once(tmp_path: Path, mon
                            "replay.step_tokens=16", "replay.check_delivery=true", f"replay.dataflow={dataflow}",
                            "replay.shape_scale=4", "emulation.enabled=auto", "emulation.dilation=10"))
     assert metrics["emulated_network"] is False and metrics["dilation"] == 10
+    assert metrics["emulation_shaped"] is False and not shaped_run(metrics)  # marked: left out of headlines
+    assert metrics["injected_s"] + metrics["predicted_comm_s"] == pytest.approx(metrics["predicted_moe_layer_time_s"])
     delivered = np.load(tmp_path / "run" / "delivered.npy")
     np.testing.assert_array_equal(delivered, expected_pairs(trace.topk_ids, E))
 
@@ -297,6 +300,33 @@ def test_dilation_rates_and_predictions_by_hand() -> None:
     assert out["predicted_combine_s"].tolist() == [20.0, 40.0]  # rank 1 waits for rank 0's compute
 
 
+def test_injected_share_and_transfer_error_by_hand() -> None:
+    from moetuner.serving.emulation import emulation_metrics
+    from moetuner.costmodel.simulator import SimResult
+
+    def sim(scatter: float, combine: float) -> SimResult:
+        return SimResult(scatter_s=np.array([[scatter]]), combine_s=np.array([[combine]]),
+                         compute_s=np.array([[[4.0, 1.0]]]), tokens=np.ones((1, 1, 2)),
+                         bytes_intra=np.zeros((1, 1)), bytes_inter=np.zeros((1, 1)))
+
+    # predicted 3 + max(4, 1) + 2 = 9; bytes alone 1 + 1, so latency 3 and compute tail 4 are waited out (7 of 9)
+    timed = emulation_metrics(100.0, sim(3.0, 2.0), sim(1.0, 1.0), dilation=10, ranks=2, compute="timed",
+                              shaped=True)
+    assert timed["target_moe_layer_time_s"] == 10.0 and timed["predicted_moe_layer_time_s"] == 9.0
+    assert timed["injected_s"] == 7.0 and timed["injected_share"] == pytest.approx(7 / 9)
+    assert timed["predicted_comm_s"] == 2.0 and timed["measured_comm_s"] == 3.0  # 10 measured - 7 injected
+    assert timed["comm_rel_error"] == pytest.approx(0.5) and timed["prediction_rel_error"] == pytest.approx(1 / 9)
+    gemm = emulation_metrics(100.0, sim(3.0, 2.0), sim(1.0, 1.0), 10, 2, "gemm", shaped=False)
+    assert gemm["injected_s"] == 3.0 and "comm_rel_error" not in gemm and gemm["emulation_shaped"] is False
+
+
+def test_shaped_run_marks_only_emulated_runs_on_loopback() -> None:
+    assert shaped_run({"moe_layer_time_s": 1.0})  # not emulated: a real cluster or a plain run
+    assert shaped_run({"dilation": 5000, "emulation_shaped": True})
+    assert not shaped_run({"dilation": 5000, "emulation_shaped": False})
+    assert not shaped_run({"dilation": 5000, "emulated_network": False})  # written before emulation_shaped
+
+
 @pytest.mark.slow
 def test_sixteen_emulated_ranks_start_and_stop_cleanly(tmp_path: Path) -> None:
     """h200_2x8 at full rank count: 16 processes, 16 namespaces, timed compute; nothing left after."""
@@ -315,6 +345,7 @@ def test_sixteen_emulated_ranks_start_and_stop_cleanly(tmp_path: Path) -> None:
                            "topology=h200_2x8", "emulation.enabled=true", "emulation.dilation=20",
                            "replay.step_tokens=32", "replay.shape_scale=4", "replay.check_delivery=true"))
     assert metrics["ranks"] == 16 and metrics["dilation"] == 20 and metrics["emulated_network"] is True
+    assert metrics["emulation_shaped"] is True and shaped_run(metrics) and 0 < metrics["injected_share"] < 1
     delivered = np.load(tmp_path / "run" / "delivered.npy")  # pre-posted exchanges: every pair once
     np.testing.assert_array_equal(delivered, expected_pairs(ids, experts))
     assert metrics["predicted_moe_layer_time_s"] > 0 and metrics["target_moe_layer_time_s"] > 0

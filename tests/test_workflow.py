@@ -88,7 +88,10 @@ def test_tiny_study_outputs_and_report(tiny_study: tuple[Path, str, subprocess.C
     assert markdown.index("### Placements solved on synth-a, scored on held-out synth-a") \
         < markdown.index("### Placements solved on synth-a, scored on synth-b (other domain)")
     held = table[(table["eval"] == "heldout") & (table.solver == "eplb") & (table.replicas == 0)]
-    assert f"| cpu_2x2 | r0 | **{held.speedup_vs_contiguous.iloc[0]:.3f}** |" in markdown
+    cell = held.iloc[0]  # the best of its row in bold, then its paired bootstrap interval
+    assert (f"| cpu_2x2 | r0 | **{cell.speedup_vs_contiguous:.3f}** ({cell.speedup_ci_low:.3f}-"
+            f"{cell.speedup_ci_high:.3f}) |") in markdown
+    assert cell.speedup_ci_low <= cell.speedup_vs_contiguous <= cell.speedup_ci_high
     assert "On held-out synth-a routing, " in markdown
     # the regime job: 3 placements of synth-a on cpu_2x2 at 3 step sizes; 512 > 256 held-out tokens is tiled
     regime = pd.read_csv(workdir / "results" / "tiny" / "regime" / "regime.csv")

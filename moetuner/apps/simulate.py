@@ -2,9 +2,11 @@
 
     moetuner-simulate placement=results/eplb.json trace=traces/intent.heldout.safetensors \
         topology=h200_2x8 out=sim/eplb dataflow=dispatch_combine step_tokens=1024 \
-        dispatch=null dispatches=[dynamic,static,lp,lp_comm]
+        dispatch=null dispatches=[dynamic,static,lp,lp_comm] \
+        dispatch_charge=budget dispatch_budget_us=100 bootstrap_resamples=1000
 writes out/metrics.json (top level: the placement's own dispatch, or `dispatch`; `by_dispatch`: every
-one of `dispatches`), out/per_layer.csv, out/gpu_load_boxplot.png, out/a2a_tail_per_layer.png.
+one of `dispatches`; lp and lp_comm charged for their per-batch decision; speedup_ci95 from a paired
+bootstrap over the steps), out/per_layer.csv, out/gpu_load_boxplot.png, out/a2a_tail_per_layer.png.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from omegaconf import DictConfig
 
 from moetuner.apps.common import CONF_DIR
 from moetuner.atomic import atomic_path, write_json_atomic
+from moetuner.costmodel.charges import DispatchCharge
+from moetuner.costmodel.cost import SimulationError
 from moetuner.costmodel.evaluate import check_dispatches, check_inputs, own_dispatch, run_simulation
 from moetuner.costmodel.simulator import SimResult
 from moetuner.placement import load_placement
@@ -70,6 +74,12 @@ def write_outputs(result: SimResult, base: SimResult, metrics: dict[str, Any], m
             a2a_tail_plot(result, base, out / "a2a_tail_per_layer.png")]
 
 
+def interval_scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """speedup_ci95 [low, high] as the scalars speedup_ci_low, speedup_ci_high (for MLflow)."""
+    low, high = metrics["speedup_ci95"]
+    return {"speedup_ci_low": low, "speedup_ci_high": high}
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="simulate")
 def main(cfg: DictConfig) -> None:
     placement, trace = load_placement(cfg.placement), load_trace(cfg.trace)
@@ -78,14 +88,20 @@ def main(cfg: DictConfig) -> None:
     dispatch = own_dispatch(placement, cfg.dispatch)
     dispatches = [str(d) for d in cfg.dispatches or []]
     check_dispatches(dispatches)
+    charge = DispatchCharge(str(cfg.dispatch_charge), float(cfg.dispatch_budget_us))
+    charge.check()
+    if int(cfg.bootstrap_resamples) < 200:
+        raise SimulationError(f"bootstrap_resamples={cfg.bootstrap_resamples}; give at least 200 resamples")
     tags = {"model": trace.model, "dataset": trace.extra.get("dataset", trace.source), "solver": placement.solver,
             "topology": topology.name, "dataflow": str(cfg.dataflow), "dispatch": dispatch}
     with tracked_run("simulate", cfg, tags=tags) as run:
         result, base, metrics = run_simulation(placement, trace, topology, int(cfg.step_tokens), str(cfg.dataflow),
-                                               dispatch, dispatches)
+                                               dispatch, dispatches, charge, int(cfg.bootstrap_resamples),
+                                               int(cfg.bootstrap_seed))
         paths = write_outputs(result, base, metrics, trace.moe_layers, cfg.out)
         run.log_metrics(metrics)
         run.log_metrics({f"{name}.{key}": value for name, scalars in metrics["by_dispatch"].items()
-                         for key, value in scalars.items()})
+                         for key, value in {**scalars, **interval_scalars(scalars)}.items()})
+        run.log_metrics(interval_scalars(metrics))
         for path in paths:
             run.log_artifact(path)

@@ -12,7 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from moetuner.costmodel.charges import (DispatchCharge, charged_metrics, charged_step_times, layer_charges,
+                                        replicated_layers)
 from moetuner.costmodel.cost import SimulationError, cost_model
+from moetuner.costmodel.intervals import RESAMPLES, SEED, speedup_interval
 from moetuner.costmodel.settings import check_dispatch
 from moetuner.costmodel.simulator import SimResult, primary_column, simulate
 from moetuner.placement import Placement, check_placement, contiguous_phy2log, routed_experts
@@ -39,34 +42,47 @@ def check_dispatches(dispatches: Sequence[str]) -> None:
 
 
 def run_simulation(placement: Placement, trace: Trace, topology: Topology, step_tokens: int,
-                   dataflow: str, dispatch: str | None = None, dispatches: Sequence[str] = ()
+                   dataflow: str, dispatch: str | None = None, dispatches: Sequence[str] = (),
+                   charge: DispatchCharge = DispatchCharge(), resamples: int = RESAMPLES, seed: int = SEED
                    ) -> tuple[SimResult, SimResult, dict[str, Any]]:
     """(result, contiguous result, metrics) of `placement` on `trace` under `dispatch`
     (None: the placement's own, see own_dispatch).
 
     metrics: the scalars of `dispatch` plus `dispatch` and `by_dispatch` {name: scalars} for it and
-    every name in `dispatches`. The contiguous baseline is Megatron's layout with ceil(E/G) slots per GPU
-    and no replicas (so every dispatch routes it alike).
+    every name in `dispatches`. Per dispatch: the charged times (charges.py: `lp` and `lp_comm` pay
+    `decision_time_s` per step; `layer_time_free_s` without it), the speedup vs contiguous, its paired
+    bootstrap interval over the steps `speedup_ci95` [low, high] (intervals.py; `resamples`, `seed`),
+    and `step_times_s` [S] (charged seconds per step, for paired comparisons between placements).
+    The contiguous baseline is Megatron's layout with ceil(E/G) slots per GPU and no replicas (so
+    every dispatch routes it alike, and none is charged).
     """
     check_inputs(placement, trace, topology)
     dispatch = own_dispatch(placement, dispatch)
     check_dispatches(dispatches)
+    charge.check()
     cost = cost_model(topology, trace.hidden_size, trace.moe_intermediate_size)
     ids, primary = trace.topk_ids.astype(np.int64), primary_column(trace.topk_ids, trace.topk_weights)
     run = lambda phy, d: simulate(phy, topology.num_gpus, ids, primary, trace.num_experts, cost,  # noqa: E731
                                   step_tokens, dataflow, d, progress=True)
     base = run(contiguous_phy2log(trace.num_layers, trace.num_experts, topology.num_gpus,
                                   math.ceil(trace.num_experts / topology.num_gpus)), "dynamic")
+    base_steps = base.layer_time_s.sum(1)  # [S] dynamic: never charged
     base_time = base.metrics()["layer_time_s"]
-    replicated = bool((placement.replica_counts(trace.num_experts) > 1).any())
+    layers = replicated_layers(placement.phy2log, trace.num_experts)  # [L]
     results: dict[str, SimResult] = {}
     for name in dict.fromkeys([dispatch, *dispatches]):  # without replicas every dispatch routes alike
-        results[name] = run(placement.phy2log, name) if replicated or not results else next(iter(results.values()))
+        results[name] = run(placement.phy2log, name) if layers.any() or not results else next(iter(results.values()))
     by_dispatch = {}
     for name, res in results.items():
-        scalars = res.metrics()
+        charges = layer_charges(res, name, charge, cost, trace.num_experts, layers)
+        scalars: dict[str, Any] = charged_metrics(res, charges)
+        steps = charged_step_times(res, charges)
         scalars["contiguous_layer_time_s"] = base_time
         scalars["speedup_vs_contiguous"] = base_time / scalars["layer_time_s"]
+        scalars["speedup_ci95"] = list(speedup_interval(base_steps, steps, resamples, seed))
+        scalars["step_times_s"] = steps.tolist()
         by_dispatch[name] = scalars
-    metrics: dict[str, Any] = {**by_dispatch[dispatch], "dispatch": dispatch, "by_dispatch": by_dispatch}
+    metrics: dict[str, Any] = {**by_dispatch[dispatch], "dispatch": dispatch, "by_dispatch": by_dispatch,
+                               "contiguous_step_times_s": base_steps.tolist(), "dispatch_charge": charge.kind,
+                               "dispatch_budget_us": charge.budget_us, "bootstrap_resamples": resamples}
     return results[dispatch], base, metrics

@@ -20,10 +20,16 @@ LinkModel = Literal["serial", "concurrent"]
 """A GPU's transfers of one phase: serial (one port, all peers add up) or concurrent (NVLink and RDMA ports
 in parallel, hierarchical phases pipelined)."""
 
+DispatchCharge = Literal["budget", "measured"]
+"""What a per-batch decision costs a layer-step: a stated solve budget, or the measured wall time of choose_slots."""
+
 DISPATCHES: tuple[str, ...] = get_args(Dispatch)
 DATAFLOWS: tuple[str, ...] = get_args(Dataflow)
 EXPERT_MODELS: tuple[str, ...] = get_args(ExpertModel)
 LINK_MODELS: tuple[str, ...] = get_args(LinkModel)
+DISPATCH_CHARGES: tuple[str, ...] = get_args(DispatchCharge)
+PER_BATCH_DISPATCHES: tuple[str, ...] = ("lp", "lp_comm")
+"""Dispatches that solve a problem over the whole batch's counts in every layer (charged: costmodel/charges.py)."""
 
 
 def check_choice(setting: str, value: object, choices: Iterable[str], error: type[Exception] = ValueError) -> str:
@@ -42,3 +48,9 @@ def check_dispatch(value: object, error: type[Exception] = ValueError, setting: 
 def check_dataflow(value: object, error: type[Exception] = ValueError, setting: str = "dataflow") -> str:
     """One of DATAFLOWS, else `error` naming `setting`."""
     return check_choice(setting, value, DATAFLOWS, error)
+
+
+def check_dispatch_charge(value: object, error: type[Exception] = ValueError,
+                          setting: str = "dispatch_charge") -> str:
+    """One of DISPATCH_CHARGES, else `error` naming `setting`."""
+    return check_choice(setting, value, DISPATCH_CHARGES, error)

@@ -32,7 +32,8 @@ layer time), then:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 
 import numpy as np
 from tqdm import tqdm
@@ -53,6 +54,7 @@ class LayerStep:
     bytes_intra: float
     bytes_inter: float
     out_gpu: np.ndarray  # [B] where each token's activation is after the combine
+    choose_s: float = 0.0  # wall seconds choose_slots took for this layer (what a per-batch decision costs here)
 
     @property
     def time_s(self) -> float:
@@ -138,13 +140,18 @@ def primary_column(trace_ids: np.ndarray, weights: np.ndarray | None) -> np.ndar
 
 
 def choose_step_slots(ids: np.ndarray, primary: np.ndarray, slots: list[LayerSlots], cost: CostModel,
-                      dataflow: str, dispatch: str) -> np.ndarray:
+                      dataflow: str, dispatch: str, timings: list[float] | None = None) -> np.ndarray:
     """The slot of every pair of one step, layer by layer (token j starts on GPU j % G; with
-    expert_to_expert it moves to its primary expert's GPU). ids [B, L, k], primary [B, L] -> [B, L, k]"""
+    expert_to_expert it moves to its primary expert's GPU). ids [B, L, k], primary [B, L] -> [B, L, k]
+
+    timings: when given, the wall seconds of each layer's choose_slots are appended to it."""
     token = np.arange(ids.shape[0])
     src, out = token % cost.num_gpus, []
     for layer in range(ids.shape[1]):
+        start = time.perf_counter()
         out.append(choose_slots(ids[:, layer], token, src, slots[layer], dispatch, cost))
+        if timings is not None:
+            timings.append(time.perf_counter() - start)
         if dataflow == "expert_to_expert":
             src = slots[layer].gpu_of_slot[out[-1][token, primary[:, layer]]]
     return np.stack(out, 1)
@@ -155,14 +162,16 @@ def simulate_step(ids: np.ndarray, primary: np.ndarray, slots: list[LayerSlots],
     """Every layer of one step; token j starts on home GPU j % G. ids [B, L, k], primary [B, L]"""
     assert dataflow in DATAFLOWS, f"unknown dataflow {dataflow}"
     num_tokens, num_layers = ids.shape[:2]
-    chosen = choose_step_slots(ids, primary, slots, cost, dataflow, dispatch)
+    timings: list[float] = []
+    chosen = choose_step_slots(ids, primary, slots, cost, dataflow, dispatch, timings)
     token = np.arange(num_tokens)
     home = token % cost.num_gpus
     src, out = home, []
     for layer in range(num_layers):
         to_home = dataflow != "expert_to_expert" or layer == num_layers - 1
         target = home if to_home else slots[layer].gpu_of_slot[chosen[token, layer, primary[:, layer]]]
-        out.append(layer_step(chosen[:, layer], src, target, slots[layer], cost, dataflow))
+        out.append(replace(layer_step(chosen[:, layer], src, target, slots[layer], cost, dataflow),
+                           choose_s=timings[layer]))
         src = target
     return out
 
@@ -177,6 +186,7 @@ class SimResult:
     tokens: np.ndarray  # [S, L, G] token-expert pairs per GPU
     bytes_intra: np.ndarray  # [S, L]
     bytes_inter: np.ndarray  # [S, L]
+    choose_s: np.ndarray | None = None  # [S, L] wall seconds of choose_slots (machine-dependent; charges.py)
 
     @property
     def compute_tail_s(self) -> np.ndarray:
@@ -245,4 +255,5 @@ def simulate(phy2log: np.ndarray, num_gpus: int, ids: np.ndarray, primary: np.nd
         steps.append(simulate_step(ids[window].astype(np.int64), primary[window], slots, cost, dataflow, dispatch))
     field = lambda name: np.array([[getattr(layer, name) for layer in step] for step in steps])  # noqa: E731
     return SimResult(scatter_s=field("scatter_s"), combine_s=field("combine_s"), compute_s=field("compute_s"),
-                     tokens=field("tokens"), bytes_intra=field("bytes_intra"), bytes_inter=field("bytes_inter"))
+                     tokens=field("tokens"), bytes_intra=field("bytes_intra"), bytes_inter=field("bytes_inter"),
+                     choose_s=field("choose_s"))

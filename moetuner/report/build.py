@@ -15,11 +15,12 @@ import pandas as pd
 
 from moetuner.atomic import write_atomic, write_json_atomic, write_text_atomic
 from moetuner.report import figures
-from moetuner.report.collect import read_placements, results_table, summary_metrics
+from moetuner.report.collect import ILP2_SKIPPED, read_placements, results_table, step_times, summary_metrics
 from moetuner.report.document import Section, figure_section, table_section, write_html, write_markdown
-from moetuner.report.headline import (Headline, dispatch_tables, eval_title, headline_long, headline_metrics,
-                                      headline_sentences, headline_tables, headline_trace, html_headline,
-                                      markdown_headline, regime_sentence)
+from moetuner.report.headline import (Headline, Intervals, Margins, dispatch_tables, eval_title, headline_intervals,
+                                      headline_long, headline_metrics, headline_sentences, headline_tables,
+                                      headline_trace, html_headline, markdown_headline, regime_sentence,
+                                      serve_sentence, winner_margins)
 from moetuner.report.regime import regime_figure
 
 REGIME_CSV = Path("regime") / "regime.csv"
@@ -48,19 +49,45 @@ def draw_figures(results: Path, table: pd.DataFrame, out: Path) -> dict[str, Pat
     }
 
 
-def headline_section(tables: Headline, trace: str, by_dispatch: Headline | None = None) -> Section:
-    """The report's first section: the generated sentences, one table per evaluation, then per replicated
-    setting the same placements under every engine dispatch."""
-    sentences = " ".join(headline_sentences(tables, trace)) or (
+def solver_notes(table: pd.DataFrame, trace: str) -> list[str]:
+    """What ran under a solver's name where that is not the name alone (e.g. the MoETuner ILPs without ILP2)."""
+    rows = table[(table["trace"] == trace) & (table["solver_label"] != table["solver"])]
+    notes = []
+    for (solver, label), group in rows.groupby(["solver", "solver_label"]):
+        settings = ", ".join(sorted({f"{t} r{int(r)}" for t, r in zip(group["topology"], group["replicas"])}))
+        why = ": its ILP2 needs more variables than ilp2_max_vars" if label == ILP2_SKIPPED else ""
+        notes.append(f"`{solver}` on {settings} is {label}{why}.")
+    return notes
+
+
+def charge_note(table: pd.DataFrame) -> str:
+    """How lp and lp_comm were charged for their per-batch decision (metrics.json dispatch_charge)."""
+    if "dispatch_charge" not in table or table["dispatch_charge"].dropna().empty:
+        return ""
+    kind = table["dispatch_charge"].dropna().iloc[0]
+    what = (f"{table['dispatch_budget_us'].dropna().iloc[0]:g} us per solve (a GPU-side solver, as DeepSeek's LPLB)"
+            if kind == "budget" else "the measured solve time on the machine that ran the study")
+    return (f" The per-batch dispatches `lp` and `lp_comm` pay their decision in every replicated layer-step: "
+            f"{what}, plus an all-gather of the per-expert counts.")
+
+
+def headline_section(tables: Headline, trace: str, by_dispatch: Headline | None = None,
+                     intervals: Intervals | None = None, margins: Margins | None = None,
+                     notes: Sequence[str] = ()) -> Section:
+    """The report's first section: the generated sentences (and `notes`), one table per evaluation with the
+    speedups' 95% intervals, then per replicated setting the same placements under every engine dispatch."""
+    sentences = " ".join([*headline_sentences(tables, trace, margins=margins), *notes]) or (
         f"No speedups to report for {trace}: the headline needs a contiguous r0 placement and at least one other "
         "solver on the same topology and evaluation (add `contiguous` to the grid's solvers).")
-    intro = ("Speedup vs the contiguous placement (simulator, layer time per step summed over MoE layers); "
-             "rows are topology x replica budget, the best of each row in bold.")
+    intro = ("Speedup vs the contiguous placement (simulator, layer time per step summed over MoE layers), with its "
+             "95% interval from a paired bootstrap over the scored steps in parentheses; rows are topology x replica "
+             "budget, the best of each row in bold.")
     md, page = [sentences, "", intro], [f"<p>{html.escape(sentences)}</p>", f"<p>{html.escape(intro)}</p>"]
     for ev, speedups in tables.items():
         name = f"Placements solved on {trace}, scored on {eval_title(trace, ev)}"
-        md += ["", f"### {name}", "", markdown_headline(speedups)]
-        page += [f"<h3>{html.escape(name)}</h3>", html_headline(speedups)]
+        interval = (intervals or {}).get(ev)
+        md += ["", f"### {name}", "", markdown_headline(speedups, interval)]
+        page += [f"<h3>{html.escape(name)}</h3>", html_headline(speedups, interval)]
     for setting, speedups in (by_dispatch or {}).items():
         name = f"{setting}, held-out {trace}, by the engine's dispatch (how tokens are split over replicas)"
         md += ["", f"### {name}", "", markdown_headline(speedups)]
@@ -86,7 +113,12 @@ def report_sections(results: Path, out: Path, table: pd.DataFrame, tables: Headl
     regime = pd.read_csv(regime_csv) if regime_csv.is_file() else None
     appendix = table_section("Appendix: all results",
                              "Every placement and evaluation (also in summary.csv).", table)
-    return [headline_section(tables, trace, dispatch_tables(table, trace)), regime_section(regime, out), *extra,
+    notes = [*solver_notes(table, trace), *filter(None, [serve_sentence(table)])]
+    charge = charge_note(table)
+    margins = winner_margins(tables, step_times(results), trace)
+    section = headline_section(tables, trace, dispatch_tables(table, trace), headline_intervals(table, trace), margins,
+                               [*notes, charge.strip()] if charge else notes)
+    return [section, regime_section(regime, out), *extra,
             *(figure_section(name, path) for name, path in drawn.items()), appendix]
 
 

@@ -100,11 +100,12 @@ def a2a_tail(results: Path, table: pd.DataFrame, trace: str, topology: str, path
 
 
 def predicted_vs_measured(table: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
-    """Simulator's layer time vs the served one, one point per served placement (the prediction on
-    exactly the served steps where the serve run recorded it, else the simulate run's)."""
+    """Simulator's layer time vs the served one, one point per served placement on shaped links (the
+    prediction on exactly the served steps where the serve run recorded it, else the simulate run's)."""
     pairs = table.dropna(subset=["measured_layer_time_s"])
+    pairs = pairs[pairs["serve_links_shaped"].fillna(False).astype(bool)] if "serve_links_shaped" in pairs else pairs
     if pairs.empty:
-        return no_data(path, "predicted vs measured layer time", "no serve runs")
+        return no_data(path, "predicted vs measured layer time", "no serve runs on shaped links")
     pairs = pairs.assign(predicted_layer_time_s=pairs["served_predicted_layer_time_s"].fillna(
         pairs["predicted_layer_time_s"]))
     fig, ax = plt.subplots(figsize=(5, 4.5))

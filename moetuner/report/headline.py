@@ -1,5 +1,7 @@
-"""The report's headline: per evaluation, a topology x replicas by solver table of speedups vs contiguous,
-the best of each row in bold, and a few sentences generated from those numbers.
+"""The report's headline: per evaluation, a topology x replicas by solver table of speedups vs contiguous
+(with their paired 95% bootstrap intervals), the best of each row in bold, and a few sentences generated
+from those numbers. A sentence calls a placement faster than another only when the paired interval of
+their speedup excludes 1.0 (costmodel/intervals.py); served runs on unshaped links are left out.
 
 All functions are pure (tables in, tables/text out); `collect.results_table` gives their input.
 """
@@ -7,15 +9,25 @@ All functions are pure (tables in, tables/text out); `collect.results_table` giv
 from __future__ import annotations
 
 import html
+from collections.abc import Mapping
 
+import numpy as np
 import pandas as pd
 
+from moetuner.costmodel.intervals import distinguishable, speedup_interval
 from moetuner.costmodel.settings import DISPATCHES
 
 HELDOUT = "heldout"
 BASELINE = "contiguous"
 Headline = dict[str, pd.DataFrame]
 """eval name -> speedup table: index (topology, replicas), columns solvers, NaN where not solved."""
+Intervals = dict[str, tuple[pd.DataFrame, pd.DataFrame]]
+"""eval name -> (low, high) tables shaped like the Headline's: the speedup's 95% interval."""
+Margins = dict[str, pd.DataFrame]
+"""eval name -> per setting (index topology, replicas): winner, runner_up, low, high (the winner's paired
+95% interval of its speedup over the runner-up)."""
+StepTimes = Mapping[tuple[str, str, str, int, str], np.ndarray]
+"""(trace, topology, solver, replicas, eval) -> seconds per scored step (collect.step_times)."""
 
 
 def headline_trace(table: pd.DataFrame) -> str:
@@ -27,15 +39,46 @@ def headline_trace(table: pd.DataFrame) -> str:
     return str(sorted(sizes.index, key=lambda t: (-sizes[t], t))[0])
 
 
-def headline_tables(table: pd.DataFrame, trace: str) -> Headline:
-    """Per evaluation of `trace` (held-out first, then other domains by name): speedup vs contiguous with
-    rows (topology, replicas) and one column per solver except contiguous itself."""
+def headline_tables(table: pd.DataFrame, trace: str, value: str = "speedup_vs_contiguous") -> Headline:
+    """Per evaluation of `trace` (held-out first, then other domains by name): speedup vs contiguous (or
+    another column `value`) with rows (topology, replicas) and one column per solver except contiguous itself."""
     rows = table[(table["trace"] == trace) & (table["solver"] != BASELINE)]
     evals = sorted(rows["eval"].unique(), key=lambda e: (e != HELDOUT, e))
     return {ev: rows[rows["eval"] == ev].pivot_table(index=["topology", "replicas"], columns="solver",
-                                                       values="speedup_vs_contiguous", aggfunc="first")
+                                                       values=value, aggfunc="first")
             .rename_axis(columns=None).sort_index()
             for ev in evals}
+
+
+def headline_intervals(table: pd.DataFrame, trace: str) -> Intervals:
+    """The (low, high) tables of the speedups' 95% intervals (speedup_ci_low / _high columns), as headline_tables."""
+    if not {"speedup_ci_low", "speedup_ci_high"} <= set(table.columns):
+        return {}
+    low, high = headline_tables(table, trace, "speedup_ci_low"), headline_tables(table, trace, "speedup_ci_high")
+    return {ev: (low[ev], high[ev]) for ev in low}
+
+
+def winner_margins(tables: Headline, steps: StepTimes, trace: str) -> Margins:
+    """Per evaluation and setting with two or more solvers: the fastest (winner), the next (runner-up), and the
+    paired bootstrap interval of the winner's speedup over the runner-up on the same scored steps. Settings
+    whose step times are missing are left out."""
+    out = {}
+    for ev, speedups in tables.items():
+        rows = []
+        for (topology, replicas), row in speedups.iterrows():
+            ranked = row.dropna().sort_values(ascending=False)
+            if len(ranked) < 2:
+                continue
+            winner, runner = ranked.index[0], ranked.index[1]
+            a, b = steps.get((trace, topology, runner, replicas, ev)), steps.get((trace, topology, winner, replicas, ev))
+            if a is None or b is None or len(a) != len(b):
+                continue
+            low, high = speedup_interval(a, b)
+            rows.append({"topology": topology, "replicas": replicas, "winner": winner, "runner_up": runner,
+                         "low": low, "high": high})
+        out[ev] = pd.DataFrame(rows, columns=["topology", "replicas", "winner", "runner_up", "low", "high"]) \
+            .set_index(["topology", "replicas"])
+    return out
 
 
 def eval_title(trace: str, ev: str) -> str:
@@ -65,19 +108,24 @@ def _labels(key: object) -> list[str]:
     return [str(key[0]), f"r{int(key[1])}"] if isinstance(key, tuple) else [str(key)]
 
 
-def _cells(speedups: pd.DataFrame, bold: tuple[str, str]) -> list[list[str]]:
+def _cells(speedups: pd.DataFrame, bold: tuple[str, str],
+           interval: tuple[pd.DataFrame, pd.DataFrame] | None = None) -> list[list[str]]:
     """Rows of formatted cells: the index (topology, r<replicas>, or a dispatch), then each solver's speedup
-    (3 decimals, the row's best wrapped in `bold`, '-' where missing)."""
+    (3 decimals, the row's best wrapped in `bold`, '-' where missing), with its 95% interval
+    ' (low-high)' where `interval` (low, high tables like speedups) has one."""
     out = []
     for key, row in speedups.iterrows():
         best = row.max()
         cells = _labels(key)
-        for value in row:
+        for solver, value in row.items():
             if pd.isna(value):
                 cells.append("-")
-            else:
-                text = f"{value:.3f}"
-                cells.append(f"{bold[0]}{text}{bold[1]}" if value == best else text)
+                continue
+            text = f"{value:.3f}"
+            text = f"{bold[0]}{text}{bold[1]}" if value == best else text
+            if interval is not None and not pd.isna(low := interval[0].get(solver, {}).get(key, np.nan)):
+                text += f" ({low:.3f}-{interval[1].loc[key, solver]:.3f})"
+            cells.append(text)
         out.append(cells)
     return out
 
@@ -86,19 +134,19 @@ def _index_header(speedups: pd.DataFrame) -> list[str]:
     return ["topology", "replicas"] if speedups.index.nlevels == 2 else [str(speedups.index.name or "")]
 
 
-def markdown_headline(speedups: pd.DataFrame) -> str:
-    """One headline table as GitHub Markdown, the best of each row in **bold**."""
+def markdown_headline(speedups: pd.DataFrame, interval: tuple[pd.DataFrame, pd.DataFrame] | None = None) -> str:
+    """One headline table as GitHub Markdown, the best of each row in **bold**, intervals where given."""
     header = [*_index_header(speedups), *speedups.columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cells) + " |" for cells in _cells(speedups, ("**", "**"))]
+    lines += ["| " + " | ".join(cells) + " |" for cells in _cells(speedups, ("**", "**"), interval)]
     return "\n".join(lines)
 
 
-def html_headline(speedups: pd.DataFrame) -> str:
-    """One headline table as HTML, the best of each row in <b>bold</b>."""
+def html_headline(speedups: pd.DataFrame, interval: tuple[pd.DataFrame, pd.DataFrame] | None = None) -> str:
+    """One headline table as HTML, the best of each row in <b>bold</b>, intervals where given."""
     header = "".join(f"<th>{html.escape(str(c))}</th>" for c in [*_index_header(speedups), *speedups.columns])
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
-                   for cells in _cells(speedups.rename(index=lambda v: html.escape(str(v))), ("<b>", "</b>")))
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c) if '<b>' not in c else c}</td>" for c in cells) + "</tr>"
+                   for cells in _cells(speedups, ("<b>", "</b>"), interval))
     return f"<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -136,12 +184,31 @@ def _count_phrase(counts: pd.Series, total: int) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def winner_sentence(speedups: pd.DataFrame, where: str) -> str:
-    """Which solver is fastest in how many settings, and the largest speedup (held-out or another domain)."""
+def _margin_phrase(key: tuple[str, int], row: pd.Series) -> str:
+    return f"{_setting(key)} (vs {row['runner_up']}: {row['low']:.3f}-{row['high']:.3f}x)"
+
+
+def winner_sentence(speedups: pd.DataFrame, where: str, margins: pd.DataFrame | None = None) -> str:
+    """Which solver is fastest in how many settings, and the largest speedup (held-out or another domain).
+    With `margins` (winner_margins of this table): which solver has the highest speedup where, and in which
+    settings it is faster than the runner-up (the paired interval excludes 1.0) or not distinguishable."""
     winners = speedups.idxmax(axis=1)
     best = speedups.max(axis=1)
     top = best.idxmax()
     counts = winners.value_counts().sort_index().sort_values(ascending=False, kind="stable")
+    if margins is not None and not margins.empty:
+        lead = (f"On {where}, the highest speedup is {_count_phrase(counts, len(speedups))} (largest "
+                f"{best[top]:.3f}x contiguous, {winners[top]} on {_setting(top)})")
+        clear = [k for k, row in margins.iterrows() if distinguishable((row["low"], row["high"]))]
+        parts = []
+        if clear:
+            parts.append("it is faster than the runner-up (paired 95% bootstrap interval over the scored steps "
+                         "excludes 1.0) on " + ", ".join(_margin_phrase(k, margins.loc[k]) for k in clear))
+        unclear = [k for k in margins.index if k not in clear]
+        if unclear:
+            parts.append(("and " if clear else "it is ") + "not distinguishable from the runner-up on "
+                         + ", ".join(_margin_phrase(k, margins.loc[k]) for k in unclear))
+        return lead + "; " + " ".join(parts) + "."
     if len(speedups) == 1:
         return (f"On {where}, the fastest placement is {winners.iloc[0]}, at {best.iloc[0]:.3f}x contiguous "
                 f"({_setting(best.index[0])}).")
@@ -201,15 +268,16 @@ def replica_sentence(speedups: pd.DataFrame) -> str | None:
     return None
 
 
-def headline_sentences(tables: Headline, trace: str, limit: int = 4) -> list[str]:
+def headline_sentences(tables: Headline, trace: str, limit: int = 4, margins: Margins | None = None) -> list[str]:
     """Up to `limit` sentences from the headline tables, in reading order: who wins on held-out routing
-    (or the first evaluation), where placement matters, what replicas do, what another domain does."""
+    (or the first evaluation; with `margins`, where the win is distinguishable), where placement matters,
+    what replicas do, what another domain does."""
     nonempty = {ev: t.dropna(how="all") for ev, t in tables.items() if not t.dropna(how="all").empty}
     if not nonempty:
         return []
     first = HELDOUT if HELDOUT in nonempty else next(iter(nonempty))
     main = nonempty[first]
-    ranked = [(0, winner_sentence(main, eval_title(trace, first) + " routing"))]
+    ranked = [(0, winner_sentence(main, eval_title(trace, first) + " routing", (margins or {}).get(first)))]
     ranked += [(1, transfer_sentence(main, other, ev)) for ev, other in nonempty.items() if ev != first]
     one_topology = main.index.get_level_values(0).nunique() == 1  # then the replica sentence says it all
     ranked += [(2, None if one_topology else spread_sentence(main)), (3, replica_sentence(main))]
@@ -231,3 +299,30 @@ def regime_sentence(regime: pd.DataFrame) -> str | None:
                      f"{best[large]:.3f}x at {large}")
     text = "; ".join(parts)
     return "The best placement's speedup vs contiguous goes " + text + "."
+
+
+def serve_sentence(table: pd.DataFrame) -> str | None:
+    """What the served runs measured (results rows with measured_layer_time_s): only runs on shaped links,
+    the error of the whole step and of the transfers alone (the part the emulation measures; the rest it
+    waits out from the cost model, injected_share); runs on unshaped links are counted and left out."""
+    served = table.dropna(subset=["measured_layer_time_s"])
+    if served.empty:
+        return None
+    shaped = served[served["serve_links_shaped"].fillna(False).astype(bool)]
+    left_out = len(served) - len(shaped)
+    text = ""
+    if not shaped.empty:
+        total = shaped["measured_layer_time_s"] / shaped["served_predicted_layer_time_s"] - 1
+        text = (f"Served on the emulated {shaped['topology'].iloc[0]} with shaped links ({len(shaped)} placements), "
+                f"the measured step time is {total.min():+.1%} to {total.max():+.1%} off the prediction")
+        comm = shaped["comm_rel_error"].dropna()
+        if len(comm):
+            share = shaped["injected_share"].dropna()
+            text += (f", and {comm.min():+.1%} to {comm.max():+.1%} on the transfers alone: the emulation waits out "
+                     f"{share.min():.0%}-{share.max():.0%} of the predicted time (expert compute and link latency) "
+                     f"from the cost model itself, so only the transfers are measured")
+        text += "."
+    if left_out:
+        text += (" " if text else "") + (f"{left_out} serve run{'s' if left_out > 1 else ''} on unshaped links "
+                                         f"(emulation without root) {'are' if left_out > 1 else 'is'} left out.")
+    return text

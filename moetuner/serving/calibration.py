@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import least_squares
 
+from moetuner.serving.emulation import shaped_run
 from moetuner.serving.measure import PORT_COLUMNS
 
 
@@ -186,6 +187,17 @@ def plot_comparison(report: pd.DataFrame, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
+
+
+def split_shaped(dirs: list[str]) -> tuple[list[str], list[str]]:
+    """(runs whose links were measured, emulated runs on unshaped loopback): the latter measured no
+    link of the target (emulation.enabled=auto without root), so they are left out of every fit."""
+    kept, unshaped = [], []
+    for d in dirs:
+        path = Path(d) / "metrics.json"
+        metrics = json.loads(path.read_text()) if path.is_file() else {}
+        (kept if shaped_run(metrics) else unshaped).append(d)
+    return kept, unshaped
 
 
 def read_runs(dirs: list[str]) -> dict[str, pd.DataFrame]:

@@ -23,7 +23,7 @@ smallest D that a run at 2 x D confirms (`cpu_share` reports how busy the cores 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -181,12 +181,51 @@ def add_predictions(table: pd.DataFrame, sim: SimResult, warmup_steps: int, dila
     return out
 
 
-def emulation_metrics(measured_s: float, sim: SimResult, dilation: float, ranks: int) -> dict[str, float]:
-    """metrics.json fields: D, ranks, the target's measured and predicted MoE-layer time per step."""
+def predict_transfers(trace: Trace, phy2log: np.ndarray, cost: CostModel, settings: ReplaySettings) -> SimResult:
+    """The simulator on the measured steps with every latency zeroed: its scatter and combine are the
+    bytes-only part of each phase, the part the emulation does not wait out from the model."""
+    return predict_served(trace, phy2log, replace(cost, latency=np.zeros_like(cost.latency)), settings)
+
+
+def injected_seconds(sim: SimResult, transfers: SimResult, compute: str) -> float:
+    """Seconds per step of the prediction that the emulation waits out from the cost model itself: the
+    latency part of every phase (prediction minus its bytes-only twin), and with compute=timed the
+    compute tail too (timed slots hold D x f(n)). Mean over steps of the sum over layers."""
+    latency = (sim.scatter_s + sim.combine_s - transfers.scatter_s - transfers.combine_s).sum(1)
+    timed = sim.compute_tail_s.sum(1) if compute == "timed" else 0.0
+    return float((latency + timed).mean())
+
+
+def emulation_metrics(measured_s: float, sim: SimResult, transfers: SimResult, dilation: float, ranks: int,
+                      compute: str, shaped: bool) -> dict[str, float | bool]:
+    """metrics.json fields: D, ranks, whether the links were shaped, the target's measured and predicted
+    MoE-layer time per step and their relative error, and what of it was measured:
+    injected_share (the share of the prediction the emulation waits out from the model, injected_seconds),
+    and with compute=timed the transfer part alone, measured (target time minus the injected waits) and
+    predicted (prediction minus them), and its relative error comm_rel_error. Unshaped links leave the
+    transfers unpaced, so those runs measure nothing of the target (emulation_shaped false)."""
     target = measured_s / dilation
     predicted = sim.metrics()["layer_time_s"]
-    return {"dilation": float(dilation), "ranks": int(ranks), "target_moe_layer_time_s": target,
-            "predicted_moe_layer_time_s": predicted, "prediction_rel_error": (target - predicted) / predicted}
+    injected = injected_seconds(sim, transfers, compute)
+    out: dict[str, float | bool] = {
+        "dilation": float(dilation), "ranks": int(ranks), "emulation_shaped": bool(shaped),
+        "target_moe_layer_time_s": target, "predicted_moe_layer_time_s": predicted,
+        "prediction_rel_error": (target - predicted) / predicted, "injected_s": injected,
+        "injected_share": injected / predicted}
+    if compute == "timed":
+        measured_comm, predicted_comm = target - injected, predicted - injected
+        out.update(measured_comm_s=measured_comm, predicted_comm_s=predicted_comm,
+                   comm_rel_error=(measured_comm - predicted_comm) / predicted_comm)
+    return out
+
+
+def shaped_run(metrics: dict) -> bool:
+    """Whether a serve run's metrics.json measured its links: every run that is not emulated (a real
+    cluster, or a plain run), and emulated runs whose links were shaped. Emulated runs on unshaped
+    loopback (emulation.enabled=auto without root) are not."""
+    if "dilation" not in metrics:
+        return True
+    return bool(metrics.get("emulation_shaped", metrics.get("emulated_network", False)))
 
 
 def cpu_share(cpu_s: float, wall_s: float, cores: int) -> float:

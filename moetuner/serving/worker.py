@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from moetuner.atomic import write_atomic, write_json_atomic
 from moetuner.placement import load_placement
 from moetuner.serving.emulation import (RankEmulator, add_predictions, cpu_share, emulation_metrics,
-                                        predict_served, row_scale, target_cost, wire_row_bytes)
+                                        predict_served, predict_transfers, row_scale, target_cost, wire_row_bytes)
 from moetuner.serving.ep_moe import set_exchange_hook
 from moetuner.serving.measure import PER_LAYER_COLUMNS, Cluster, summarize
 from moetuner.serving.replay import replay, replay_settings
@@ -90,19 +90,23 @@ def run_replay(cfg: DictConfig, cluster: Cluster, rank: int, phy2log: np.ndarray
 
 def emulation_outputs(cfg: DictConfig, table: pd.DataFrame, metrics: dict) -> tuple[pd.DataFrame, dict]:
     """Rank 0 of an emulated replay: the prediction beside each per_layer row, and the emulation's metrics
-    (dilation, ranks, target and predicted MoE-layer time, the ranks' CPU share of the run)."""
+    (dilation, ranks, shaped links, target and predicted MoE-layer time, what of it was injected from the
+    model and the error on the transfers alone, the ranks' CPU share of the run)."""
     trace = load_trace(cfg.trace)
     topology = topology_from_config(cfg.topology)
     settings = replay_settings(cfg.replay)
     warmup, dilation = settings.warmup_steps, float(cfg.emulation.dilation)
     cost = target_cost(topology, trace)
-    sim = predict_served(trace, load_placement(cfg.placement).phy2log, cost, settings)
+    phy2log = load_placement(cfg.placement).phy2log
+    sim = predict_served(trace, phy2log, cost, settings)
     world = topology.num_gpus
     cpu = sum(metrics.pop(f"cpu_s_rank{r}") for r in range(world))
     run_s = max(metrics.pop(f"run_s_rank{r}") for r in range(world))
     steps = metrics["steps"] + warmup
-    emulated = emulation_metrics(metrics["moe_layer_time_s"], sim, dilation, world)
-    emulated.update(compute=str(cfg.emulation.compute), cpu_s_per_step=cpu / steps,
+    compute = str(cfg.emulation.compute)
+    emulated = emulation_metrics(metrics["moe_layer_time_s"], sim, predict_transfers(trace, phy2log, cost, settings),
+                                 dilation, world, compute, bool(cfg.launch.get("emulated_network", False)))
+    emulated.update(compute=compute, cpu_s_per_step=cpu / steps,
                     target_bytes_per_byte=1 / row_scale(trace, settings.shape_scale, cost),
                     cpu_share=cpu_share(cpu, run_s, len(os.sched_getaffinity(0))))
     return add_predictions(table, sim, warmup, dilation), emulated

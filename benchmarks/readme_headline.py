@@ -1,0 +1,93 @@
+"""Commit the default study's results table and render README's headline from it.
+
+    .venv/bin/python benchmarks/readme_headline.py --note "2 shared cores, 4 min 30 s"   # after the study ran
+
+Copies `results/default/report/summary.csv` (moetuner-report's table of every placement and evaluation)
+to docs/results/default_study/summary.csv, writes from it
+- headline.csv: per evaluation and (topology, replicas), each solver's speedup vs contiguous with its
+  paired 95% bootstrap interval (the report's headline tables; the best of each row in bold);
+- serve.csv: the served placements on shaped links, measured vs predicted step time in total and on
+  the transfers alone, and the share of the prediction the emulation waits out from the cost model
+  (runs on unshaped links are left out and counted in run.json's note);
+and run.json (command, date, note), then renders the marked tables of README.md and docs/
+(benchmarks/render_tables.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from moetuner import PROJECT_ROOT
+from moetuner.atomic import write_atomic
+from moetuner.report.headline import eval_title, headline_intervals, headline_tables, headline_trace
+from render_tables import main as render  # benchmarks/render_tables.py
+from table import command_line, write_run_record  # benchmarks/table.py
+
+OUT = PROJECT_ROOT / "docs" / "results" / "default_study"
+
+
+def headline_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per evaluation and setting: eval, topology, replicas, then per solver 'speedup (low-high)',
+    the row's best in bold."""
+    trace = headline_trace(table)
+    intervals = headline_intervals(table, trace)
+    rows = []
+    for ev, speedups in headline_tables(table, trace).items():
+        low, high = intervals[ev]
+        for key, row in speedups.iterrows():
+            cells = {"eval": eval_title(trace, ev), "topology": key[0], "replicas": int(key[1])}
+            for solver, value in row.items():
+                if pd.isna(value):
+                    cells[solver] = "-"
+                    continue
+                text = f"{value:.3f}"
+                text = f"**{text}**" if value == row.max() else text
+                cells[solver] = f"{text} ({low.loc[key, solver]:.3f}-{high.loc[key, solver]:.3f})"
+            rows.append(cells)
+    return pd.DataFrame(rows)
+
+
+def serve_rows(table: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """(served placements on shaped links: measured and predicted us per step, errors, injected share;
+    how many served runs were on unshaped links and left out)."""
+    served = table.dropna(subset=["measured_layer_time_s"])
+    shaped = served[served["serve_links_shaped"].fillna(False).astype(bool)]
+    rows = pd.DataFrame({
+        "placement": shaped["solver"] + " r" + shaped["replicas"].astype(str),
+        "predicted_us": (shaped["served_predicted_layer_time_s"] * 1e6).round(1),
+        "measured_us": (shaped["measured_layer_time_s"] * 1e6).round(1),
+        "error": shaped["measured_layer_time_s"] / shaped["served_predicted_layer_time_s"] - 1,
+        "transfer_error": shaped["comm_rel_error"],
+        "injected_share": shaped["injected_share"]})
+    return rows, len(served) - len(shaped)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=PROJECT_ROOT / "results" / "default")
+    parser.add_argument("--note", default="", help="how the study ran (machine, wall time)")
+    args = parser.parse_args()
+    summary = args.results / "report" / "summary.csv"
+    if not summary.is_file():
+        sys.exit(f"{summary} is missing: run the study first (bash bootstrap.sh study)")
+    OUT.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(summary, OUT / "summary.csv")
+    table = pd.read_csv(OUT / "summary.csv")
+    write_atomic(OUT / "headline.csv", lambda tmp: headline_rows(table).to_csv(tmp, index=False))
+    serve, unshaped = serve_rows(table)
+    write_atomic(OUT / "serve.csv", lambda tmp: serve.to_csv(tmp, index=False))
+    note = "the default study, `snakemake --cores 2`" + (f"; {args.note}" if args.note else "")
+    if unshaped:
+        note += f"; {unshaped} serve runs on unshaped links left out"
+    write_run_record(OUT, command_line("readme_headline.py", sys.argv[1:]), note)
+    sys.argv = sys.argv[:1]
+    render()
+
+
+if __name__ == "__main__":
+    main()
