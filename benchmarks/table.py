@@ -30,7 +30,6 @@ def write_run_record(folder: Path, command: str, note: str) -> Path:
     """folder/run.json: the command that wrote the CSVs beside it, today's date and a note on the run
     (size, wall time, machine), read by render_tables.py for the line above each rendered table."""
     import datetime
-    import json
 
     from moetuner.atomic import write_json_atomic
 
