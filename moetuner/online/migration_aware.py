@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from moetuner.online.migration import Migration
+from moetuner.online.migration import Migration, holds
 from moetuner.online.policies import Context, Decision, Served, Static
 
 
@@ -30,8 +30,8 @@ def align_layer(current: np.ndarray, target: np.ndarray, num_gpus: int, gpus_per
     matched nodes; on each GPU, slots keep the experts they already hold and take the new ones in order.
     """
     cur, tgt = current.reshape(num_gpus, -1), target.reshape(num_gpus, -1)
-    overlap = np.array([[len(set(cur[g][cur[g] >= 0]) & set(tgt[h][tgt[h] >= 0])) for h in range(num_gpus)]
-                        for g in range(num_gpus)])
+    num_experts = int(max(current.max(), target.max())) + 1
+    overlap = holds(current, num_gpus, num_experts).astype(np.int64) @ holds(target, num_gpus, num_experts).T.astype(np.int64)
     nodes = num_gpus // gpus_per_node
     block = overlap.reshape(nodes, gpus_per_node, nodes, gpus_per_node).sum((1, 3))
     node_of = _match(block)

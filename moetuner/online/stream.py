@@ -52,7 +52,9 @@ class Segment:
 
 
 def _stem(path: str) -> str:
-    return Path(path).name.removesuffix(".safetensors")
+    """A trace's name: its file stem, or its folder's name for moetuner-split's parts (intent/heldout -> intent)."""
+    stem = Path(path).name.removesuffix(".safetensors")
+    return Path(path).parent.name if stem in ("profile", "heldout") and Path(path).parent.name else stem
 
 
 def _steps(entry: Mapping[str, Any], i: int) -> int:

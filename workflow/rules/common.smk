@@ -160,10 +160,24 @@ def online_targets():
             for policy in config["online"]["policies"]]
 
 
+def split_part(trace, part):
+    """moetuner-split's `part` (profile | heldout) of a study trace."""
+    return f"{RESULTS}/splits/{trace}/{part}.safetensors"
+
+
+def online_inputs(wildcards):
+    """The stream draws from the study's held-out splits; the static placement is solved on the profile split."""
+    spec = config["online"]
+    return sorted({split_part(s["trace"], "heldout") for s in spec["segments"]}
+                  | {split_part(spec["segments"][0]["trace"], "profile")})
+
+
 def online_overrides(wildcards):
     spec = config["online"]
-    segments = ",".join(f"{{trace:{trace_path(s['trace'])},steps:{int(s['steps'])}}}" for s in spec["segments"])
-    args = [f"stream.segments=[{segments}]", f"profile={trace_path(spec['segments'][0]['trace'])}",
+    segments = ",".join(f"{{trace:{split_part(s['trace'], 'heldout')},steps:{int(s['steps'])}}}"
+                        for s in spec["segments"])
+    args = [f"stream.segments=[{segments}]", f"stream.profile={split_part(spec['segments'][0]['trace'], 'profile')}",
+            "stream.split=null", f"stream.seed={int(spec.get('seed', 0))}",
             f"topology={spec['topology']}", f"replicas={spec['replicas']}", f"policy={wildcards.policy}",
             *spec.get("args", []), *(spec.get("policy_args") or {}).get(wildcards.policy, [])]
     return overrides(args)
