@@ -2,7 +2,8 @@
 vs the hindsight oracle, decision time charged.
 
     .venv/bin/python benchmarks/online_rebalance.py --out docs/results/online --jobs 2    # the aims table
-    .venv/bin/python benchmarks/online_rebalance.py --streams tune_law_intent_law --out /tmp/tune   # tuning
+    .venv/bin/python benchmarks/online_rebalance.py --streams tune_law_intent_law tune_ramp_intent_law \
+        --settings h200_2x8:1 --ma-grid 1000:250 250:250 250:100 100:100 --out docs/results/online/tuning
 
 Evaluation streams (conf/stream/): intent_law_intent (abrupt), ramp_law_intent (ramp), intent_only (one
 domain), 3000 steps of 512 tokens per segment, drawn from the held-out halves of the ESFT DeepSeek-V2-Lite
@@ -59,14 +60,24 @@ def run_stream(stream_name: str, setting: str, mode: str, args: argparse.Namespa
     ctx = make_context(stream, topology_from_config(topology_preset(topo_name)), int(replicas), args.dataflow,
                        args.dispatch, MigrationConfig(mode, args.bandwidth_share))
     rows = []
-    for policy in args.policies:
-        result = replay_stream(stream, profile, make_policy(conf("policy", policy), stream), dataclasses.replace(ctx))
+    for policy, cfg in policy_configs(args):
+        result = replay_stream(stream, profile, make_policy(cfg, stream), dataclasses.replace(ctx))
         rows.append({"stream": stream_name, "setting": f"{topo_name} r{replicas}", "mode": mode, "policy": policy,
                      **{c: result.metrics[c] for c in COLUMNS[4:]}})
         print(f"{stream_name} {setting} {mode} {policy}: {result.metrics['total_time_s']:.4f} s, "
               f"{result.metrics['experts_moved']} moved, delay {result.metrics['decision_delay_steps']:.0f} steps, "
               f"{result.metrics['replay_wall_s']:.0f} s wall", flush=True)
     return rows
+
+
+def policy_configs(args: argparse.Namespace) -> list[tuple[str, dict]]:
+    """(label, policy config) of every policy to run; --ma-grid adds migration_aware at each window:check_every."""
+    out = [(name, conf("policy", name)) for name in args.policies]
+    for point in args.ma_grid:
+        window, check = (int(x) for x in point.split(":"))
+        out.append((f"migration_aware[w{window},c{check}]",
+                    {**conf("policy", "migration_aware"), "window_steps": window, "check_every": check}))
+    return out
 
 
 def aims(rows: list[dict]) -> list[dict]:
@@ -97,6 +108,7 @@ def main() -> None:
     parser.add_argument("--streams", nargs="*", default=list(STREAMS))
     parser.add_argument("--settings", nargs="*", default=["h200_2x8:1", "h100_1x8:0"], help="topology:replicas")
     parser.add_argument("--policies", nargs="*", default=list(POLICIES))
+    parser.add_argument("--ma-grid", nargs="*", default=[], help="window:check_every points of migration_aware")
     parser.add_argument("--modes", nargs="*", default=["stop_the_world"])
     parser.add_argument("--bandwidth-share", type=float, default=0.5)
     parser.add_argument("--step-tokens", type=int, default=512)
