@@ -235,5 +235,6 @@ def make_context(stream: Stream, topology: Topology, replicas: int, dataflow: st
     check_dataflow(dataflow, SimulationError)
     check_dispatch(dispatch, SimulationError)
     times = StepTimes(stream, cost, topology.num_gpus, first.num_experts, dataflow, dispatch)
+    stream.loads  # the per-step load counters an engine keeps while serving: computed now, not in a decision
     return Context(topology, replicas, times, migration,
                    expert_bytes(first.hidden_size, first.moe_intermediate_size))
