@@ -97,7 +97,8 @@ def aims(rows: list[dict]) -> list[dict]:
                     "ma_vs_periodic": 1 - ma / total["periodic"], "ma_vs_static": ma / static,
                     "moved_ma": get["migration_aware"]["experts_moved"],
                     "moved_periodic": get["periodic"]["experts_moved"],
-                    "moved_vs_periodic": get["migration_aware"]["experts_moved"] / max(get["periodic"]["experts_moved"], 1),
+                    "moved_vs_periodic": (get["migration_aware"]["experts_moved"]
+                                          / max(get["periodic"]["experts_moved"], 1)),
                     "ma_delay_steps": get["migration_aware"]["decision_delay_steps"],
                     "periodic_delay_steps": get["periodic"]["decision_delay_steps"]})
     return out

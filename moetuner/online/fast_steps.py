@@ -46,7 +46,8 @@ def slot_tables(phy2log: np.ndarray, num_experts: int, cost: CostModel, dispatch
     slot = np.empty((L, num_experts, B), dtype=np.int64)
     for layer, slots in enumerate(layer_slots(phy2log, G, num_experts)):
         if dispatch == "dynamic":
-            slot[layer] = slots.log2phy[np.arange(num_experts)[:, None], token[None, :] % np.maximum(slots.count, 1)[:, None]]
+            rank = token[None, :] % np.maximum(slots.count, 1)[:, None]  # [E, B]
+            slot[layer] = slots.log2phy[np.arange(num_experts)[:, None], rank]
         else:
             slot[layer] = static_table(slots, cost.node)[token % G].T
     S = P // G

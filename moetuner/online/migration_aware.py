@@ -31,7 +31,8 @@ def align_layer(current: np.ndarray, target: np.ndarray, num_gpus: int, gpus_per
     """
     cur, tgt = current.reshape(num_gpus, -1), target.reshape(num_gpus, -1)
     num_experts = int(max(current.max(), target.max())) + 1
-    overlap = holds(current, num_gpus, num_experts).astype(np.int64) @ holds(target, num_gpus, num_experts).T.astype(np.int64)
+    overlap = (holds(current, num_gpus, num_experts).astype(np.int64)
+               @ holds(target, num_gpus, num_experts).T.astype(np.int64))  # [G, G] experts in common
     nodes = num_gpus // gpus_per_node
     block = overlap.reshape(nodes, gpus_per_node, nodes, gpus_per_node).sum((1, 3))
     node_of = _match(block)

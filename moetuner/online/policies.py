@@ -28,7 +28,7 @@ from moetuner.online.stream import Stream
 from moetuner.placement import gpu_loads
 from moetuner.solvers.problem import PlacementProblem
 from moetuner.solvers.registry import solve_placement
-from moetuner.profiling.stats import expert_load, imbalance as gpu_imbalance
+from moetuner.profiling.stats import imbalance as gpu_imbalance
 from moetuner.topology import Topology
 from moetuner.trace import Trace
 

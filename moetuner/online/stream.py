@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 
-from moetuner.profiling.stats import expert_load
 from moetuner.trace import Trace, TraceError, load_trace, split_by_sequence
 
 
