@@ -1,4 +1,5 @@
-"""moetuner-online: migration cost by hand, static replay == moetuner-simulate, no peeking, bad specs."""
+"""moetuner-online: migration cost by hand, static replay == moetuner-simulate, fast path == simulator, sampled
+out-of-sample steps, charged decision time, no peeking, bad specs."""
 
 from __future__ import annotations
 
@@ -21,8 +22,11 @@ from moetuner.online.policy_config import make_policy
 from moetuner.online.stream_replay import make_context, replay_stream
 from moetuner.online.stream import StreamError, load_stream
 from moetuner.placement import Placement, load_placement
-from moetuner.costmodel.cost import CostModel
-from moetuner.trace import Trace, save_trace
+from moetuner.costmodel.cost import CostModel, cost_model
+from moetuner.costmodel.simulator import primary_column, simulate
+from moetuner.online.fast_steps import layer_times, slot_tables
+from moetuner.topology import topology_from_config
+from moetuner.trace import Trace, load_trace, save_trace, split_by_sequence
 from test_solvers import random_trace, topology
 
 INF = np.inf
@@ -80,6 +84,15 @@ class SwitchAt:
         return Decision(self.new, "test", 0.0) if step == self.at else None
 
 
+SPLIT = {"holdout_fraction": 0.5, "seed": 0}
+
+
+def spec(segments: list, profile, split=SPLIT, **extra) -> dict:
+    """A stream spec: trace segments given as (path, steps) or as dicts."""
+    segs = [s if isinstance(s, dict) else {"trace": str(s[0]), "steps": s[1]} for s in segments]
+    return {"segments": segs, "profile": str(profile), "split": split, **extra}
+
+
 @pytest.fixture
 def two_traces(tmp_path: Path) -> tuple[Path, Path]:
     """Two 'domains' of one model: 8 experts, 2 layers, top-2, 256 tokens (8 steps of 32)."""
@@ -87,12 +100,18 @@ def two_traces(tmp_path: Path) -> tuple[Path, Path]:
             save_trace(random_trace(256, 2, 8, 2, seed=2), tmp_path / "b.safetensors"))
 
 
+def frozen(ctx: Context) -> Context:
+    """The context with a clock that never moves: every decision takes effect at once."""
+    ctx.clock = lambda: 0.0
+    return ctx
+
+
 @pytest.mark.parametrize("mode", ["stop_the_world", "overlapped"])
 def test_replay_charges_migrations_by_hand(two_traces: tuple[Path, Path], mode: str) -> None:
     a, _ = two_traces
-    stream, profile = load_stream([{"trace": str(a), "steps": 12}], str(a), 32)
+    stream, profile = load_stream(spec([(a, 12)], a), 32)
     topo = topology(1, 2)
-    ctx = make_context(stream, topo, 0, "dispatch_combine", "dynamic", MigrationConfig(mode, 0.25))
+    ctx = frozen(make_context(stream, topo, 0, "dispatch_combine", "dynamic", MigrationConfig(mode, 0.25)))
     first = np.tile(np.arange(8), (2, 1))
     new = first.copy()
     new[0, [1, 4]] = new[0, [4, 1]]  # one expert each way in layer 0
@@ -101,26 +120,27 @@ def test_replay_charges_migrations_by_hand(two_traces: tuple[Path, Path], mode: 
     assert mig.experts_moved == 2 and mig.rounds == 1
     per_expert = expert_bytes(8, 8)
     assert mig.duration_s() == pytest.approx(per_expert / 450e9)  # no latency in this topology
-    keys, times = stream.keys(), ctx.step_times
-    old_t = [times.get(first, k) for k in keys]
-    new_t = [times.get(new, k) for k in keys]
+    times = ctx.step_times
+    old_t = times.times(first, np.arange(12))
+    new_t = times.times(new, np.arange(12))
     steps = [r["step_time_s"] for r in result.rows]
     if mode == "stop_the_world":
         assert result.metrics["migration_time_s"] == pytest.approx(mig.duration_s())
         assert result.versions[1].effective_step == 3
-        assert steps == pytest.approx([t.step_s for t in old_t[:3]] + [t.step_s for t in new_t[3:]])
+        assert steps == pytest.approx([*old_t.step_s[:3], *new_t.step_s[3:]])
     else:
         assert result.metrics["migration_time_s"] == 0.0
-        slowed = [t.compute_s.sum() + t.a2a_s.sum() / 0.75 for t in old_t]
+        slowed = list(old_t.compute_s.sum(-1) + old_t.a2a_s.sum(-1) / 0.75)
         left, step = mig.duration_s(0.25), 3  # the transfers run beside steps 3, 4, ... until done
         while left > 0:
             left -= slowed[step]
             step += 1
         assert result.versions[1].effective_step == step
-        expected = [t.step_s for t in old_t[:3]] + slowed[3:step] + [t.step_s for t in new_t[step:]]
+        expected = [*old_t.step_s[:3], *slowed[3:step], *new_t.step_s[step:]]
         assert steps == pytest.approx(expected)
     assert result.metrics["total_time_s"] == pytest.approx(sum(steps) + result.metrics["migration_time_s"])
     assert result.metrics["experts_moved"] == 2 and result.metrics["bytes_moved"] == 2 * per_expert
+    assert result.metrics["decision_delay_steps"] == 0.0  # a decision that took no time acts at once
 
 
 @pytest.mark.parametrize(("dataflow", "dispatch", "nodes"), [("dispatch_combine", "dynamic", 1),
@@ -130,14 +150,15 @@ def test_replay_charges_migrations_by_hand(two_traces: tuple[Path, Path], mode: 
 def test_static_one_segment_equals_simulate(two_traces: tuple[Path, Path], dataflow: str, dispatch: str,
                                             nodes: int) -> None:
     a, _ = two_traces
-    cfg = {"stream": {"segments": [{"trace": str(a), "steps": 8}]}, "profile": str(a), "step_tokens": 32,
+    cfg = {"stream": spec([(a, 8)], a), "step_tokens": 32,
            "policy": {"name": "static", "solver": "greedy"}, "topology": _topology_cfg(nodes),
            "replicas": 1, "dataflow": dataflow, "dispatch": dispatch, "migration": {"mode": "stop_the_world"}}
     stream, profile, policy, ctx = prepare(cfg)
     result = replay_stream(stream, profile, policy, ctx)
     v0 = result.versions[0]
     placement = Placement(v0.phy2log, ctx.topology.num_gpus, nodes, "greedy", extra={"num_experts": 8})
-    _, _, metrics = run_simulation(placement, profile, topology(nodes, 2), 32, dataflow, dispatch)
+    served = stream.tokens_of(np.arange(8))  # the stream's 8 sampled steps, in order, as one trace
+    _, _, metrics = run_simulation(placement, served, topology(nodes, 2), 32, dataflow, dispatch)
     assert result.metrics["rebalances"] == 0 and result.metrics["steps"] == metrics["num_steps"] == 8
     assert result.metrics["serve_time_s"] == pytest.approx(8 * metrics["layer_time_s"], rel=1e-9)
     assert result.metrics["speedup_vs_contiguous"] == pytest.approx(metrics["speedup_vs_contiguous"], rel=1e-9)
@@ -162,8 +183,8 @@ def test_policies_never_read_future_steps(two_traces: tuple[Path, Path], tmp_pat
     c = save_trace(random_trace(256, 2, 8, 2, seed=7), tmp_path / "c.safetensors")
     runs = []
     for later in (b, c):  # the same first 10 steps, then different routing
-        stream, profile = load_stream([{"trace": str(a), "steps": 10}, {"trace": str(later), "steps": 6}], str(a), 32)
-        ctx = make_context(stream, topology(2, 2), 1, "dispatch_combine", "dynamic", MigrationConfig())
+        stream, profile = load_stream(spec([(a, 10), (later, 6)], a), 32)
+        ctx = frozen(make_context(stream, topology(2, 2), 1, "dispatch_combine", "dynamic", MigrationConfig()))
         runs.append(replay_stream(stream, profile, make_policy(POLICY_CFGS[name], stream), ctx))
     early = [[(v.decided_step, v.phy2log.tolist()) for v in r.versions if v.decided_step <= 10] for r in runs]
     assert len(early[0]) > 1, "the policy made no decision in the first segment: the test shows nothing"
@@ -173,11 +194,11 @@ def test_policies_never_read_future_steps(two_traces: tuple[Path, Path], tmp_pat
 
 def test_served_refuses_unserved_steps(two_traces: tuple[Path, Path]) -> None:
     a, _ = two_traces
-    stream, _ = load_stream([{"trace": str(a), "steps": 4}], str(a), 32)
-    served = Served(stream, stream.keys()[:2])
+    stream, _ = load_stream(spec([(a, 4)], a), 32)
+    served = Served(stream, 2)
     assert served.loads(served.window(5)).shape == (2, 2, 8)
     with pytest.raises(AssertionError, match="not served yet"):
-        served.tokens(stream.keys()[2:3])
+        served.tokens(np.array([2]))
 
 
 def test_align_layer_keeps_experts_in_place() -> None:
@@ -212,24 +233,176 @@ def test_sticky_layer_moves_only_what_unbalances() -> None:
     ([{"trace": "A", "steps": 0}], r"segments\[0\].steps=0; it must be an integer >= 1"),
     ([{"trace": "A"}], r"missing key\(s\) \['steps'\]"),
     ([{"trace": "A", "steps": 4, "step": 4}], r"unknown key\(s\) \['step'\]"),
+    ([{"trace": "A", "mix": {"A": 1.0}, "steps": 4}], r"has \['trace', 'mix'\].*give exactly one"),
+    ([{"mix": {"A": 0.7, "B": 0.2}, "steps": 4}], r"mix weights \[0.7, 0.2\] must be >= 0 and sum to 1"),
+    ([{"mix": {"A": 1.5, "B": -0.5}, "steps": 4}], r"must be >= 0 and sum to 1"),
+    ([{"ramp": ["A", "B", "A"], "steps": 4}], "a ramp names exactly 2 traces"),
+    ([{"ramp": "A", "steps": 4}], "a ramp names exactly 2 traces"),
     ([{"trace": "nowhere.safetensors", "steps": 4}], "no such trace file"),
     ([{"trace": "A", "steps": 4}, {"trace": "OTHER", "steps": 4}], "different models"),
 ])
 def test_bad_stream_specs_are_refused(two_traces: tuple[Path, Path], tmp_path: Path, segments, message) -> None:
-    a, _ = two_traces
+    a, b = two_traces
     other = save_trace(random_trace(256, 2, 16, 2), tmp_path / "other.safetensors")
-    names = {"A": str(a), "OTHER": str(other)}
+    names = {"A": str(a), "B": str(b), "OTHER": str(other)}
+
+    def named(value):
+        if isinstance(value, dict):
+            return {names.get(k, k): v for k, v in value.items()}
+        if isinstance(value, list):
+            return [names.get(v, v) for v in value]
+        return names.get(value, value)
+
     if isinstance(segments, list):
-        segments = [{**s, "trace": names.get(s.get("trace"), s.get("trace"))} if "trace" in s else s for s in segments]
+        segments = [{k: (named(v) if k != "steps" else v) for k, v in s.items()} for s in segments]
     with pytest.raises(StreamError, match=message):
-        load_stream(segments, str(a), 32)
-    with pytest.raises(StreamError, match="fewer than step_tokens=512"):
-        load_stream([{"trace": str(a), "steps": 4}], str(a), 512)
+        load_stream({"segments": segments, "profile": str(a), "split": SPLIT}, 32)
+
+
+def test_stream_refuses_profile_sequences_and_bad_settings(two_traces: tuple[Path, Path], tmp_path: Path) -> None:
+    a, b = two_traces
+    # the same file as profile and stream, not split: every sequence would be replayed in-sample
+    with pytest.raises(StreamError, match=r"shares 16 sequence\(s\) with the profile.*stream.split"):
+        load_stream(spec([(a, 4)], a, split=None), 32)
+    # files split by moetuner-split's function: held-out vs profile is accepted, profile vs profile refused
+    prof, held = split_by_sequence(load_trace(a), 0.5, 0)
+    p_path, h_path = save_trace(prof, tmp_path / "p.safetensors"), save_trace(held, tmp_path / "h.safetensors")
+    stream, profile = load_stream(spec([(h_path, 4), (b, 4)], p_path, split=None), 32)
+    assert profile.num_tokens == prof.num_tokens and stream.num_steps == 8
+    with pytest.raises(StreamError, match="shares 8 sequence"):
+        load_stream(spec([(p_path, 4)], p_path, split=None), 32)
+    for bad, message in (({"split": {"holdout_fraction": 1.5, "seed": 0}}, "holdout_fraction=1.5"),
+                         ({"split": {"fraction": 0.5}}, "write {holdout_fraction: 0.5, seed: 0}"),
+                         ({"draw_from": "future"}, "draw_from='future'"),
+                         ({"sed": 1}, r"unknown key\(s\) \['sed'\]")):
+        with pytest.raises(StreamError, match=message):
+            load_stream({**spec([(a, 4)], a), **bad}, 32)
+    with pytest.raises(StreamError, match="step_tokens=0"):
+        load_stream(spec([(a, 4)], a), 0)
+
+
+ESFT = Path(__file__).resolve().parents[1] / "data" / "esft"
+
+
+def test_sampled_steps_never_repeat_one_batch_list() -> None:
+    """Real routing (ESFT intent, shipped): 400 steps of 512 tokens from the held-out half."""
+    intent = ESFT / "intent.safetensors"
+    stream, profile = load_stream(spec([(intent, 400)], intent, seed=5), 512)
+    steps = [tuple(row) for row in stream.step_index.tolist()]
+    assert len(set(steps)) == 400  # no step is served twice, so no fixed list of steps is replayed in a loop
+    whole = load_trace(intent)
+    prof, held = split_by_sequence(whole, 0.5, 0)
+    drawn = np.unique(stream.pool_seq[stream.step_index])
+    assert set(drawn) <= set(held.sequences) and not set(drawn) & set(profile.sequences)
+    assert len(drawn) == len(held.sequences)  # with 400 x ~8 draws every held-out sequence recurs
+    # tokens are whole sequences in order, cut only at step boundaries
+    flat = stream.step_index.ravel()
+    seq = stream.pool_seq[flat]
+    starts = np.flatnonzero(np.r_[True, (np.diff(flat) != 1) | (seq[1:] != seq[:-1])])  # one run per drawn sequence
+    lengths = np.diff(np.r_[starts, len(flat)])
+    seq_len = dict(zip(*np.unique(held.seq_ids, return_counts=True)))
+    inner = [i for i, st in enumerate(starts) if st % 512 and (st + lengths[i]) % 512]  # runs no boundary cuts
+    assert inner and all(lengths[i] == seq_len[stream.pool_seq[flat[starts[i]]]] for i in inner)
+    assert np.array_equal(load_stream(spec([(intent, 400)], intent, seed=5), 512)[0].step_index, stream.step_index)
+    assert not np.array_equal(load_stream(spec([(intent, 400)], intent, seed=6), 512)[0].step_index,
+                              stream.step_index)
+
+
+def test_mix_and_ramp_draw_their_domains(two_traces: tuple[Path, Path]) -> None:
+    a, b = two_traces
+    only_a, _ = load_stream(spec([{"mix": {str(a): 1.0, str(b): 0.0}, "steps": 50}], a), 32)
+    assert set(only_a.pool_source[only_a.step_index].ravel()) == {only_a.paths.index(str(a))}
+    ramp, _ = load_stream(spec([{"ramp": [str(a), str(b)], "steps": 200}], a), 32)
+    from_b = ramp.pool_source[ramp.step_index] == ramp.paths.index(str(b))  # [S, B]
+    assert not from_b[0, 0]  # B's weight is 0 at the start
+    assert from_b[:40].mean() < 0.2 and from_b[-40:].mean() > 0.8  # expected 0.1 and 0.9
+    assert ramp.segments[0].label == "a->b"
+
+
+def test_fast_path_equals_simulator_on_random_cases() -> None:
+    """fast_steps.layer_times against simulate (the reference), empty slots and replicas included."""
+    rng = np.random.default_rng(0)
+    from test_solvers import random_trace as rt
+
+    for trial in range(12):
+        nodes, gpn = [(1, 2), (2, 2), (2, 4), (1, 4), (4, 2), (3, 2)][trial % 6]
+        G, E, L, k = nodes * gpn, int(rng.choice([8, 12, 16])), 3, 2
+        slots = -(-E // G) + int(rng.integers(0, 3))
+        topo = topology_from_config({"name": "t", "nodes": nodes, "gpus_per_node": gpn, "intra_node_bw_GBps": 450.0,
+                                     "inter_node_bw_GBps": 50.0, "gpu_peak_tflops": 1.0, "hbm_bw_GBps": 1.0,
+                                     "intra_node_latency_us": 2, "inter_node_latency_us": 5})
+        cost = cost_model(topo, 64, 32)
+        phy2log = []
+        for _ in range(L):
+            extra = G * slots - E
+            fill = rng.integers(-1, E, extra)  # replicas and empty (-1) slots
+            phy2log.append(rng.permutation(np.r_[rng.permutation(E), fill]))
+        phy2log = np.array(phy2log)
+        B = int(rng.choice([12, 16, 30]))  # 12 and 30: tokens not a whole number of rounds of G
+        ids = rt(B * 3, L, E, k, seed=trial).topk_ids.astype(np.int64)
+        for dataflow in ("dispatch_combine", "hierarchical"):
+            for dispatch in ("dynamic", "static"):
+                ref = simulate(phy2log, G, ids, primary_column(ids, None), E, cost, B, dataflow, dispatch)
+                a2a, compute = layer_times(ids.reshape(3, B, L, k), slot_tables(phy2log, E, cost, dispatch, B),
+                                           cost, dataflow, dispatch)
+                np.testing.assert_allclose(a2a, ref.scatter_s + ref.combine_s, rtol=1e-12, atol=0)
+                np.testing.assert_allclose(compute, ref.compute_tail_s, rtol=1e-12, atol=0)
+
+
+@dataclass
+class Clock:
+    now: float = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class SlowSwitch(SwitchAt):
+    """SwitchAt whose decision at `at` takes `seconds` of the context's (fake) clock."""
+
+    clock: Clock = None
+    seconds: float = 0.0
+
+    def decide(self, ctx: Context, step: int, served: Served, current: np.ndarray) -> Decision | None:
+        if step == self.at:
+            self.clock.now += self.seconds
+        return super().decide(ctx, step, served, current)
+
+
+def test_decision_takes_effect_after_its_charged_time(tmp_path: Path) -> None:
+    # every token routes to experts (0, 1) in both layers: every step is the same, so its time T is constant
+    ids = np.tile(np.array([[0, 1], [0, 1]]), (256, 1, 1))
+    from test_solvers import make_trace
+
+    path = save_trace(make_trace(ids, 8), tmp_path / "same.safetensors")
+    stream, profile = load_stream(spec([(path, 12)], path), 32)
+    first = np.tile(np.arange(8), (2, 1))
+    new = first.copy()
+    new[:, [1, 4]] = new[:, [4, 1]]  # experts 0 and 1 on different GPUs: a different (faster) step
+    for mode in ("stop_the_world", "overlapped"):
+        clock = Clock()
+        ctx = make_context(stream, topology(1, 2), 0, "dispatch_combine", "dynamic", MigrationConfig(mode, 0.5))
+        ctx.clock = clock
+        T = ctx.step_times.step(first, 0)[1]
+        assert ctx.step_times.times(first, np.arange(12)).step_s == pytest.approx(np.full(12, T))
+        result = replay_stream(stream, profile, SlowSwitch(first, new, 3, clock=clock, seconds=2.5 * T), ctx)
+        v1 = result.versions[1]
+        assert (v1.decided_step, v1.delay_steps, v1.decision_seconds) == (3, 3, 2.5 * T)
+        assert result.metrics["decision_delay_steps"] == 3.0
+        T_new = ctx.step_times.step(new, 0)[1]
+        steps = [r["step_time_s"] for r in result.rows]
+        if mode == "stop_the_world":  # decided before step 3, acts before step 3 + ceil(2.5) = 6
+            assert v1.effective_step == 6 and result.rows[6]["wait_s"] > 0
+            assert steps == pytest.approx([T] * 6 + [T_new] * 6)
+        else:  # the transfers start before step 6 and run beside it and the steps after
+            assert v1.effective_step > 6 and all(r["placement_version"] == 0 for r in result.rows[:7])
+            assert steps[:6] == pytest.approx([T] * 6) and steps[6] > T
 
 
 def test_bad_policy_and_migration_are_refused(two_traces: tuple[Path, Path]) -> None:
     a, _ = two_traces
-    stream, _ = load_stream([{"trace": str(a), "steps": 4}], str(a), 32)
+    stream, _ = load_stream(spec([(a, 4)], a), 32)
     with pytest.raises(PolicyError, match="choose one of"):
         make_policy({"name": "sometimes"}, stream)
     with pytest.raises(PolicyError, match=r"policy.interval_steps=0"):
@@ -249,12 +422,12 @@ def test_app_writes_outputs_and_refuses_bad_spec_first(two_traces: tuple[Path, P
     topo = ["topology.name=t1x4", "topology.gpus_per_node=4"]
     out = tmp_path / "run"
     ok = subprocess.run([*APP, f"stream.segments=[{{trace:{a},steps:4}},{{trace:{b},steps:4}}]",
-                         f"profile={a}", "step_tokens=32", "policy=migration_aware", "policy.check_every=2",
+                         f"stream.profile={a}", "step_tokens=32", "policy=migration_aware", "policy.check_every=2",
                          "policy.window_steps=2", *topo, f"out={out}"],
                         capture_output=True, text=True, timeout=300, env=os.environ.copy())
     assert ok.returncode == 0, ok.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 8 and metrics["total_time_s"] > 0
+    assert metrics["steps"] == 8 and metrics["total_time_s"] > 0 and "decision_delay_steps" in metrics
     rows = (out / "timeline.csv").read_text().splitlines()
     assert rows[0] == "step,segment,trace,step_time_s,placement_version,wait_s,contiguous_step_time_s"
     assert len(rows) == 9 and rows[5].split(",")[2] == "b"
@@ -268,7 +441,7 @@ def test_app_writes_outputs_and_refuses_bad_spec_first(two_traces: tuple[Path, P
     (run,) = client.search_runs([client.get_experiment_by_name("moetuner").experiment_id])
     assert run.data.tags["app"] == "online" and run.data.tags["policy"] == "migration_aware"
     assert run.data.metrics["total_time_s"] == pytest.approx(metrics["total_time_s"])
-    bad = subprocess.run([*APP, f"stream.segments=[{{trace:{a},steps:-1}}]", f"profile={a}", "step_tokens=32",
+    bad = subprocess.run([*APP, f"stream.segments=[{{trace:{a},steps:-1}}]", f"stream.profile={a}", "step_tokens=32",
                           *topo, f"out={tmp_path / 'bad'}"], capture_output=True, text=True, timeout=300,
                          env=os.environ.copy())
     assert bad.returncode != 0 and "steps=-1; it must be an integer >= 1" in bad.stderr
@@ -281,7 +454,7 @@ def test_report_section_reads_every_replay(two_traces: tuple[Path, Path], tmp_pa
 
     a, b = two_traces
     assert online_section(tmp_path / "results", tmp_path / "report") is None  # no replay: no section
-    stream, profile = load_stream([{"trace": str(a), "steps": 4}, {"trace": str(b), "steps": 4}], str(a), 32)
+    stream, profile = load_stream(spec([(a, 4), (b, 4)], a), 32)
     ctx = make_context(stream, topology(1, 2), 0, "dispatch_combine", "dynamic", MigrationConfig())
     totals = {}
     for name, cfg in (("static", {"name": "static", "solver": "greedy"}), ("periodic", POLICY_CFGS["periodic"])):

@@ -122,8 +122,14 @@ def test_targets_of_a_small_config() -> None:
 
 
 def test_online_args_of_each_policy() -> None:
-    stream = "stream.segments=[{trace:out/traces/a.safetensors,steps:3},{trace:out/traces/b.safetensors,steps:2}]"
-    common = [stream, "profile=out/traces/a.safetensors", "topology=t2", "replicas=1"]
+    """The stream draws from the held-out splits, the static placement is solved on the profile split."""
+    stream = ("stream.segments=[{trace:out/splits/a/heldout.safetensors,steps:3},"
+              "{trace:out/splits/b/heldout.safetensors,steps:2}]")
+    common = [stream, "stream.profile=out/splits/a/profile.safetensors", "stream.split=null", "stream.seed=0",
+              "topology=t2", "replicas=1"]
+    assert targets.online_inputs(CONFIG, "out") == ["out/splits/a/heldout.safetensors",
+                                                    "out/splits/a/profile.safetensors",
+                                                    "out/splits/b/heldout.safetensors"]
     assert targets.online_args(CONFIG, "out", "static") == [*common, "policy=static", "step_tokens=64"]
     assert targets.online_args(CONFIG, "out", "periodic") == [*common, "policy=periodic", "step_tokens=64",
                                                               "policy.interval_steps=2"]

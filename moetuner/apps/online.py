@@ -25,7 +25,7 @@ from moetuner.tracking import tracked_run
 
 def prepare(cfg: Mapping[str, Any]) -> tuple[Stream, Trace, Policy, Context]:
     """Parse and check everything (stream, policy, topology, migration, dataflow, dispatch) before a run."""
-    stream, profile = load_stream(cfg["stream"]["segments"], cfg["profile"], cfg["step_tokens"])
+    stream, profile = load_stream(cfg["stream"], cfg["step_tokens"])
     policy = make_policy(cfg["policy"], stream)
     ctx = make_context(stream, topology_from_config(cfg["topology"]), int(cfg["replicas"]), str(cfg["dataflow"]),
                        str(cfg["dispatch"]), MigrationConfig.from_config(cfg["migration"]))
@@ -43,7 +43,7 @@ def main(cfg: DictConfig) -> None:
     plain = OmegaConf.to_container(cfg, resolve=True)
     stream, profile, policy, ctx = prepare(plain)  # bad input fails here, before a run is opened
     tags = {"model": stream.first.model, "policy": policy.name, "topology": ctx.topology.name,
-            "stream": "->".join(seg.name for seg in stream.segments), "migration_mode": ctx.migration.mode,
+            "stream": ",".join(seg.label for seg in stream.segments), "migration_mode": ctx.migration.mode,
             "dataflow": str(cfg.dataflow), "dispatch": str(cfg.dispatch)}
     with tracked_run("online", cfg, tags=tags) as run:
         result = replay_stream(stream, profile, policy, ctx)

@@ -55,10 +55,12 @@ def expert_bytes(hidden_size: int, intermediate_size: int) -> float:
     return 3.0 * hidden_size * intermediate_size * BYTES_PER_VALUE
 
 
-def gpu_sets(row: np.ndarray, num_gpus: int) -> list[set[int]]:
-    """Experts held by each GPU in one layer. row [P] -> G sets"""
-    grid = row.reshape(num_gpus, -1)
-    return [set(int(e) for e in grid[g] if e >= 0) for g in range(num_gpus)]
+def holds(row: np.ndarray, num_gpus: int, num_experts: int) -> np.ndarray:
+    """Which GPU holds which expert in one layer. row [P] -> bool [G, E]"""
+    out = np.zeros((num_gpus, num_experts), dtype=bool)
+    gpu = np.arange(len(row)) // (len(row) // num_gpus)
+    out[gpu[row >= 0], row[row >= 0]] = True
+    return out
 
 
 def transfers(old: np.ndarray, new: np.ndarray, num_gpus: int, cost: CostModel) -> np.ndarray:
@@ -67,19 +69,16 @@ def transfers(old: np.ndarray, new: np.ndarray, num_gpus: int, cost: CostModel) 
         raise MigrationError(f"placements of shapes {old.shape} and {new.shape} cannot be migrated between; "
                              f"both need the same layers and slots")
     copies = np.zeros((num_gpus, num_gpus), dtype=np.int64)
+    num_experts = int(max(old.max(), new.max())) + 1
     for layer in range(old.shape[0]):
-        before, after = gpu_sets(old[layer], num_gpus), gpu_sets(new[layer], num_gpus)
-        holders: dict[int, list[int]] = {}
-        for g, experts in enumerate(before):
-            for e in experts:
-                holders.setdefault(e, []).append(g)
-        for dst, experts in enumerate(after):
-            for e in sorted(experts - before[dst]):
-                if e not in holders:
-                    raise MigrationError(f"layer {layer}: expert {e} is in the new placement but on no GPU of "
-                                         f"the old one; every expert must stay placed")
-                src = min(holders[e], key=lambda g: (-cost.bandwidth[g, dst], copies[g].sum(), g))
-                copies[src, dst] += 1
+        before, after = holds(old[layer], num_gpus, num_experts), holds(new[layer], num_gpus, num_experts)
+        for dst, e in zip(*np.nonzero(after & ~before)):  # by destination, then expert
+            holders = np.flatnonzero(before[:, e])
+            if not len(holders):
+                raise MigrationError(f"layer {layer}: expert {e} is in the new placement but on no GPU of "
+                                     f"the old one; every expert must stay placed")
+            src = min(holders, key=lambda g: (-cost.bandwidth[g, dst], copies[g].sum(), g))
+            copies[src, dst] += 1
     return copies
 
 

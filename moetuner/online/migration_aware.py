@@ -13,9 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from moetuner.online.migration import Migration
+from moetuner.online.migration import Migration, holds
 from moetuner.online.policies import Context, Decision, Served, Static
-from moetuner.online.stream import StepKey
 
 
 def _match(overlap: np.ndarray) -> np.ndarray:
@@ -31,8 +30,9 @@ def align_layer(current: np.ndarray, target: np.ndarray, num_gpus: int, gpus_per
     matched nodes; on each GPU, slots keep the experts they already hold and take the new ones in order.
     """
     cur, tgt = current.reshape(num_gpus, -1), target.reshape(num_gpus, -1)
-    overlap = np.array([[len(set(cur[g][cur[g] >= 0]) & set(tgt[h][tgt[h] >= 0])) for h in range(num_gpus)]
-                        for g in range(num_gpus)])
+    num_experts = int(max(current.max(), target.max())) + 1
+    overlap = (holds(current, num_gpus, num_experts).astype(np.int64)
+               @ holds(target, num_gpus, num_experts).T.astype(np.int64))  # [G, G] experts in common
     nodes = num_gpus // gpus_per_node
     block = overlap.reshape(nodes, gpus_per_node, nodes, gpus_per_node).sum((1, 3))
     node_of = _match(block)
@@ -183,8 +183,9 @@ class MigrationAware(Static):
        re-packing the experts it holds, copies staying where they are unless that unbalances their GPU
        (`sticky_layer`); and on multi-node topologies the same re-packed from scratch (`node_local_layer`);
        the last two move nothing between nodes;
-    2. each candidate map is simulated on the window's steps (cached), which gives every layer's
-       predicted time under every candidate (exact for dispatch_combine, whose layers are independent);
+    2. each candidate map is simulated on `sample_steps` of the window's steps, evenly spaced (the
+       loads of step 1 use the whole window), which gives every layer's predicted time under every
+       candidate (layers are independent for dispatch_combine and hierarchical);
     3. layers are upgraded greedily by predicted gain per second of moving that layer alone; every prefix
        is priced with the real migration schedule, and the prefix of largest net value is kept:
        stop_the_world: horizon * gain - migration time; overlapped: (horizon - steps the transfers
@@ -198,6 +199,7 @@ class MigrationAware(Static):
     horizon_steps: int = 32
     min_gain: float = 0.02
     max_moves: int = 4
+    sample_steps: int = 32
     name: str = "migration_aware"
 
     def value(self, ctx: Context, gain_s: float, migration: Migration, step_s: float, a2a_s: float) -> float:
@@ -209,12 +211,12 @@ class MigrationAware(Static):
         slowdown = a2a_s * (1.0 / (1.0 - cfg.bandwidth_share) - 1.0)
         return max(self.horizon_steps - during, 0.0) * gain_s - min(during, self.horizon_steps) * slowdown
 
-    def candidates(self, ctx: Context, served: Served, window: list[StepKey], current: np.ndarray
+    def candidates(self, ctx: Context, served: Served, window: np.ndarray, current: np.ndarray
                    ) -> dict[str, np.ndarray]:
         """Step 1: whole-map candidates [L, P], each differing from `current` [L, P], by name."""
         num_gpus, gpn, layers = ctx.topology.num_gpus, ctx.topology.gpus_per_node, range(len(current))
         load = served.loads(window).mean(0)  # [L, E] tokens per step (the proxy's expert time is not linear)
-        target = ctx.solve(served.tokens(window), self.solver, self.options).phy2log
+        target = served.solve(ctx, window, self.solver, self.options).phy2log
         moves = [local_moves(current[l], load[l][None], num_gpus, ctx.step_times.cost.expert_time, self.max_moves)
                  for l in layers]
         found = {"one_move": np.stack([m[0] if m else current[l] for l, m in zip(layers, moves)]),
@@ -259,14 +261,16 @@ class MigrationAware(Static):
         window, times = served.window(self.window_steps), ctx.step_times
         found = self.candidates(ctx, served, window, current)
         names, variants = list(found), list(found.values())
-        base = served.layer_times(times, current, window)  # [L]
+        priced = window[np.unique(np.linspace(0, len(window) - 1, min(self.sample_steps, len(window))).round()
+                                  .astype(np.int64))]  # [<= sample_steps]
+        base = served.layer_times(times, current, priced)  # [L]
         step_s = float(base.sum())
-        a2a_s = float(np.mean([times.get(current, k).a2a_s.sum() for k in window]))
-        gains = [base - served.layer_times(times, v, window) for v in variants]  # step 2, each [L]
+        a2a_s = float(times.times(current, priced).a2a_s.sum(-1).mean())
+        gains = [base - served.layer_times(times, v, priced) for v in variants]  # step 2, each [L]
         net, chosen, gain, choice = self.mix_layers(ctx, current, variants, gains, step_s, a2a_s)
         if net <= 0 or gain < self.min_gain * step_s:
             return None
-        gain = step_s - float(served.layer_times(times, chosen, window).sum())  # step 4: the whole map
+        gain = step_s - float(served.layer_times(times, chosen, priced).sum())  # step 4: the whole map
         net = self.value(ctx, gain, ctx.migration_of(current, chosen), step_s, a2a_s)
         if net <= 0 or gain < self.min_gain * step_s:
             return None

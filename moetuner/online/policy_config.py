@@ -16,7 +16,7 @@ _FIELDS = {
     "static": (), "oracle": (),
     "periodic": ("interval_steps", "window_steps"),
     "triggered": ("window_steps", "check_every", "threshold"),
-    "migration_aware": ("window_steps", "check_every", "horizon_steps", "min_gain", "max_moves"),
+    "migration_aware": ("window_steps", "check_every", "horizon_steps", "min_gain", "max_moves", "sample_steps"),
 }
 
 
@@ -49,4 +49,5 @@ def make_policy(cfg: Mapping[str, Any], stream: Stream) -> Policy:
         raise PolicyError(f"policy.min_gain={min_gain}; a share of a step's time in [0, 1)")
     return MigrationAware(**common, window_steps=int_option(cfg, "window_steps"), check_every=int_option(cfg, "check_every"),
                           horizon_steps=int_option(cfg, "horizon_steps"), min_gain=min_gain,
-                          max_moves=int_option(cfg, "max_moves", low=0))
+                          max_moves=int_option(cfg, "max_moves", low=0),
+                          sample_steps=int_option(cfg, "sample_steps") if "sample_steps" in cfg else 32)

@@ -1,16 +1,22 @@
-"""Step times from the simulator, each (placement, step) simulated once and cached."""
+"""Step times of a stream's steps under a placement: computed in chunks, cached per placement.
+
+The settings `moetuner.online.fast_steps` covers are computed a chunk of steps at a time; the others
+step by step with the simulator. Each placement keeps its per-step, per-layer times [S, L] for the
+steps asked so far; the least recently used placements are dropped beyond `keep` of them.
+"""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from moetuner.online.stream import StepKey, Stream
 from moetuner.costmodel.cost import CostModel
 from moetuner.costmodel.simulator import primary_column, simulate
+from moetuner.online.fast_steps import SlotTables, layer_times, slot_tables, supported
+from moetuner.online.stream import Stream
 
 
 def placement_id(phy2log: np.ndarray) -> str:
@@ -20,23 +26,33 @@ def placement_id(phy2log: np.ndarray) -> str:
 
 @dataclass(frozen=True)
 class StepLayerTimes:
-    """One step under one placement: per layer all-to-all (scatter + combine) and compute tail. [L] each"""
+    """Steps under one placement: per layer all-to-all (scatter + combine) and compute tail. [n, L] each"""
 
     a2a_s: np.ndarray
     compute_s: np.ndarray
 
     @property
     def layer_s(self) -> np.ndarray:
+        """[n, L]"""
         return self.a2a_s + self.compute_s
 
     @property
-    def step_s(self) -> float:
-        return float(self.layer_s.sum())
+    def step_s(self) -> np.ndarray:
+        """[n]"""
+        return self.layer_s.sum(-1)
+
+
+@dataclass
+class _Cached:
+    a2a: np.ndarray  # [S, L]
+    compute: np.ndarray  # [S, L]
+    done: np.ndarray  # [S] bool
+    tables: SlotTables | None = None  # the fast path's routing tables, built on first use
 
 
 @dataclass
 class StepTimes:
-    """Simulated step times of a stream on one topology, cached by (placement, step)."""
+    """Simulated step times of a stream on one topology, cached by placement."""
 
     stream: Stream
     cost: CostModel
@@ -44,20 +60,59 @@ class StepTimes:
     num_experts: int
     dataflow: str
     dispatch: str
-    cache: dict[tuple[str, StepKey], StepLayerTimes] = field(default_factory=dict)
-    simulated: int = 0  # steps actually simulated (cache misses)
+    chunk: int = 64  # steps computed together (the replay asks one step and gets the chunk ahead)
+    keep: int = 24  # placements whose times stay cached
+    cache: OrderedDict[str, _Cached] = field(default_factory=OrderedDict)
+    simulated: int = 0  # steps actually computed (cache misses)
 
-    def get(self, phy2log: np.ndarray, key: StepKey) -> StepLayerTimes:
-        """Per-layer times of step `key` under placement phy2log [L, P]."""
-        index = (placement_id(phy2log), key)
-        if index not in self.cache:
-            ids, weights = self.stream.step_routing(key)
+    def _entry(self, phy2log: np.ndarray) -> _Cached:
+        key = placement_id(phy2log)
+        if key not in self.cache:
+            S, L = self.stream.num_steps, phy2log.shape[0]
+            self.cache[key] = _Cached(np.zeros((S, L)), np.zeros((S, L)), np.zeros(S, dtype=bool))
+            while len(self.cache) > self.keep:
+                self.cache.popitem(last=False)
+        self.cache.move_to_end(key)
+        return self.cache[key]
+
+    def _compute(self, phy2log: np.ndarray, entry: _Cached, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """[n, L] each for steps [n]"""
+        if supported(self.dataflow, self.dispatch):
+            if entry.tables is None:
+                entry.tables = slot_tables(phy2log, self.num_experts, self.cost, self.dispatch, self.stream.step_tokens)
+            tables = entry.tables
+            parts = [layer_times(self.stream.routing(steps[i:i + self.chunk]), tables, self.cost, self.dataflow,
+                                 self.dispatch) for i in range(0, len(steps), self.chunk)]
+            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        a2a, compute = [], []
+        for step in steps:
+            ids, weights = self.stream.step_routing(int(step))
             result = simulate(phy2log, self.num_gpus, ids, primary_column(ids, weights), self.num_experts, self.cost,
                               self.stream.step_tokens, dataflow=self.dataflow, dispatch=self.dispatch)
-            self.cache[index] = StepLayerTimes((result.scatter_s + result.combine_s)[0], result.compute_tail_s[0])
-            self.simulated += 1
-        return self.cache[index]
+            a2a.append((result.scatter_s + result.combine_s)[0])
+            compute.append(result.compute_tail_s[0])
+        return np.array(a2a), np.array(compute)
 
-    def mean_layers(self, phy2log: np.ndarray, keys: Sequence[StepKey]) -> np.ndarray:
-        """Mean per-layer time over steps `keys` (each distinct step simulated once). -> [L]"""
-        return np.mean([self.get(phy2log, k).layer_s for k in keys], axis=0)
+    def times(self, phy2log: np.ndarray, steps: np.ndarray, ahead: int = 0) -> StepLayerTimes:
+        """Per-layer times of `steps` [n] under phy2log [L, P]; with `ahead`, also the next `ahead` steps
+        after the last one are computed now (the replay's prefetch)."""
+        steps = np.asarray(steps, dtype=np.int64)
+        entry = self._entry(phy2log)
+        missing = np.unique(steps[~entry.done[steps]])
+        if ahead and len(missing):
+            missing = np.union1d(missing, np.arange(missing.max(), min(missing.max() + ahead, self.stream.num_steps)))
+            missing = missing[~entry.done[missing]]
+        if len(missing):
+            entry.a2a[missing], entry.compute[missing] = self._compute(phy2log, entry, missing)
+            entry.done[missing] = True
+            self.simulated += len(missing)
+        return StepLayerTimes(entry.a2a[steps], entry.compute[steps])
+
+    def step(self, phy2log: np.ndarray, step: int) -> tuple[float, float]:
+        """(all-to-all, total) seconds of one step, computing a chunk ahead on a miss."""
+        got = self.times(phy2log, np.array([step]), ahead=self.chunk)
+        return float(got.a2a_s[0].sum()), float(got.step_s[0])
+
+    def mean_layers(self, phy2log: np.ndarray, steps: np.ndarray) -> np.ndarray:
+        """Mean per-layer time over `steps`. -> [L]"""
+        return self.times(phy2log, steps).layer_s.mean(0)

@@ -19,7 +19,8 @@ from moetuner.online.steptimes import StepTimes
 from moetuner.online.stream import Stream
 from moetuner.placement import Placement, check_placement, contiguous_phy2log, save_placement
 from moetuner.solvers.problem import PlacementProblem
-from moetuner.costmodel.cost import cost_model
+from moetuner.costmodel.cost import SimulationError, cost_model
+from moetuner.costmodel.settings import check_dataflow, check_dispatch
 from moetuner.topology import Topology
 from moetuner.trace import Trace
 
@@ -34,10 +35,12 @@ class Version:
     phy2log: np.ndarray  # [L, P]
     solver: str
     solve_seconds: float
-    decided_step: int  # the step before which the policy chose it
+    decided_step: int  # the step before which the policy was asked (it read steps before this one)
     effective_step: int  # the first step served with it
     migration: Migration = NO_MIGRATION
     wait_s: float = 0.0  # serving waited this long (stop_the_world)
+    delay_steps: int = 0  # steps served while the decision was computed (its charged wall time)
+    decision_seconds: float = 0.0  # the decision's wall time, as charged
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -48,17 +51,32 @@ class ReplayResult:
     metrics: dict[str, float]
 
 
-def _version(decision: Decision, decided: int, effective: int, migration: Migration, wait: float) -> Version:
+def _version(decision: Decision, decided: int, effective: int, migration: Migration, wait: float,
+             delay: int = 0, seconds: float = 0.0) -> Version:
     """A placement as it is adopted (checked by `version_placement` when written)."""
     return Version(decision.phy2log, decision.solver, decision.solve_seconds, decided, effective, migration, wait,
-                   dict(decision.extra))
+                   delay, seconds, dict(decision.extra))
+
+
+@dataclass
+class Thinking:
+    """A decision being computed beside serving: it takes effect once serving has spent `left_s` more."""
+
+    decision: Decision | None  # None: the policy kept the placement (the controller was busy all the same)
+    decided_step: int
+    seconds: float
+    left_s: float
 
 
 def replay_stream(stream: Stream, profile: Trace, policy: Policy, ctx: Context) -> ReplayResult:
-    """Serve every step of `stream`; the policy is asked before each step (none while a migration runs)."""
+    """Serve every step of `stream`. The policy is asked before a step while it is idle (not while a
+    decision of its own is being computed nor while a migration runs); a decision that read steps up to
+    t - 1 and took w seconds of wall time (ctx.clock) takes effect before the first step t + d whose
+    predecessors t .. t + d - 1 lasted w in all (d = ceil(w / step time) at a constant step time), then
+    migrates. The oracle's free decisions take effect at once."""
     started = time.perf_counter()
     times, config = ctx.step_times, ctx.migration
-    keys, segment_of = stream.keys(), stream.segment_of_step()
+    segment_of = stream.segment_of_step()
     first = stream.first
     contiguous = contiguous_phy2log(first.num_layers, first.num_experts, ctx.topology.num_gpus,
                                     math.ceil(first.num_experts / ctx.topology.num_gpus))
@@ -66,47 +84,67 @@ def replay_stream(stream: Stream, profile: Trace, policy: Policy, ctx: Context) 
     versions = [_version(init, 0, 0, NO_MIGRATION, 0.0)]
     version_placement(versions[0], 0, ctx, first)  # raises PlacementError if it does not fit
     current = init.phy2log
-    pending: tuple[Decision, int, Migration, float] | None = None  # decision, decided step, migration, seconds left
+    pending: tuple[Version, float] | None = None  # an overlapped migration and its seconds left
+    thinking: Thinking | None = None
     rows = []
-    for step, key in enumerate(keys):
+    for step in range(stream.num_steps):
         wait = 0.0
-        if step > 0 and pending is None:
-            decision = policy.decide(ctx, step, Served(stream, keys[:step]), current)
-            if decision is not None and not np.array_equal(decision.phy2log, current):
-                version_placement(_version(decision, step, step, NO_MIGRATION, 0.0), len(versions), ctx, first)
-                migration = NO_MIGRATION if decision.free else ctx.migration_of(current, decision.phy2log)
-                if config.mode == "overlapped" and migration.experts_moved:
-                    pending = (decision, step, migration, overlap_s(migration, config))
-                else:
-                    wait = wait_s(migration, config)
-                    versions.append(_version(decision, step, step, migration, wait))
-                    current = decision.phy2log
-        lt = times.get(current, key)
+        for ask in (False, True):  # a finished decision takes effect first; then an idle policy is asked
+            if ask and step > 0 and pending is None and thinking is None:
+                tick = ctx.clock()
+                decision = policy.decide(ctx, step, Served(stream, step), current)
+                seconds = 0.0 if decision is not None and decision.free else ctx.clock() - tick
+                if decision is not None and np.array_equal(decision.phy2log, current):
+                    decision = None
+                if decision is not None:
+                    version_placement(_version(decision, step, step, NO_MIGRATION, 0.0), len(versions), ctx, first)
+                thinking = Thinking(decision, step, seconds, seconds)
+            if thinking is None or thinking.left_s > 0:
+                continue
+            decision, decided, seconds = thinking.decision, thinking.decided_step, thinking.seconds
+            thinking = None
+            if decision is None:
+                continue
+            migration = NO_MIGRATION if decision.free else ctx.migration_of(current, decision.phy2log)
+            adopted = _version(decision, decided, step, migration, 0.0, step - decided, seconds)
+            if config.mode == "overlapped" and migration.experts_moved:
+                pending = (adopted, overlap_s(migration, config))
+            else:
+                adopted.wait_s = wait_s(migration, config)
+                wait += adopted.wait_s
+                versions.append(adopted)
+                current = decision.phy2log
+        a2a_s, plain_s = times.step(current, step)
+        in_effect = len(versions) - 1  # the placement this step is served with
         if pending is not None:
-            step_s = slowed_step_s(float(lt.a2a_s.sum()), float(lt.compute_s.sum()), config)
-            decision, decided, migration, left = pending
-            pending = (decision, decided, migration, left - step_s)
-            if left - step_s <= 0 and step + 1 < len(keys):
-                versions.append(_version(decision, decided, step + 1, migration, 0.0))
-                current, pending = decision.phy2log, None
+            step_s = slowed_step_s(a2a_s, plain_s - a2a_s, config)
+            adopted, left = pending
+            pending = (adopted, left - step_s)
+            if left - step_s <= 0 and step + 1 < stream.num_steps:
+                adopted.effective_step = step + 1
+                versions.append(adopted)
+                current, pending = adopted.phy2log, None
         else:
-            step_s = lt.step_s
+            step_s = plain_s
+        if thinking is not None:
+            thinking.left_s -= step_s
         seg = stream.segments[segment_of[step]]
-        rows.append({"step": step, "segment": int(segment_of[step]), "trace": seg.name, "step_time_s": step_s,
-                     "placement_version": len(versions) - 1, "wait_s": wait,
-                     "contiguous_step_time_s": times.get(contiguous, key).step_s})
+        rows.append({"step": step, "segment": int(segment_of[step]), "trace": seg.label, "step_time_s": step_s,
+                     "placement_version": in_effect, "wait_s": wait,
+                     "contiguous_step_time_s": times.step(contiguous, step)[1]})
     return ReplayResult(rows, versions, replay_metrics(rows, versions, time.perf_counter() - started,
                                                        times.simulated))
 
 
 def replay_metrics(rows: list[dict[str, Any]], versions: list[Version], wall_s: float,
                    simulated: int) -> dict[str, float]:
-    """metrics.json: totals, migrations, speedup vs contiguous, solve time per rebalance."""
+    """metrics.json: totals, migrations, speedup vs contiguous, solve and decision time per rebalance."""
     serve = float(sum(r["step_time_s"] for r in rows))
     waited = float(sum(r["wait_s"] for r in rows))
     contiguous = float(sum(r["contiguous_step_time_s"] for r in rows))
     moved = versions[1:]
     solves = [v.solve_seconds for v in moved]
+    delays = [v.delay_steps for v in moved]
     return {
         "total_time_s": serve + waited,
         "serve_time_s": serve,
@@ -120,6 +158,9 @@ def replay_metrics(rows: list[dict[str, Any]], versions: list[Version], wall_s: 
         "initial_solve_seconds": versions[0].solve_seconds,
         "solve_seconds_per_rebalance": float(np.mean(solves)) if solves else 0.0,
         "solve_seconds_max": float(max(solves, default=0.0)),
+        "decision_seconds_per_rebalance": float(np.mean([v.decision_seconds for v in moved])) if moved else 0.0,
+        "decision_delay_steps": float(np.mean(delays)) if delays else 0.0,
+        "decision_delay_steps_max": float(max(delays, default=0)),
         "replay_wall_s": wall_s,
         "steps_simulated": simulated,
     }
@@ -129,7 +170,8 @@ def version_placement(version: Version, index: int, ctx: Context, trace: Trace) 
     """A used placement in moetuner-solve's format, with when it took effect and what moving to it cost."""
     extra = {"num_experts": trace.num_experts, "replicas": ctx.replicas, "topology": ctx.topology.name,
              "model": trace.model, "version": index, "effective_step": version.effective_step,
-             "decided_step": version.decided_step, "experts_moved": version.migration.experts_moved,
+             "decided_step": version.decided_step, "decision_delay_steps": version.delay_steps,
+             "decision_seconds": version.decision_seconds, "experts_moved": version.migration.experts_moved,
              "bytes_moved": version.migration.bytes_moved, "migration_rounds": version.migration.rounds,
              "migration_wait_s": version.wait_s, **version.extra}
     placement = Placement(version.phy2log, ctx.topology.num_gpus, ctx.topology.nodes, version.solver,
@@ -190,9 +232,9 @@ def make_context(stream: Stream, topology: Topology, replicas: int, dataflow: st
     first = stream.first
     PlacementProblem(first, topology, replicas=replicas, step_tokens=stream.step_tokens)  # raises if it cannot fit
     cost = cost_model(topology, first.hidden_size, first.moe_intermediate_size)
+    check_dataflow(dataflow, SimulationError)
+    check_dispatch(dispatch, SimulationError)
     times = StepTimes(stream, cost, topology.num_gpus, first.num_experts, dataflow, dispatch)
-    contiguous = contiguous_phy2log(first.num_layers, first.num_experts, topology.num_gpus,
-                                    math.ceil(first.num_experts / topology.num_gpus))
-    times.get(contiguous, stream.keys()[0])  # unknown dataflow / dispatch raise SimulationError here
+    stream.loads  # the per-step load counters an engine keeps while serving: computed now, not in a decision
     return Context(topology, replicas, times, migration,
                    expert_bytes(first.hidden_size, first.moe_intermediate_size))

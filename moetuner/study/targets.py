@@ -187,13 +187,24 @@ def online_targets(config: StudyConfig, available: Sequence[str], results: str) 
             for policy in config["online"]["policies"]]
 
 
+def online_inputs(config: StudyConfig, results: str) -> list[str]:
+    """The splits the online stage reads: every segment's held-out split (the stream draws from it) and the
+    first segment's profile split (the static placement is solved on it)."""
+    segments = config["online"]["segments"]
+    return sorted({split_path(results, s["trace"], "heldout") for s in segments}
+                  | {split_path(results, segments[0]["trace"], "profile")})
+
+
 def online_args(config: StudyConfig, results: str, policy: str) -> list[str]:
-    """moetuner-online overrides of one policy: the stream (trace files and steps), its first trace as the
-    profile, topology, replicas, the policy, then `online.args` and the policy's `online.policy_args`."""
+    """moetuner-online overrides of one policy: the stream (held-out splits and steps, drawn with
+    `online.seed`), the first trace's profile split as the profile, topology, replicas, the policy, then
+    `online.args` and the policy's `online.policy_args`."""
     spec = config["online"]
-    segments = ",".join(f"{{trace:{trace_path(results, s['trace'])},steps:{int(s['steps'])}}}"
+    segments = ",".join(f"{{trace:{split_path(results, s['trace'], 'heldout')},steps:{int(s['steps'])}}}"
                         for s in spec["segments"])
-    return [f"stream.segments=[{segments}]", f"profile={trace_path(results, spec['segments'][0]['trace'])}",
+    return [f"stream.segments=[{segments}]",
+            f"stream.profile={split_path(results, spec['segments'][0]['trace'], 'profile')}",
+            "stream.split=null", f"stream.seed={int(spec.get('seed', 0))}",
             f"topology={spec['topology']}", f"replicas={spec['replicas']}", f"policy={policy}",
             *spec.get("args", []), *(spec.get("policy_args") or {}).get(policy, [])]
 

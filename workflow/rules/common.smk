@@ -20,7 +20,6 @@ SERVE_TARGETS = targets.serve_targets(config, AVAILABLE, RESULTS)
 PROFILE_TARGETS = targets.profile_targets(config, AVAILABLE, RESULTS)
 REGIME_TRACE = targets.regime_trace(config, AVAILABLE)
 REGIME_PLACEMENTS = targets.regime_placements(config, AVAILABLE, RESULTS)
-ONLINE_STREAM = targets.online_stream(config, AVAILABLE)  # None: no online stage
 ONLINE_TARGETS = targets.online_targets(config, AVAILABLE, RESULTS)
 
 
@@ -77,6 +76,10 @@ def log_path(rule_name, name):
 
 def bench_path(rule_name, name):
     return f"{RESULTS}/benchmarks/{rule_name}/{name}.tsv"
+
+
+def online_inputs(wildcards):
+    return targets.online_inputs(config, RESULTS)
 
 
 def online_overrides(wildcards):

@@ -1,10 +1,11 @@
-# Online rebalancing (config `online:`): one short stream of the study's traces replayed under each policy,
-# migrations counted (moetuner-online). Cheap: simulator only, a few steps per segment.
+# Online rebalancing (config `online:`): one short stream drawn from the study's held-out splits, replayed under
+# each policy, migrations and decision time counted (moetuner-online); the static placement is solved on the
+# first trace's profile split. Cheap: simulator only (docs/online.md: the aims table comes from the benchmark).
 
 
 rule online:
     input:
-        traces=lambda w: sorted({trace_path(s["trace"]) for s in ONLINE_STREAM}),
+        traces=online_inputs,
     output:
         metrics=targets.online_path(RESULTS, "{stream}", "{setting}", "{policy}"),
     wildcard_constraints:
