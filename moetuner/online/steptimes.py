@@ -1,7 +1,8 @@
 """Step times of a stream's steps under a placement: computed in chunks, cached per placement.
 
 The settings `moetuner.online.fast_steps` covers are computed a chunk of steps at a time; the others
-step by step with the simulator. Each placement keeps its per-step, per-layer times [S, L] for the
+step by step with the simulator. `lp` and `lp_comm` decide per batch and pay the decision on every
+replicated layer-step, as `moetuner-simulate` charges them (costmodel/charges.py, `charge`). Each placement keeps its per-step, per-layer times [S, L] for the
 steps asked so far; the least recently used placements are dropped beyond `keep` of them.
 """
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from moetuner.costmodel.charges import DispatchCharge, layer_charges, replicated_layers
 from moetuner.costmodel.cost import CostModel
 from moetuner.costmodel.simulator import primary_column, simulate
 from moetuner.online.fast_steps import SlotTables, layer_times, slot_tables, supported
@@ -26,15 +28,17 @@ def placement_id(phy2log: np.ndarray) -> str:
 
 @dataclass(frozen=True)
 class StepLayerTimes:
-    """Steps under one placement: per layer all-to-all (scatter + combine) and compute tail. [n, L] each"""
+    """Steps under one placement: per layer all-to-all (scatter + combine), compute tail and the per-batch
+    decision's charge (0 unless lp or lp_comm). [n, L] each"""
 
     a2a_s: np.ndarray
     compute_s: np.ndarray
+    decision_s: np.ndarray
 
     @property
     def layer_s(self) -> np.ndarray:
         """[n, L]"""
-        return self.a2a_s + self.compute_s
+        return self.a2a_s + self.compute_s + self.decision_s
 
     @property
     def step_s(self) -> np.ndarray:
@@ -46,6 +50,7 @@ class StepLayerTimes:
 class _Cached:
     a2a: np.ndarray  # [S, L]
     compute: np.ndarray  # [S, L]
+    decision: np.ndarray  # [S, L]
     done: np.ndarray  # [S] bool
     tables: SlotTables | None = None  # the fast path's routing tables, built on first use
 
@@ -60,6 +65,7 @@ class StepTimes:
     num_experts: int
     dataflow: str
     dispatch: str
+    charge: DispatchCharge = DispatchCharge()  # what lp / lp_comm pay per layer-step
     chunk: int = 64  # steps computed together (the replay asks one step and gets the chunk ahead)
     keep: int = 24  # placements whose times stay cached
     cache: OrderedDict[str, _Cached] = field(default_factory=OrderedDict)
@@ -69,29 +75,34 @@ class StepTimes:
         key = placement_id(phy2log)
         if key not in self.cache:
             S, L = self.stream.num_steps, phy2log.shape[0]
-            self.cache[key] = _Cached(np.zeros((S, L)), np.zeros((S, L)), np.zeros(S, dtype=bool))
+            self.cache[key] = _Cached(np.zeros((S, L)), np.zeros((S, L)), np.zeros((S, L)), np.zeros(S, dtype=bool))
             while len(self.cache) > self.keep:
                 self.cache.popitem(last=False)
         self.cache.move_to_end(key)
         return self.cache[key]
 
-    def _compute(self, phy2log: np.ndarray, entry: _Cached, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """[n, L] each for steps [n]"""
+    def _compute(self, phy2log: np.ndarray, entry: _Cached, steps: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(all-to-all, compute tail, decision charge) [n, L] each for steps [n]"""
         if supported(self.dataflow, self.dispatch):
             if entry.tables is None:
                 entry.tables = slot_tables(phy2log, self.num_experts, self.cost, self.dispatch, self.stream.step_tokens)
             tables = entry.tables
             parts = [layer_times(self.stream.routing(steps[i:i + self.chunk]), tables, self.cost, self.dataflow,
                                  self.dispatch) for i in range(0, len(steps), self.chunk)]
-            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-        a2a, compute = [], []
+            a2a = np.concatenate([p[0] for p in parts])
+            return a2a, np.concatenate([p[1] for p in parts]), np.zeros_like(a2a)  # dynamic, static: no charge
+        a2a, compute, decision = [], [], []
+        replicated = replicated_layers(phy2log, self.num_experts)
         for step in steps:
             ids, weights = self.stream.step_routing(int(step))
             result = simulate(phy2log, self.num_gpus, ids, primary_column(ids, weights), self.num_experts, self.cost,
                               self.stream.step_tokens, dataflow=self.dataflow, dispatch=self.dispatch)
             a2a.append((result.scatter_s + result.combine_s)[0])
             compute.append(result.compute_tail_s[0])
-        return np.array(a2a), np.array(compute)
+            charges = layer_charges(result, self.dispatch, self.charge, self.cost, self.num_experts, replicated)
+            decision.append(charges.total_s[0])
+        return np.array(a2a), np.array(compute), np.array(decision)
 
     def times(self, phy2log: np.ndarray, steps: np.ndarray, ahead: int = 0) -> StepLayerTimes:
         """Per-layer times of `steps` [n] under phy2log [L, P]; with `ahead`, also the next `ahead` steps
@@ -103,10 +114,10 @@ class StepTimes:
             missing = np.union1d(missing, np.arange(missing.max(), min(missing.max() + ahead, self.stream.num_steps)))
             missing = missing[~entry.done[missing]]
         if len(missing):
-            entry.a2a[missing], entry.compute[missing] = self._compute(phy2log, entry, missing)
+            entry.a2a[missing], entry.compute[missing], entry.decision[missing] = self._compute(phy2log, entry, missing)
             entry.done[missing] = True
             self.simulated += len(missing)
-        return StepLayerTimes(entry.a2a[steps], entry.compute[steps])
+        return StepLayerTimes(entry.a2a[steps], entry.compute[steps], entry.decision[steps])
 
     def step(self, phy2log: np.ndarray, step: int) -> tuple[float, float]:
         """(all-to-all, total) seconds of one step, computing a chunk ahead on a miss."""
