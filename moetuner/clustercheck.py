@@ -151,13 +151,14 @@ def check_tracking(local: Path, slurm: Path, local_uri: str, uri: str) -> str:
 
 
 def check_sweep(folder: Path, expect: int, log: Path) -> str:
-    """A Hydra multirun through submitit: `expect` placements written, one Slurm job each, COMPLETED."""
+    """A Hydra multirun through submitit: `expect` placements written, one Slurm job (or array task) each,
+    COMPLETED in sacct; `log` is submitit's folder (a subfolder with a submitted pickle per job)."""
     placements = sorted(p for p in folder.glob("*.json") if p.name.count(".") == 1)
     if len(placements) != expect:
         raise CheckFailed(f"sweep: {len(placements)} placements in {folder}, expected {expect}")
     for path in placements:
         json.loads(path.read_text())["physical_to_logical_map"]
-    ids = sorted({p.name.split("_")[0] for p in log.rglob("*_submitted.pkl")}, key=int)
+    ids = sorted(p.parent.name for p in log.glob("*/*_submitted.pkl"))  # one folder per job (or array task)
     if len(ids) != expect:
         raise CheckFailed(f"sweep: {len(ids)} submitit jobs under {log}, expected {expect}")
     states = sacct_states(ids)

@@ -95,6 +95,9 @@ sweep() {  # sweep NAME: 2 solvers x 2 replica budgets through the submitit laun
   MLFLOW_TRACKING_URI="$URI" moetuner-solve -m hydra/launcher=submitit_slurm hydra.launcher.timeout_min=10 \
     hydra.launcher.cpus_per_task=1 hydra.launcher.mem_gb=2 "hydra.sweep.dir=$dir/multirun" \
     trace="$trace" topology=cpu_2x2 solver=eplb,greedy replicas=0,1 "out=$dir/\${solver.name}-r\${replicas}.json"
+  # submitit returns once every job wrote its result; wait for Slurm to end the jobs themselves
+  for _ in $(seq 120); do [ -z "$(squeue -h -o %i)" ] && return 0; sleep 1; done
+  echo "the sweep's Slurm jobs did not end: $(squeue -h)"; return 1
 }
 
 rm -rf "$run"
