@@ -111,7 +111,8 @@ def release_stale_lock(workdir: str | Path) -> bool:
     for lock in locks:
         lock.unlink(missing_ok=True)
     say(f"removed the stale Snakemake lock of {workdir}: the invocation that took it is gone (no snakemake, "
-        f"study job or Slurm job runs in this folder)")
+        f"study job or Slurm job runs in this folder); the outputs of its unfinished jobs are rerun with "
+        f"--rerun-incomplete (set by both profiles)")
     return True
 
 

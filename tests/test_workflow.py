@@ -26,8 +26,9 @@ def snakemake_command(workdir: Path, *args: str, study: str = "tiny", uri: str |
     config = ["--config", f"mlflow={json.dumps({'experiment': f'test-{Path(study).stem}', 'tracking_uri': uri})}"] \
         if uri else []
     configfile = study if study.endswith(".yaml") else str(PROJECT_ROOT / "conf" / "study" / f"{study}.yaml")
-    return [str(BIN / "snakemake"), "-s", str(PROJECT_ROOT / "Snakefile"), "-d", str(workdir), "--cores", "2",
-            "--configfile", configfile, *config, *args]
+    # args (targets included) before --configfile and --config, which take every word after them
+    return [str(BIN / "snakemake"), "-s", str(PROJECT_ROOT / "Snakefile"), "-d", str(workdir), "--cores", "2", *args,
+            "--configfile", configfile, *config]
 
 
 def snakemake_env() -> dict[str, str]:
