@@ -9,8 +9,8 @@ Each check prints one line; the first that fails raises CheckFailed naming what 
   each COMPLETED in Slurm's accounting (sacct) under the run's job name;
 - summary.csv: every row whose placement is identical in both runs (deterministic solvers; time-limited
   searches may differ) has equal values in every column but the measured and timing ones;
-- serve: the per-step token traffic and imbalance of every served placement are equal (measured times
-  are not compared);
+- serve: the per-step traffic and imbalance of every placement served with the same map in both runs are
+  equal (measured times are not compared);
 - MLflow: the parent run on the tracking server is FINISHED with the report among its artifacts, and has
   the same child runs (by name) as the local run, each FINISHED and holding its config artifact.
 """
@@ -111,13 +111,26 @@ def compare_summaries(local: Path, slurm: Path) -> str:
 
 
 def compare_serve(local: Path, slurm: Path) -> str:
+    """Compare the traffic of every placement served in both runs with the same placement."""
     runs = sorted(p.relative_to(local) for p in (local / "serve").rglob("metrics.json") if "probe" not in p.parts)
+    compared, skipped = [], []
     for run in runs:
+        trace, topology, point = run.parts[1:4]  # serve/<trace>/<topology>/<solver>-r<R>/metrics.json
+        maps = [json.loads((root / "placements" / trace / topology / f"{point}.json").read_text())
+                ["physical_to_logical_map"] for root in (local, slurm)]
+        if maps[0] != maps[1]:
+            skipped.append(point)
+            continue
         mine, theirs = (json.loads((root / run).read_text()) for root in (local, slurm))
         diff = {k: (mine.get(k), theirs.get(k)) for k in SERVE_KEYS if not _equal(mine.get(k), theirs.get(k))}
         if diff:
             raise CheckFailed(f"serve: {run} differs from the local run (local, slurm): {diff}")
-    return f"serve: {len(runs)} served placements move the same bytes per step as locally ({', '.join(SERVE_KEYS)})"
+        compared.append(point)
+    if not compared:
+        raise CheckFailed(f"serve: no placement served with the same map in both runs ({local}, {slurm})")
+    note = f"; placements that differ, not compared: {skipped}" if skipped else ""
+    return (f"serve: {len(compared)} of {len(runs)} served placements move the same bytes per step as locally "
+            f"({', '.join(SERVE_KEYS)}){note}")
 
 
 def _children(uri: str, run_id: str) -> dict[str, object]:

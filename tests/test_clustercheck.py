@@ -44,6 +44,7 @@ def test_a_different_value_is_named_with_its_row(tmp_path: Path) -> None:
 
 def test_serve_traffic_must_match(tmp_path: Path) -> None:
     for name, sent in (("local", 100.0), ("slurm", 101.0)):
+        results(tmp_path / name, [[1, 0]])
         run = tmp_path / name / "serve" / "t" / "cpu_2x2" / "eplb-r0"
         run.mkdir(parents=True)
         run.joinpath("metrics.json").write_text(json.dumps({"steps": 1, "bytes_inter_per_step": sent,
