@@ -85,6 +85,16 @@ def serve_points():
     return [(trace, solver, replicas) for solver in serve["solvers"] for replicas in serve["replicas"]]
 
 
+def serve_nodes():
+    """Nodes a serve job spans: the topology's node count, or 1 when the emulation runs every rank here."""
+    import yaml
+
+    enabled = [a.split("=", 1)[1] for a in config["serve"]["args"] if str(a).startswith("emulation.enabled=")]
+    if enabled and enabled[-1].lower() != "false":
+        return 1
+    return int(yaml.safe_load((PROJECT / "conf" / "topology" / f"{config['serve']['topology']}.yaml").read_text())["nodes"])
+
+
 def simulation_targets():
     targets = [f"{RESULTS}/simulate/{trace}/{topology}/{solver}-r{replicas}/{ev}/metrics.json"
                for trace, topology, solver, replicas, evals in grid_points() for ev in evals]

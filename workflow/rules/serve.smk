@@ -6,16 +6,6 @@
 # workflow/scripts/per-node.sh starts one moetuner-serve per node through srun; elsewhere it runs them here.
 
 
-def serve_nodes():
-    """Nodes a serve job spans: the topology's node count, or 1 when the emulation runs every rank here."""
-    import yaml
-
-    enabled = [a.split("=", 1)[1] for a in config["serve"]["args"] if str(a).startswith("emulation.enabled=")]
-    if enabled and enabled[-1].lower() != "false":
-        return 1
-    return int(yaml.safe_load((PROJECT / "conf" / "topology" / f"{config['serve']['topology']}.yaml").read_text())["nodes"])
-
-
 SERVE_NODES = serve_nodes()
 
 
