@@ -6,9 +6,14 @@
 # every job's app logs a child run under it. See docs/study.md.
 from pathlib import Path
 
+from moetuner.study import recovery as moe_recovery
 from moetuner.study import parent_run as moe_study
+from moetuner.tracking import default_tracking_uri
 
 PROJECT = Path(workflow.basedir).resolve()
+
+if not (workflow.remote_exec or workflow.subprocess_exec):  # the invocation itself, not one of its jobs
+    moe_recovery.release_stale_lock(Path.cwd())  # a lock left by a crashed invocation (moetuner/study/recovery.py)
 
 configfile: str(PROJECT / "conf" / "study" / "default.yaml")
 
@@ -32,14 +37,19 @@ rule all:
 
 
 onstart:
+    moe_recovery.before_start(RESULTS, config["mlflow"]["experiment"],
+                              config["mlflow"]["tracking_uri"] or default_tracking_uri())
     moe_study.start_parent(RESULTS, config["study"], config["mlflow"]["experiment"],
-                           config["mlflow"]["tracking_uri"], tags={"skipped_real_data": ",".join(SKIPPED) or "none"})
+                           config["mlflow"]["tracking_uri"], tags={"skipped_real_data": ",".join(SKIPPED) or "none",
+                                                                   **moe_recovery.invocation_tags(RESULTS)})
 
 
 onsuccess:
+    moe_recovery.end_orphan_children(RESULTS)
     moe_study.finish_parent(RESULTS, "FINISHED")
     print(moe_study.browse_hint(RESULTS) or "", file=sys.stderr)  # sys: imported in common.smk
 
 
 onerror:
+    moe_recovery.end_orphan_children(RESULTS)
     moe_study.finish_parent(RESULTS, "FAILED")

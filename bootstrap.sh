@@ -2,6 +2,7 @@
 # Set up the environment (once; later calls reuse it) and run the default study or the tests.
 #   bash bootstrap.sh study [snakemake args...]   # default study: snakemake --cores 2
 #   bash bootstrap.sh test  [pytest args...]      # the test suite
+#   bash bootstrap.sh setup                       # only set up the environment
 # MOETUNER_VENV picks the virtual environment (default .venv); MOETUNER_PYTHON the interpreter.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -23,6 +24,7 @@ export PATH="$PWD/$venv/bin:$PATH"
 
 cmd="${1:-}"; shift || true
 case "$cmd" in
+  setup) echo "[bootstrap] ready: $venv" ;;
   study) exec snakemake --cores "${MOETUNER_CORES:-2}" "$@" ;;
   test)
     # SGLang's wheel alone (--no-deps: 39 MB, once) for tests/test_engine_conformance.py, which runs its
@@ -34,5 +36,5 @@ case "$cmd" in
       touch "$sglang_stamp"
     fi
     MOETUNER_REQUIRE_SGLANG=1 exec python -m pytest "$@" ;;
-  *) echo "usage: bash bootstrap.sh study|test [args...]" >&2; exit 2 ;;
+  *) echo "usage: bash bootstrap.sh study|test|setup [args...]" >&2; exit 2 ;;
 esac

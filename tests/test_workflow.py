@@ -20,13 +20,25 @@ APPS = ["synth", "split", "profile", "solve", "simulate", "serve", "calibrate", 
 MISSING = [a for a in APPS if not (PROJECT_ROOT / "moetuner" / "apps" / f"{a}.py").exists()]
 
 
+def snakemake_command(workdir: Path, *args: str, study: str = "tiny", uri: str | None = None) -> list[str]:
+    """The command running the project's Snakefile with conf/study/<study>.yaml (a study name, or a config
+    file's path) in `workdir` (its own store when `uri`)."""
+    config = ["--config", f"mlflow={json.dumps({'experiment': f'test-{Path(study).stem}', 'tracking_uri': uri})}"] \
+        if uri else []
+    configfile = study if study.endswith(".yaml") else str(PROJECT_ROOT / "conf" / "study" / f"{study}.yaml")
+    # args (targets included) before --configfile and --config, which take every word after them
+    return [str(BIN / "snakemake"), "-s", str(PROJECT_ROOT / "Snakefile"), "-d", str(workdir), "--cores", "2", *args,
+            "--configfile", configfile, *config]
+
+
+def snakemake_env() -> dict[str, str]:
+    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+
+
 def snakemake(workdir: Path, *args: str, study: str = "tiny", uri: str | None = None) -> subprocess.CompletedProcess:
     """Run the project's Snakefile with conf/study/<study>.yaml in `workdir` (its own store when `uri`)."""
-    config = ["--config", f"mlflow={json.dumps({'experiment': f'test-{study}', 'tracking_uri': uri})}"] if uri else []
-    cmd = [str(BIN / "snakemake"), "-s", str(PROJECT_ROOT / "Snakefile"), "-d", str(workdir), "--cores", "2",
-           "--configfile", str(PROJECT_ROOT / "conf" / "study" / f"{study}.yaml"), *config, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
+    return subprocess.run(snakemake_command(workdir, *args, study=study, uri=uri), capture_output=True, text=True,
+                          timeout=900, env=snakemake_env())
 
 
 def test_config_hash_ignores_order_out_and_mlflow() -> None:

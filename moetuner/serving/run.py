@@ -192,4 +192,8 @@ def serve(cfg: DictConfig) -> dict:
     if chosen is not None:
         metrics["dilation_auto_converged"] = chosen["converged"]
         write_json_atomic(out / "metrics.json", metrics)
+    if metrics.get("emulated_network"):  # rank 0 ran in a network namespace: log its run from here
+        from moetuner.serving.worker import log_run  # torch: only where a run was served
+
+        log_run(OmegaConf.create(resolved), metrics)
     return metrics

@@ -112,8 +112,19 @@ def emulation_outputs(cfg: DictConfig, table: pd.DataFrame, metrics: dict) -> tu
     return add_predictions(table, sim, warmup, dilation), emulated
 
 
+def log_run(cfg: DictConfig, metrics: dict) -> None:
+    """The serve job's MLflow run: its metrics, metrics.json and per_layer.csv."""
+    out = Path(cfg.out)
+    tags = {"mode": cfg.mode, "topology": cfg.topology.name, "dataflow": str(metrics.get("dataflow"))}
+    with tracked_run("serve", cfg, tags=tags) as run:
+        run.log_metrics(metrics)
+        for name in ("metrics.json", "per_layer.csv"):
+            run.log_artifact(out / name)
+
+
 def write_outputs(cfg: DictConfig, rows: list[dict], tokens: int, wall: float, extra: dict) -> dict:
-    """Rank 0: per_layer.csv and metrics.json (atomic), and the MLflow run."""
+    """Rank 0: per_layer.csv and metrics.json (atomic), and the MLflow run unless the ranks run in network
+    namespaces, which cannot reach a tracking server on the host (moetuner-serve logs it then)."""
     out = Path(cfg.out)
     table = pd.DataFrame(rows, columns=PER_LAYER_COLUMNS)
     metrics = summarize(table, tokens, wall)
@@ -124,11 +135,8 @@ def write_outputs(cfg: DictConfig, rows: list[dict], tokens: int, wall: float, e
         metrics.update(emulated)
     write_atomic(out / "per_layer.csv", lambda tmp: table.to_csv(tmp, index=False))
     write_json_atomic(out / "metrics.json", metrics)
-    tags = {"mode": cfg.mode, "topology": cfg.topology.name, "dataflow": str(metrics.get("dataflow"))}
-    with tracked_run("serve", cfg, tags=tags) as run:
-        run.log_metrics(metrics)
-        for name in ("metrics.json", "per_layer.csv"):
-            run.log_artifact(out / name)
+    if not metrics["emulated_network"]:
+        log_run(cfg, metrics)
     return metrics
 
 

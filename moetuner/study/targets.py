@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 StudyConfig = Mapping[str, Any]
 """A study config as Snakemake parsed it (conf/study/*.yaml), checked by moetuner.study.config."""
 
@@ -114,6 +116,16 @@ def serve_points(config: StudyConfig, available: Sequence[str]) -> list[ServePoi
     if trace is None:
         return []
     return [(trace, solver, replicas) for solver in serve["solvers"] for replicas in serve["replicas"]]
+
+
+def serve_nodes(config: StudyConfig, project: Path) -> int:
+    """Nodes a serve job spans: its topology's node count (conf/topology/<name>.yaml under `project`), or 1 when
+    `emulation.enabled` (true or auto) runs every rank on one machine."""
+    enabled = [str(a).split("=", 1)[1] for a in config["serve"]["args"] if str(a).startswith("emulation.enabled=")]
+    if enabled and enabled[-1].lower() != "false":
+        return 1
+    preset = project / "conf" / "topology" / f"{config['serve']['topology']}.yaml"
+    return int(yaml.safe_load(preset.read_text())["nodes"])
 
 
 def simulation_targets(config: StudyConfig, available: Sequence[str], results: str) -> list[str]:

@@ -1,5 +1,6 @@
 # Shared helpers: the study config checked, its grid expanded into targets (moetuner.study.targets), and
 # the rules' paths and app commands bound to this config.
+import shlex
 import sys
 
 from moetuner.study import targets

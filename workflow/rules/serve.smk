@@ -1,9 +1,12 @@
-# Serve placements for real on the emulated target (config serve.topology at its full rank count, one
-# process and network namespace per GPU, time-dilated: docs/serving.md; the args come from the study).
-# With config serve_srun=true (the slurm profile) each node of the allocation runs its own
-# moetuner-serve through srun: node rank from SLURM_NODEID, rendezvous on the first node.
-SRUN = ("srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c 'exec \"$0\" \"$@\" launch.node_rank=$SLURM_NODEID "
-        "launch.master_addr=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n1) launch.master_port=29500'")
+# Serve placements for real on config serve.topology (docs/serving.md; the args come from the study).
+# Emulated (emulation.enabled true or auto: the default study): every rank on one machine, one process and
+# network namespace per GPU, time-dilated. Not emulated (the tiny study on cpu_2x2): one torchrun per node.
+# On Slurm (workflow/profiles/slurm) such a job asks for the topology's nodes, one task each (the `mpi`
+# resource: the job runs the rule's command itself, which starts its own step), and
+# workflow/scripts/per-node.sh starts one moetuner-serve per node through srun; elsewhere it runs them here.
+
+
+SERVE_NODES = targets.serve_nodes(config, PROJECT)
 
 
 rule serve:
@@ -14,12 +17,14 @@ rule serve:
         metrics=targets.serve_path(RESULTS, "{trace}", "{topology}", "{solver}", "{replicas}"),
     params:
         app=lambda w: app("serve", w),
-        launch=SRUN if config.get("serve_srun") else "",
+        launch=f"bash {shlex.quote(str(PROJECT / 'workflow' / 'scripts' / 'per-node.sh'))}" if SERVE_NODES > 1 else "",
         args=overrides(config["serve"]["args"]),
         out=lambda w, output: str(Path(output.metrics).parent),
     threads: config["serve"]["cores"]
     resources:
         serve_jobs=1,
+        **({"nodes": SERVE_NODES, "tasks": SERVE_NODES, "mpi": "srun",
+            "cpus_per_task": max(1, int(config["serve"]["cores"]) // SERVE_NODES)} if SERVE_NODES > 1 else {}),
     log:
         log_path("serve", "{trace}/{topology}/{solver}-r{replicas}"),
     benchmark:

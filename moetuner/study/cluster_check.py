@@ -1,0 +1,213 @@
+"""Checks of a study run on Slurm against the same study run locally (workflow/profiles/slurm/local-check.sh).
+
+    python -m moetuner.study.cluster_check study --local DIR --slurm DIR --results results/tiny --log SNAKEMAKE_LOG \
+        --local-uri sqlite:///... --uri http://127.0.0.1:PORT
+    python -m moetuner.study.cluster_check sweep --dir DIR --expect N --log SWEEP_LOG
+
+Each check prints one line; the first that fails raises CheckFailed naming what and where (exit 1).
+- every Slurm-executed job went through sbatch: one SLURM job id per submitted job in Snakemake's log,
+  each COMPLETED in Slurm's accounting (sacct) under the run's job name;
+- summary.csv: every row whose placement is identical in both runs (deterministic solvers; time-limited
+  searches may differ) has equal values in every column but the measured and timing ones;
+- serve: the per-step traffic and imbalance of every placement served with the same map in both runs are
+  equal (measured times are not compared);
+- MLflow: the parent run on the tracking server is FINISHED with the report among its artifacts, and has
+  the same child runs (by name) as the local run, each FINISHED and holding its config artifact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from moetuner import tracking
+from moetuner.study.parent_run import read_parent
+
+SUBMITTED = re.compile(r"Job \d+ has been submitted with SLURM jobid (\d+)")
+NOT_COMPARED = ("measured_layer_time_s", "solve_seconds")  # wall-clock measurements
+SERVE_KEYS = ("steps", "bytes_intra_per_step", "bytes_inter_per_step", "imbalance", "dataflow", "dispatch")
+PARENT_ARTIFACTS = {"report.html", "report.md", "summary.csv", "headline.md"}
+
+
+class CheckFailed(RuntimeError):
+    """A check failed; the message says what and where."""
+
+
+def slurm_job_ids(log: Path) -> list[str]:
+    return SUBMITTED.findall(log.read_text())
+
+
+def sacct_states(job_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """{job id: (job name, state)} from Slurm's accounting (allocations only, not steps)."""
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,JobName,State", "-j", ",".join(job_ids)],
+                         capture_output=True, text=True, check=True, timeout=60).stdout
+    return {job: (name, state) for job, name, state in (line.split("|") for line in out.splitlines() if line)}
+
+
+def check_sbatch(log: Path, expected_jobs: int) -> str:
+    ids = slurm_job_ids(log)
+    if len(ids) != expected_jobs:
+        raise CheckFailed(f"{log}: {len(ids)} jobs submitted with sbatch, expected {expected_jobs}")
+    states = sacct_states(ids)
+    bad = {job: states.get(job, ("", "not in sacct")) for job in ids if states.get(job, ("", ""))[1] != "COMPLETED"}
+    if bad:
+        raise CheckFailed(f"sacct: jobs not COMPLETED: {bad} (log: {log})")
+    names = {name for name, _ in states.values()}
+    if len(names) != 1:
+        raise CheckFailed(f"sacct: the study's jobs carry several job names {names}, expected its run id only")
+    return f"{len(ids)} jobs went through sbatch, all COMPLETED in sacct (Slurm job ids {ids[0]}..{ids[-1]}, " \
+           f"job name {names.pop()})"
+
+
+def jobs_in_log(log: Path) -> int:
+    """Jobs Snakemake planned, from its job stats table ('total N'), minus the local target rule `all`."""
+    match = re.search(r"^total\s+(\d+)$", log.read_text(), re.MULTILINE)
+    if not match:
+        raise CheckFailed(f"{log}: no job stats table (did Snakemake run anything?)")
+    return int(match.group(1)) - 1
+
+
+def _placement(results: Path, row: pd.Series) -> list | None:
+    path = results / "placements" / row.trace / row.topology / f"{row.solver}-r{row.replicas}.json"
+    return json.loads(path.read_text())["physical_to_logical_map"] if path.is_file() else None
+
+
+def _equal(a: object, b: object) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+def compare_summaries(local: Path, slurm: Path) -> str:
+    """Compare `<results>/report/summary.csv` of two runs on the rows whose placements are identical."""
+    tables = [pd.read_csv(root / "report" / "summary.csv") for root in (local, slurm)]
+    keys = ["trace", "topology", "solver", "replicas", "eval"]
+    merged = tables[0].merge(tables[1], on=keys, how="outer", suffixes=("", "@slurm"), indicator=True)
+    missing = merged[merged["_merge"] != "both"]
+    if len(missing):
+        raise CheckFailed(f"summary.csv: rows in one run only: {missing[keys].to_dict('records')} ({local}, {slurm})")
+    compared, skipped = 0, set()
+    for _, row in merged.iterrows():
+        if _placement(local, row) != _placement(slurm, row):
+            skipped.add(f"{row.solver}-r{row.replicas}")
+            continue
+        compared += 1
+        for column in (c for c in tables[0].columns if c not in keys and c not in NOT_COMPARED):
+            if not _equal(row[column], row[f"{column}@slurm"]):
+                raise CheckFailed(f"summary.csv: {column} differs for {dict(row[keys])}: local {row[column]}, "
+                                  f"slurm {row[f'{column}@slurm']} ({slurm / 'report' / 'summary.csv'})")
+    if not compared:
+        raise CheckFailed(f"summary.csv: no row has the same placement in both runs ({local}, {slurm})")
+    note = f"; placements that differ (time-limited solvers), not compared: {sorted(skipped)}" if skipped else ""
+    return f"summary.csv: {compared} of {len(merged)} rows equal to the local run's{note}"
+
+
+def compare_serve(local: Path, slurm: Path) -> str:
+    """Compare the traffic of every placement served in both runs with the same placement."""
+    runs = sorted(p.relative_to(local) for p in (local / "serve").rglob("metrics.json") if "probe" not in p.parts)
+    compared, skipped = [], []
+    for run in runs:
+        trace, topology, point = run.parts[1:4]  # serve/<trace>/<topology>/<solver>-r<R>/metrics.json
+        maps = [json.loads((root / "placements" / trace / topology / f"{point}.json").read_text())
+                ["physical_to_logical_map"] for root in (local, slurm)]
+        if maps[0] != maps[1]:
+            skipped.append(point)
+            continue
+        mine, theirs = (json.loads((root / run).read_text()) for root in (local, slurm))
+        diff = {k: (mine.get(k), theirs.get(k)) for k in SERVE_KEYS if not _equal(mine.get(k), theirs.get(k))}
+        if diff:
+            raise CheckFailed(f"serve: {run} differs from the local run (local, slurm): {diff}")
+        compared.append(point)
+    if not compared:
+        raise CheckFailed(f"serve: no placement served with the same map in both runs ({local}, {slurm})")
+    note = f"; placements that differ, not compared: {skipped}" if skipped else ""
+    return (f"serve: {len(compared)} of {len(runs)} served placements move the same bytes per step as locally "
+            f"({', '.join(SERVE_KEYS)}){note}")
+
+
+def _children(uri: str, run_id: str) -> dict[str, object]:
+    return {run.info.run_name: run for run in tracking.child_runs(uri, run_id)}
+
+
+def check_tracking(local: Path, slurm: Path, local_uri: str, uri: str) -> str:
+    record = read_parent(slurm)
+    if not record or not record.get("run_id") or record["tracking_uri"] != uri:
+        raise CheckFailed(f"{slurm}/mlflow_parent.json: no parent run on {uri} (record: {record})")
+    client = tracking.client(uri)
+    parent = client.get_run(record["run_id"])
+    if parent.info.status != "FINISHED":
+        raise CheckFailed(f"MLflow {uri}: parent run {parent.info.run_id} is {parent.info.status}")
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    if not PARENT_ARTIFACTS <= artifacts:
+        raise CheckFailed(f"MLflow {uri}: parent run {parent.info.run_id} lacks artifacts "
+                          f"{sorted(PARENT_ARTIFACTS - artifacts)}")
+    children = _children(uri, parent.info.run_id)
+    expected = set(_children(local_uri, read_parent(local)["run_id"]))
+    if set(children) != expected:
+        raise CheckFailed(f"MLflow {uri}: child runs differ from the local run's: missing "
+                          f"{sorted(expected - set(children))}, extra {sorted(set(children) - expected)}")
+    for name, run in children.items():
+        if run.info.status != "FINISHED":
+            raise CheckFailed(f"MLflow {uri}: child run {name} is {run.info.status}")
+        if "config.yaml" not in {a.path for a in client.list_artifacts(run.info.run_id)}:
+            raise CheckFailed(f"MLflow {uri}: child run {name} has no config.yaml artifact")
+    return (f"MLflow {uri}: parent {parent.info.run_id} FINISHED with {len(artifacts)} artifacts, "
+            f"{len(children)} child runs FINISHED with their artifacts, the same as the local run's")
+
+
+def check_sweep(folder: Path, expect: int, log: Path) -> str:
+    """A Hydra multirun through submitit: `expect` placements written, one Slurm job (or array task) each,
+    COMPLETED in sacct; `log` is submitit's folder (a subfolder with a submitted pickle per job)."""
+    placements = sorted(p for p in folder.glob("*.json") if p.name.count(".") == 1)
+    if len(placements) != expect:
+        raise CheckFailed(f"sweep: {len(placements)} placements in {folder}, expected {expect}")
+    for path in placements:
+        json.loads(path.read_text())["physical_to_logical_map"]
+    ids = sorted(p.parent.name for p in log.glob("*/*_submitted.pkl"))  # one folder per job (or array task)
+    if len(ids) != expect:
+        raise CheckFailed(f"sweep: {len(ids)} submitit jobs under {log}, expected {expect}")
+    states = sacct_states(ids)
+    bad = {job: state for job, (_, state) in states.items() if state != "COMPLETED"}
+    if bad or len(states) != expect:
+        raise CheckFailed(f"sweep: Slurm jobs {ids} not all COMPLETED in sacct: {states}")
+    return f"sweep: {expect} placements from {expect} submitit Slurm jobs ({', '.join(ids)}), all COMPLETED"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moetuner.study.cluster_check")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    study = sub.add_parser("study", help="a study on Slurm against the same study run locally")
+    study.add_argument("--local", type=Path, required=True, help="the local run's results folder")
+    study.add_argument("--slurm", type=Path, required=True, help="the Slurm run's results folder")
+    study.add_argument("--log", type=Path, required=True, help="the Slurm run's Snakemake output")
+    study.add_argument("--local-uri", required=True)
+    study.add_argument("--uri", required=True, help="the tracking server the Slurm run logged to")
+    sweep = sub.add_parser("sweep", help="a Hydra submitit sweep")
+    sweep.add_argument("--dir", type=Path, required=True)
+    sweep.add_argument("--expect", type=int, required=True)
+    sweep.add_argument("--log", type=Path, required=True, help="the sweep's submitit folder")
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "study":
+            lines = [check_sbatch(args.log, jobs_in_log(args.log)), compare_summaries(args.local, args.slurm),
+                     compare_serve(args.local, args.slurm),
+                     check_tracking(args.local, args.slurm, args.local_uri, args.uri)]
+        else:
+            lines = [check_sweep(args.dir, args.expect, args.log)]
+    except CheckFailed as err:
+        print(f"check failed: {err}", file=sys.stderr)
+        return 1
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""moetuner.study.cluster_check: what counts as the same study result on Slurm as locally."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from moetuner.study.cluster_check import CheckFailed, compare_serve, compare_summaries
+
+ROWS = [("contiguous", 1.0, 0.5), ("eplb", 1.1, 0.4), ("steptail", 1.2, 0.3)]
+
+
+def results(root: Path, steptail_map: list, eplb_speedup: float = 1.1, measured: float = 0.7) -> Path:
+    rows = []
+    for solver, speedup, predicted in ROWS:
+        speedup = eplb_speedup if solver == "eplb" else speedup
+        rows.append({"trace": "t", "topology": "cpu_2x2", "solver": solver, "replicas": 0, "eval": "heldout",
+                     "predicted_layer_time_s": predicted, "speedup_vs_contiguous": speedup,
+                     "measured_layer_time_s": measured, "solve_seconds": measured})
+        placement = root / "placements" / "t" / "cpu_2x2" / f"{solver}-r0.json"
+        placement.parent.mkdir(parents=True, exist_ok=True)
+        placement.write_text(json.dumps({"physical_to_logical_map": steptail_map if solver == "steptail" else [[0, 1]]}))
+    (root / "report").mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(root / "report" / "summary.csv", index=False)
+    return root
+
+
+def test_rows_with_the_same_placement_are_compared_and_timings_ignored(tmp_path: Path) -> None:
+    local = results(tmp_path / "local", [[1, 0]])
+    slurm = results(tmp_path / "slurm", [[0, 1]], measured=9.9)  # a time-limited search found another map
+    line = compare_summaries(local, slurm)
+    assert line.startswith("summary.csv: 2 of 3 rows equal") and "steptail-r0" in line
+
+
+def test_a_different_value_is_named_with_its_row(tmp_path: Path) -> None:
+    local = results(tmp_path / "local", [[1, 0]])
+    slurm = results(tmp_path / "slurm", [[1, 0]], eplb_speedup=1.2)
+    with pytest.raises(CheckFailed, match="speedup_vs_contiguous differs for .*'solver': 'eplb'"):
+        compare_summaries(local, slurm)
+
+
+def test_serve_traffic_must_match(tmp_path: Path) -> None:
+    for name, sent in (("local", 100.0), ("slurm", 101.0)):
+        results(tmp_path / name, [[1, 0]])
+        run = tmp_path / name / "serve" / "t" / "cpu_2x2" / "eplb-r0"
+        run.mkdir(parents=True)
+        run.joinpath("metrics.json").write_text(json.dumps({"steps": 1, "bytes_inter_per_step": sent,
+                                                            "moe_layer_time_s": sent}))
+    with pytest.raises(CheckFailed, match="bytes_inter_per_step"):
+        compare_serve(tmp_path / "local", tmp_path / "slurm")

@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# The slurm profile, checked for real on this machine (docs/study.md, "On a Slurm cluster"):
+#   bash workflow/profiles/slurm/local-check.sh                 # the default study, then the tiny one
+#   bash workflow/profiles/slurm/local-check.sh --study tiny    # one study only (CI)
+# For each study: installs what is missing (Debian: slurm-wlm daemons, munge, MariaDB), starts a
+# one-machine Slurm cluster (local-cluster.sh: slurmdbd, slurmctld, two slurmd) and an MLflow tracking
+# server (sqlite backend, artifact serving) on 127.0.0.1, runs the study locally (--cores 2, its own
+# sqlite store) and through `snakemake --workflow-profile workflow/profiles/slurm --jobs 2` with
+# MLFLOW_TRACKING_URI on the server, then checks (python -m moetuner.study.cluster_check): every job went through
+# sbatch and is COMPLETED in sacct; the rows of summary.csv with identical placements equal the local
+# run's; served placements move the same bytes (the tiny study serves on two Slurm nodes, one torchrun
+# each); the parent run and the same child runs as locally are on the server, FINISHED, with artifacts.
+# Then one `moetuner-solve -m` sweep through the submitit launcher. Everything started is stopped at
+# the end, also on failure or Ctrl-C; the last line is "ok: ..." or "failed: <step>: <what> (log: ...)".
+# Outputs of the last check: .slurm-local/check/ (sacct.txt, mlflow-experiments.txt, logs/).
+set -uo pipefail
+repo="$(cd "$(dirname "$0")/../../.." && pwd)"
+cd "$repo"
+studies=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --study) studies+=("${2:?--study needs a name}"); shift 2 ;;
+    *) echo "usage: bash $0 [--study NAME]... (names from conf/study/)" >&2; exit 2 ;;
+  esac
+done
+[ ${#studies[@]} -gt 0 ] || studies=(default tiny)
+export MOETUNER_SLURM_STATE="${MOETUNER_SLURM_STATE:-$repo/.slurm-local}"
+state="$MOETUNER_SLURM_STATE"
+run="$state/check"
+cluster=(bash "$repo/workflow/profiles/slurm/local-cluster.sh")
+PORT=18175
+URI="http://127.0.0.1:$PORT"
+step="start" result="" summary=()
+since="$(date +%Y-%m-%dT%H:%M:%S)"
+
+say() { echo "[local-check] $*" >&2; }
+
+finish() {
+  local rc=$?
+  [ -n "$result" ] || result="failed: $step: stopped (exit $rc) (logs: $run/logs/)"
+  say "stopping what this check started"
+  stop_mlflow
+  "${cluster[@]}" stop || result="$result; failed: stopping the cluster"
+  echo "$result"
+}
+trap finish EXIT
+trap 'exit 130' INT TERM
+
+step() {  # step NAME COMMAND...: run, output in $run/logs/NAME.log; on failure end the check
+  step=$1; shift
+  local log="$run/logs/$step.log" start=$SECONDS
+  say "$step: $*"
+  if ! "$@" >"$log" 2>&1; then
+    result="failed: $step: $(grep -v '^\s*$' "$log" | tail -n 3 | tr '\n' ' ' | cut -c1-400)(log: $log)"
+    exit 1
+  fi
+  say "$step: done in $((SECONDS - start)) s"
+  STEP_SECONDS=$((SECONDS - start))
+}
+
+stop_mlflow() {
+  local pidfile="$state/run/mlflow.pid"
+  [ -f "$pidfile" ] || return 0
+  local pid; pid="$(cat "$pidfile")"
+  # mlflow server runs gunicorn/uvicorn workers in its process group
+  kill -- "-$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true
+  rm -f "$pidfile"
+  say "stopped mlflow server ($pid)"
+}
+
+start_mlflow() {
+  if curl -sf "$URI/health" >/dev/null 2>&1; then echo "port $PORT answers already: another server runs there"; return 1; fi
+  mkdir -p "$run/mlflow" "$state/run"
+  setsid mlflow server --host 127.0.0.1 --port $PORT --workers 1 \
+    --backend-store-uri "sqlite:///$run/mlflow/mlflow.db" --artifacts-destination "$run/mlflow/artifacts" \
+    >"$run/logs/mlflow-server.log" 2>&1 &
+  echo $! >"$state/run/mlflow.pid"
+  for _ in $(seq 240); do curl -sf "$URI/health" >/dev/null 2>&1 && { echo "up at $URI"; return 0; }; sleep 0.5; done
+  echo "no answer at $URI/health after 120 s (log: $run/logs/mlflow-server.log)"; return 1
+}
+
+local_study() {  # local_study NAME: the study with the local executor, its own sqlite store
+  MLFLOW_TRACKING_URI="sqlite:///$run/$1/local/mlflow.db" snakemake -s "$repo/Snakefile" -d "$run/$1/local" \
+    --configfile "conf/study/$1.yaml" --cores 2
+}
+
+slurm_study() {  # slurm_study NAME: the same through the slurm profile, tracked on the server
+  MLFLOW_TRACKING_URI="$URI" snakemake -s "$repo/Snakefile" -d "$run/$1/slurm" \
+    --workflow-profile "$repo/workflow/profiles/slurm" --configfile "conf/study/$1.yaml" --jobs 2
+}
+
+sweep() {  # sweep NAME: 2 solvers x 2 replica budgets through the submitit launcher
+  local trace dir="$run/$1/sweep"
+  trace="$(ls "$run/$1/slurm/results/$1/splits/"*/profile.safetensors | head -n 1)"
+  MLFLOW_TRACKING_URI="$URI" moetuner-solve -m hydra/launcher=submitit_slurm hydra.launcher.timeout_min=10 \
+    hydra.launcher.cpus_per_task=1 hydra.launcher.mem_gb=2 "hydra.sweep.dir=$dir/multirun" \
+    trace="$trace" topology=cpu_2x2 solver=eplb,greedy replicas=0,1 "out=$dir/\${solver.name}-r\${replicas}.json"
+  # submitit returns once every job wrote its result; wait for Slurm to end the jobs themselves
+  for _ in $(seq 120); do [ -z "$(squeue -h -o %i)" ] && return 0; sleep 1; done
+  echo "the sweep's Slurm jobs did not end: $(squeue -h)"; return 1
+}
+
+rm -rf "$run"
+mkdir -p "$run/logs"
+step install "${cluster[@]}" install
+step setup bash bootstrap.sh setup
+venv="${MOETUNER_VENV:-.venv}"
+[[ "$venv" = /* ]] || venv="$repo/$venv"
+export PATH="$venv/bin:$PATH"   # sbatch exports it: every job runs in this environment
+step cluster "${cluster[@]}" start
+export SLURM_CONF="$state/slurm.conf"
+step mlflow start_mlflow
+for study in "${studies[@]}"; do
+  [ -f "conf/study/$study.yaml" ] || { result="failed: no study conf/study/$study.yaml"; exit 2; }
+  step "$study-local" local_study "$study"; local_s=$STEP_SECONDS
+  step "$study-slurm" slurm_study "$study"; slurm_s=$STEP_SECONDS
+  step "$study-check" python -m moetuner.study.cluster_check study --local "$run/$study/local/results/$study" \
+    --slurm "$run/$study/slurm/results/$study" --log "$run/logs/$study-slurm.log" \
+    --local-uri "sqlite:///$run/$study/local/mlflow.db" --uri "$URI"
+  cat "$run/logs/$study-check.log" >&2
+  step "$study-sweep" sweep "$study"
+  step "$study-sweep-check" python -m moetuner.study.cluster_check sweep --dir "$run/$study/sweep" --expect 4 \
+    --log "$run/$study/sweep/multirun/.submitit"
+  cat "$run/logs/$study-sweep-check.log" >&2
+  jobs=$(grep -c "has been submitted with SLURM jobid" "$run/logs/$study-slurm.log")
+  summary+=("$study: $jobs Slurm jobs in ${slurm_s} s vs ${local_s} s locally ($(awk "BEGIN {printf \"%.2f\", $slurm_s / $local_s}")x)")
+done
+step listings bash -c "sacct -X -a -S $since -o JobID,JobName%14,Partition,State,AllocCPUS,NodeList,Elapsed \
+  >'$run/sacct.txt' && MLFLOW_TRACKING_URI=$URI mlflow experiments search --view all >'$run/mlflow-experiments.txt'"
+result="ok: ${summary[*]}; summaries, serve traffic and MLflow runs match the local runs; submitit sweeps COMPLETED (listings: $run/sacct.txt, $run/mlflow-experiments.txt)"

@@ -1,0 +1,208 @@
+#!/usr/bin/env bash
+# A one-machine Slurm cluster for checking the slurm profile: munge, MariaDB, slurmdbd, slurmctld and two
+# slurmd (node1, node2 on distinct ports), all started from config files generated here, listening on
+# 127.0.0.1 only, with every file under one state folder. One file outside it: /etc/slurm/slurm.conf,
+# a single Include of the generated config, written only where no such file exists and removed by stop:
+# the Slurm executor's job step drops SLURM_CONF from the environment of the job's own commands, so a
+# job's srun finds the cluster only through the default path.
+#   bash workflow/profiles/slurm/local-cluster.sh install   # apt-get install what is missing (root)
+#   bash workflow/profiles/slurm/local-cluster.sh start     # start (stops a previous one first)
+#   bash workflow/profiles/slurm/local-cluster.sh stop      # stop every daemon it started
+#   source <(bash workflow/profiles/slurm/local-cluster.sh env)   # SLURM_CONF for sbatch, sacct, ...
+# MOETUNER_SLURM_STATE: the state folder (default .slurm-local/ in the repository, ignored by git).
+# Ports on 127.0.0.1: slurmctld 18170, slurmd 18171 and 18172, slurmdbd 18173, MariaDB 18174.
+set -euo pipefail
+repo="$(cd "$(dirname "$0")/../../.." && pwd)"
+state="${MOETUNER_SLURM_STATE:-$repo/.slurm-local}"
+CTLD_PORT=18170 NODE_PORT=18171 DBD_PORT=18173 DB_PORT=18174
+PACKAGES=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server)
+DAEMONS=(slurmd-node2 slurmd-node1 slurmctld slurmdbd mariadbd munged)   # stop order
+
+say() { echo "[local-cluster] $*" >&2; }
+
+install() {
+  local missing=() tool
+  for tool in munged slurmctld slurmd sbatch slurmdbd mariadbd; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+  [ ${#missing[@]} -eq 0 ] && { say "installed already: ${PACKAGES[*]}"; return; }
+  [ "$(id -u)" -eq 0 ] || { say "missing ${missing[*]}: run as root, or: sudo apt-get install ${PACKAGES[*]}"; return 1; }
+  say "installing ${PACKAGES[*]} (missing: ${missing[*]})"
+  local start=$SECONDS
+  apt-get update -q >/dev/null
+  # policy-rc.d 101: the packages' own services (systemd units, init scripts) are not started
+  local policy=/usr/sbin/policy-rc.d created=0
+  [ -e "$policy" ] || { printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod +x "$policy"; created=1; }
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${PACKAGES[@]}" >/dev/null
+  [ "$created" -eq 1 ] && rm -f "$policy"
+  say "installed in $((SECONDS - start)) s"
+}
+
+ETC_CONF=/etc/slurm/slurm.conf
+MARK="# moetuner local-cluster.sh: removed by its stop"
+
+link_etc_conf() {
+  if [ -e "$ETC_CONF" ] && ! grep -qxF "$MARK" "$ETC_CONF"; then
+    say "failed: $ETC_CONF exists and is not ours; this machine has a Slurm configuration of its own, so"
+    say "        the one-machine cluster is not started here (use that cluster: see docs/study.md)"
+    return 1
+  fi
+  mkdir -p "$(dirname "$ETC_CONF")"
+  printf '%s\nInclude %s\n' "$MARK" "$state/slurm.conf" >"$ETC_CONF"
+}
+
+unlink_etc_conf() {
+  if [ -f "$ETC_CONF" ] && grep -qxF "$MARK" "$ETC_CONF"; then rm -f "$ETC_CONF"; fi
+}
+
+pidfile() { echo "$state/run/$1.pid"; }
+
+alive() {  # alive NAME: its pid file names a live process
+  local f; f="$(pidfile "$1")"
+  [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null
+}
+
+stop_one() {
+  local name=$1 f pid i
+  f="$(pidfile "$name")"
+  [ -f "$f" ] || return 0
+  pid="$(cat "$f")"
+  if kill -0 "$pid" 2>/dev/null; then
+    kill "$pid" 2>/dev/null || true
+    for i in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$pid" 2>/dev/null && { say "$name ($pid) ignored SIGTERM for 10 s: SIGKILL"; kill -9 "$pid" 2>/dev/null || true; }
+    say "stopped $name ($pid)"
+  fi
+  rm -f "$f"
+}
+
+stop() {
+  local name jobs
+  if alive slurmctld; then  # the cluster is this script's own: cancel whatever still runs on it
+    jobs="$(squeue -h -o %i 2>/dev/null | tr '\n' ' ')"
+    if [ -n "${jobs// }" ]; then
+      say "cancelling Slurm jobs still queued or running: $jobs"
+      scancel $jobs 2>/dev/null || true
+      wait_for "the cancelled jobs to end" 30 bash -c '[ -z "$(squeue -h -o %i)" ]' || true
+    fi
+  fi
+  for name in "${DAEMONS[@]}"; do stop_one "$name"; done
+  unlink_etc_conf
+}
+
+wait_for() {  # wait_for WHAT SECONDS COMMAND...: until COMMAND succeeds
+  local what=$1 limit=$2 i; shift 2
+  for i in $(seq $((limit * 5))); do "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done
+  say "failed: $what not ready after $limit s (logs: $state/log/)"; return 1
+}
+
+write_configs() {
+  local host mem
+  host="$(hostname -s)"
+  mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
+  mkdir -p "$state"/{run,log,munge,ctld,db} "$state"/spool/{node1,node2}
+  chmod 755 "$state/munge"   # munged: the socket folder must be searchable by every user
+  [ -f "$state/munge/munge.key" ] || { dd if=/dev/urandom of="$state/munge/munge.key" bs=1024 count=1 2>/dev/null; chmod 400 "$state/munge/munge.key"; }
+  cat >"$state/slurm.conf" <<EOF
+# Generated by workflow/profiles/slurm/local-cluster.sh: a one-machine cluster, two nodes with their own slurmd.
+ClusterName=moetuner-local
+SlurmctldHost=$host(127.0.0.1)
+SlurmctldPort=$CTLD_PORT
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$state/munge/munge.socket
+StateSaveLocation=$state/ctld
+SlurmdSpoolDir=$state/spool/%n
+SlurmctldPidFile=$state/run/slurmctld.pid
+SlurmdPidFile=$state/run/slurmd-%n.pid
+SlurmctldLogFile=$state/log/slurmctld.log
+SlurmdLogFile=$state/log/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+MpiDefault=none
+SwitchType=switch/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SlurmdParameters=config_overrides
+ReturnToService=2
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2,bf_interval=5
+MinJobAge=300
+KillWait=5
+InactiveLimit=0
+SlurmctldTimeout=30
+SlurmdTimeout=60
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=127.0.0.1
+AccountingStoragePort=$DBD_PORT
+AccountingStoragePass=$state/munge/munge.socket   # for slurmdbd connections: the munge socket
+JobCompType=jobcomp/none
+NodeName=node1 NodeHostname=$host NodeAddr=127.0.0.1 Port=$NODE_PORT CPUs=2 RealMemory=$mem State=UNKNOWN
+NodeName=node2 NodeHostname=$host NodeAddr=127.0.0.1 Port=$((NODE_PORT + 1)) CPUs=2 RealMemory=$mem State=UNKNOWN
+PartitionName=local Nodes=node1,node2 Default=YES MaxTime=INFINITE State=UP
+EOF
+  cat >"$state/slurmdbd.conf" <<EOF
+# Generated by workflow/profiles/slurm/local-cluster.sh
+DbdHost=$host
+DbdAddr=127.0.0.1
+DbdPort=$DBD_PORT
+SlurmUser=root
+AuthType=auth/munge
+AuthInfo=socket=$state/munge/munge.socket
+PidFile=$state/run/slurmdbd.pid
+LogFile=$state/log/slurmdbd.log
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$DB_PORT
+StorageUser=slurm
+StoragePass=moetuner-local
+StorageLoc=slurm_acct_db
+EOF
+  chmod 600 "$state/slurmdbd.conf"
+}
+
+start_db() {
+  local sock="$state/db/mysqld.sock"
+  if [ ! -d "$state/db/data/mysql" ]; then
+    say "initialising MariaDB in $state/db/data"
+    mariadb-install-db --no-defaults --datadir="$state/db/data" --user=root --skip-test-db \
+      --auth-root-authentication-method=socket >"$state/log/mariadb-install.log" 2>&1
+  fi
+  mariadbd --no-defaults --datadir="$state/db/data" --socket="$sock" --port=$DB_PORT --bind-address=127.0.0.1 \
+    --user=root --pid-file="$(pidfile mariadbd)" --log-error="$state/log/mariadb.log" \
+    --innodb-buffer-pool-size=64M --innodb-lock-wait-timeout=900 >/dev/null 2>&1 &
+  wait_for "MariaDB" 60 mariadb --no-defaults --socket="$sock" -uroot -e "SELECT 1"
+  mariadb --no-defaults --socket="$sock" -uroot -e "
+    CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'moetuner-local';
+    GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';"
+}
+
+start() {
+  stop
+  trap 'say "start failed: stopping what started"; stop' ERR
+  write_configs
+  link_etc_conf
+  export SLURM_CONF="$state/slurm.conf"
+  say "starting munged, MariaDB, slurmdbd, slurmctld, slurmd node1 and node2 (state: $state)"
+  munged --force --socket="$state/munge/munge.socket" --key-file="$state/munge/munge.key" \
+    --pid-file="$(pidfile munged)" --log-file="$state/log/munged.log" --seed-file="$state/munge/munged.seed"
+  start_db
+  slurmdbd  # reads slurmdbd.conf beside $SLURM_CONF; daemonises
+  wait_for "slurmdbd" 30 sacctmgr -i list cluster
+  sacctmgr -i add cluster moetuner-local >/dev/null 2>&1 || true  # exists after the first start
+  slurmctld -f "$SLURM_CONF"
+  wait_for "slurmctld" 30 scontrol ping
+  slurmd -f "$SLURM_CONF" -N node1
+  slurmd -f "$SLURM_CONF" -N node2
+  wait_for "node1 and node2 idle" 60 bash -c '[ "$(sinfo -h -N -o %t | sort -u | tr -d "\n")" = idle ]'
+  say "up: $(sinfo -h -N -o '%N %t %c' | tr '\n' ' ')(SLURM_CONF=$SLURM_CONF)"
+}
+
+case "${1:-}" in
+  install) install ;;
+  start) start ;;
+  stop) stop ;;
+  env) echo "export SLURM_CONF=$state/slurm.conf" ;;
+  *) echo "usage: bash $0 install|start|stop|env" >&2; exit 2 ;;
+esac
