@@ -110,8 +110,11 @@ def test_study_killed_with_sigkill_recovers_on_the_next_invocation(tmp_path: Pat
     assert running, "no job's run was seen RUNNING before the study ended"
     dead_parent = record["run_id"]
     assert list((tmp_path / ".snakemake" / "locks").glob("*.lock")), "the killed study left no lock"
-    # --rerun-incomplete: set by both profiles (bash bootstrap.sh study runs with workflow/profiles/default)
-    again = snakemake(tmp_path, "--rerun-incomplete", "results/tiny/splits/synth-a/profile.safetensors", uri=uri)
+    # one small target that the next invocation must make (the killed one may have made it already: only
+    # an invocation with jobs to run starts, and so recovers); --rerun-incomplete: set by both profiles
+    target = "results/tiny/splits/synth-a/profile.safetensors"
+    (tmp_path / target).unlink(missing_ok=True)
+    again = snakemake(tmp_path, "--rerun-incomplete", target, uri=uri)
     output = again.stdout + again.stderr
     assert again.returncode == 0, output[-3000:]
     assert "removed the stale Snakemake lock" in output and "cannot be locked" not in output
