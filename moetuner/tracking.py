@@ -248,3 +248,12 @@ def child_runs(tracking_uri: str, parent_run_id: str) -> list[Any]:
     exp_id = mlflow_client.get_run(parent_run_id).info.experiment_id
     return list(mlflow_client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
                                           max_results=5000))
+
+
+def end_running_children(tracking_uri: str, parent_run_id: str, status: str = "KILLED") -> list[Any]:
+    """End every RUNNING run nested under `parent_run_id` with `status`; return those runs."""
+    running = [run for run in child_runs(tracking_uri, parent_run_id) if run.info.status == "RUNNING"]
+    mlflow_client = client(tracking_uri)
+    for run in running:
+        mlflow_client.set_terminated(run.info.run_id, status=status)
+    return running

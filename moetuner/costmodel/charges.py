@@ -22,6 +22,7 @@ import numpy as np
 from moetuner.costmodel.cost import CostModel, SimulationError, a2a_time
 from moetuner.costmodel.settings import PER_BATCH_DISPATCHES, check_dispatch_charge
 from moetuner.costmodel.simulator import SimResult
+from moetuner.placement import logical_replica_count
 
 COUNT_BYTES = 4  # one int32 count per expert
 LPLB_BUDGET_US = 100.0  # DeepSeek LPLB: about 100 us for its LP on one SM
@@ -62,8 +63,7 @@ def counts_exchange_s(cost: CostModel, num_experts: int) -> float:
 
 def replicated_layers(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
     """Layers with at least one expert in two or more slots. phy2log [L, P] -> [L] bool"""
-    counts = np.stack([np.bincount(row[row >= 0], minlength=num_experts) for row in phy2log])
-    return (counts > 1).any(1)
+    return (logical_replica_count(phy2log, num_experts) > 1).any(1)
 
 
 def layer_charges(result: SimResult, dispatch: str, charge: DispatchCharge, cost: CostModel, num_experts: int,

@@ -137,13 +137,9 @@ def invocation_tags(results: str | Path) -> dict[str, str]:
     return {RESULTS_TAG: str(Path(results).resolve()), HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
 
 
-def _kill_run_and_children(client, run_id: str) -> int:
+def _kill_run_and_children(client, uri: str, run_id: str) -> int:
     """End `run_id` and its RUNNING children as KILLED; return how many runs were ended."""
-    exp_id = client.get_run(run_id).info.experiment_id
-    children = client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}' "
-                                                          f"and attributes.status = 'RUNNING'", max_results=5000)
-    for run in children:
-        client.set_terminated(run.info.run_id, status="KILLED")
+    children = tracking.end_running_children(uri, run_id)
     if client.get_run(run_id).info.status == "RUNNING":
         client.set_terminated(run_id, status="KILLED")
         return len(children) + 1
@@ -163,7 +159,7 @@ def end_dead_invocations(results: str | Path, experiment: str, uri: str) -> int:
     record = read_parent(results) or {}
     if record.get("run_id") and record.get("tracking_uri") == uri:
         dead.add(record["run_id"])  # a parent made before the results tag existed
-    return sum(_kill_run_and_children(client, run_id) for run_id in sorted(dead))
+    return sum(_kill_run_and_children(client, uri, run_id) for run_id in sorted(dead))
 
 
 def before_start(results: str | Path, experiment: str, uri: str) -> None:
@@ -185,11 +181,7 @@ def end_orphan_children(results: str | Path) -> int:
     if not record.get("run_id"):
         return 0
     try:
-        client = tracking.client(record["tracking_uri"])
-        runs = [run for run in tracking.child_runs(record["tracking_uri"], record["run_id"])
-                if run.info.status == "RUNNING"]
-        for run in runs:
-            client.set_terminated(run.info.run_id, status="KILLED")
+        runs = tracking.end_running_children(record["tracking_uri"], record["run_id"])
     except Exception as err:  # noqa: BLE001
         log.warning("MLflow: could not end the runs of killed jobs (%s)", err)
         return 0

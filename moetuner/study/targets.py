@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
+from moetuner.topology import topology_preset
 
 StudyConfig = Mapping[str, Any]
 """A study config as Snakemake parsed it (conf/study/*.yaml), checked by moetuner.study.config."""
@@ -118,14 +118,13 @@ def serve_points(config: StudyConfig, available: Sequence[str]) -> list[ServePoi
     return [(trace, solver, replicas) for solver in serve["solvers"] for replicas in serve["replicas"]]
 
 
-def serve_nodes(config: StudyConfig, project: Path) -> int:
-    """Nodes a serve job spans: its topology's node count (conf/topology/<name>.yaml under `project`), or 1 when
-    `emulation.enabled` (true or auto) runs every rank on one machine."""
+def serve_nodes(config: StudyConfig) -> int:
+    """Nodes a serve job spans: its topology preset's node count, or 1 when `emulation.enabled` (true or auto)
+    runs every rank on one machine."""
     enabled = [str(a).split("=", 1)[1] for a in config["serve"]["args"] if str(a).startswith("emulation.enabled=")]
     if enabled and enabled[-1].lower() != "false":
         return 1
-    preset = project / "conf" / "topology" / f"{config['serve']['topology']}.yaml"
-    return int(yaml.safe_load(preset.read_text())["nodes"])
+    return int(topology_preset(config["serve"]["topology"])["nodes"])
 
 
 def simulation_targets(config: StudyConfig, available: Sequence[str], results: str) -> list[str]:

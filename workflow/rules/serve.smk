@@ -6,7 +6,7 @@
 # workflow/scripts/per-node.sh starts one moetuner-serve per node through srun; elsewhere it runs them here.
 
 
-SERVE_NODES = targets.serve_nodes(config, PROJECT)
+SERVE_NODES = targets.serve_nodes(config)
 
 
 rule serve:
