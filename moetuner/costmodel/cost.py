@@ -117,10 +117,11 @@ class CostModel:
 
     def gpu_compute(self, per_slot: np.ndarray) -> np.ndarray:
         """Seconds each GPU computes one layer: its slots' expert times + kernel_s if any is busy.
-        per_slot [G * S] tokens of each slot (GPU-major) -> [G]"""
-        slots = per_slot.reshape(self.num_gpus, -1)
-        compute = self.expert_time(per_slot).reshape(self.num_gpus, -1).sum(1)
-        return compute + np.where(slots.sum(1) > 0, self.kernel_s, 0.0) if self.kernel_s else compute
+        per_slot [..., G * S] tokens of each slot (GPU-major) -> [..., G]"""
+        lead = per_slot.shape[:-1]
+        slots = per_slot.reshape(*lead, self.num_gpus, -1)
+        compute = self.expert_time(per_slot).reshape(*lead, self.num_gpus, -1).sum(-1)
+        return compute + np.where(slots.sum(-1) > 0, self.kernel_s, 0.0) if self.kernel_s else compute
 
 
 def _calibrated(cal: dict, key: str, default: float, scale: float) -> float:
@@ -215,38 +216,51 @@ def cost_model(topology: Topology, hidden_size: int, intermediate_size: int) -> 
                      message_s=float(cal.get("message_us", 0.0)) * 1e-6, link_model=str(cal.get("link_model", "serial")))
 
 
-def a2a_time(copies: np.ndarray, cost: CostModel, token_bytes: float | None = None) -> float:
-    """Seconds of one all-to-all phase: max over GPUs of max(send, receive). copies [G, G] (src, dst);
-    token_bytes: bytes of one copy (None: cost.token_bytes)."""
+def a2a_time(copies: np.ndarray, cost: CostModel, token_bytes: float | None = None) -> np.ndarray | float:
+    """Seconds of all-to-all phases: per phase, max over GPUs of max(send, receive). copies [..., G, G]
+    (src, dst) -> [...] (a float for one phase [G, G]); token_bytes: bytes of one copy (None: cost.token_bytes)."""
     seconds = copies * (cost.token_bytes if token_bytes is None else token_bytes) / cost.bandwidth  # diag 0
     lat = np.where(copies > 0, cost.latency, 0.0)
     if cost.link_model == "concurrent":
         cross = cost.node[:, None] != cost.node[None, :]
         inside, across = np.where(cross, 0.0, seconds), np.where(cross, seconds, 0.0)
-        send = np.maximum(inside.sum(1), across.sum(1)) + lat.max(1)
-        receive = np.maximum(inside.sum(0), across.sum(0)) + lat.max(0)
+        send = np.maximum(inside.sum(-1), across.sum(-1)) + lat.max(-1)
+        receive = np.maximum(inside.sum(-2), across.sum(-2)) + lat.max(-2)
     else:
-        send = seconds.sum(1) + lat.max(1)
-        receive = seconds.sum(0) + lat.max(0)
+        send = seconds.sum(-1) + lat.max(-1)
+        receive = seconds.sum(-2) + lat.max(-2)
     if cost.message_s:
-        peers = (copies > 0) & ~np.eye(len(copies), dtype=bool)
-        send, receive = send + cost.message_s * peers.sum(1), receive + cost.message_s * peers.sum(0)
-    return float(np.maximum(send, receive).max())
+        peers = (copies > 0) & ~np.eye(copies.shape[-1], dtype=bool)
+        send, receive = send + cost.message_s * peers.sum(-1), receive + cost.message_s * peers.sum(-2)
+    worst = np.maximum(send, receive).max(-1)
+    return float(worst) if copies.ndim == 2 else worst
+
+
+def pair_counts(batch: np.ndarray, src: np.ndarray, dst: np.ndarray, lead: tuple[int, ...], num_gpus: int
+                ) -> np.ndarray:
+    """Copies per (batch entry, src, dst) from one row per copy. batch, src, dst [N] -> [*lead, G, G]"""
+    size = int(np.prod(lead, dtype=np.int64))
+    flat = (batch * num_gpus + src) * num_gpus + dst
+    return np.bincount(flat, minlength=size * num_gpus * num_gpus).reshape(*lead, num_gpus, num_gpus)
 
 
 def copy_matrix(src: np.ndarray, dst_mask: np.ndarray) -> np.ndarray:
-    """Token copies from src[t] to every GPU in dst_mask[t] except src[t]. src [B], dst_mask [B, G] -> [G, G]"""
-    num_gpus = dst_mask.shape[1]
-    mask = dst_mask.copy()
-    mask[np.arange(len(src)), src] = False
-    tok, dst = np.nonzero(mask)
-    return np.bincount(src[tok] * num_gpus + dst, minlength=num_gpus * num_gpus).reshape(num_gpus, num_gpus)
+    """Token copies from src[t] to every GPU in dst_mask[t] except src[t].
+    src [..., B], dst_mask [..., B, G] -> [..., G, G] (src, dst)"""
+    lead, (num_tokens, num_gpus) = src.shape[:-1], dst_mask.shape[-2:]
+    src = src.reshape(-1, num_tokens)
+    mask = dst_mask.reshape(len(src), num_tokens, num_gpus).copy()
+    mask[np.arange(len(src))[:, None], np.arange(num_tokens), src] = False
+    batch, tok, dst = np.nonzero(mask)
+    return pair_counts(batch, src[batch, tok], dst, lead, num_gpus)
 
 
 def pair_copy_matrix(src: np.ndarray, dest: np.ndarray, num_gpus: int) -> np.ndarray:
     """One copy per token-expert pair (low_latency: no dedup per GPU), none to the token's own GPU.
-    src [B], dest [B, k] GPU of each pair -> [G, G] (src, dst)"""
-    pair_src = np.broadcast_to(src[:, None], dest.shape)
+    src [..., B], dest [..., B, k] GPU of each pair -> [..., G, G] (src, dst)"""
+    lead = src.shape[:-1]
+    pair_src = np.broadcast_to(src[..., None], dest.shape).reshape(-1, *dest.shape[-2:])
+    dest = dest.reshape(pair_src.shape)
     away = pair_src != dest
-    flat = pair_src[away] * num_gpus + dest[away]
-    return np.bincount(flat, minlength=num_gpus * num_gpus).reshape(num_gpus, num_gpus)
+    batch = np.nonzero(away)[0]
+    return pair_counts(batch, pair_src[away], dest[away], lead, num_gpus)

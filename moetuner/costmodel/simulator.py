@@ -32,16 +32,16 @@ layer time), then:
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, replace
 
 import numpy as np
 from tqdm import tqdm
 
-from moetuner.costmodel.cost import CostModel, SimulationError, a2a_time, copy_matrix, pair_copy_matrix
-from moetuner.costmodel.replicas import LayerSlots, choose_slots, layer_slots
+from moetuner.costmodel.cost import (CostModel, SimulationError, a2a_time, copy_matrix, pair_copy_matrix,
+                                     pair_counts)
+from moetuner.costmodel.replicas import choose_slots, choose_step_slots
 from moetuner.costmodel.settings import DATAFLOWS, check_dataflow, check_dispatch
-from moetuner.placement import Placement, check_placement, routed_experts
+from moetuner.placement import LayerSlots, Placement, check_placement, expert_location, routed_experts
 
 @dataclass(frozen=True)
 class LayerStep:
@@ -62,23 +62,28 @@ class LayerStep:
 
 
 def relay_copies(src: np.ndarray, on: np.ndarray, cost: CostModel) -> tuple[np.ndarray, np.ndarray]:
-    """Hierarchical scatter copies: (inter-node phase, intra-node phase), each [G, G] (src, dst).
+    """Hierarchical scatter copies: (inter-node phase, intra-node phase), each [..., G, G] (src, dst).
 
     A token on GPU g (local rank g mod n) that needs GPUs on another node b sends one copy to the
     relay b * n + g mod n, which forwards it to b's other GPUs it needs; own-node GPUs get it directly.
-    src [B], on [B, G] bool the GPUs each token needs."""
+    src [..., B], on [..., B, G] bool the GPUs each token needs."""
     num_gpus, per_node = cost.num_gpus, cost.gpus_per_node
-    mask = on.copy()
-    mask[np.arange(len(src)), src] = False
-    tok, dst = np.nonzero(mask)
-    away = cost.node[dst] != cost.node[src[tok]]
-    relay = cost.node[dst] * per_node + src[tok] % per_node
-    flat = lambda a, b: np.bincount(a * num_gpus + b, minlength=num_gpus * num_gpus).reshape(num_gpus, num_gpus)  # noqa: E731
-    # one inter-node copy per (token, node): dedupe (token, relay)
-    hop = np.unique(tok[away] * num_gpus + relay[away])
-    inter = flat(src[hop // num_gpus], hop % num_gpus)
+    lead, num_tokens = src.shape[:-1], src.shape[-1]
+    src = src.reshape(-1, num_tokens)
+    mask = on.reshape(len(src), num_tokens, num_gpus).copy()
+    mask[np.arange(len(src))[:, None], np.arange(num_tokens), src] = False
+    batch, tok, dst = np.nonzero(mask)
+    home = src[batch, tok]
+    away = cost.node[dst] != cost.node[home]
+    relay = cost.node[dst] * per_node + home % per_node
+    # one inter-node copy per (token, node): dedupe (batch entry, token, relay)
+    hop = np.unique((batch[away] * num_tokens + tok[away]) * num_gpus + relay[away])
+    hop_token, hop_relay = hop // num_gpus, hop % num_gpus
+    hop_batch = hop_token // num_tokens
+    inter = pair_counts(hop_batch, src[hop_batch, hop_token % num_tokens], hop_relay, lead, num_gpus)
     forward = away & (relay != dst)
-    intra = flat(src[tok[~away]], dst[~away]) + flat(relay[forward], dst[forward])
+    intra = pair_counts(batch[~away], home[~away], dst[~away], lead, num_gpus) + \
+        pair_counts(batch[forward], relay[forward], dst[forward], lead, num_gpus)
     return inter, intra
 
 
@@ -97,9 +102,9 @@ def simulate_layer(ids: np.ndarray, token: np.ndarray, src: np.ndarray, primary:
     return layer_step(slot, src, combine_to_home, slots, cost, dataflow)
 
 
-def phases(first: float, second: float, cost: CostModel) -> float:
-    """Seconds of two phases of one direction of hierarchical: their sum, or pipelined (concurrent links)."""
-    return max(first, second) if cost.link_model == "concurrent" else first + second
+def phases(first: np.ndarray | float, second: np.ndarray | float, cost: CostModel) -> np.ndarray | float:
+    """Seconds of two phases of one direction of hierarchical: their sum, or pipelined (concurrent links). [...]"""
+    return np.maximum(first, second) if cost.link_model == "concurrent" else first + second
 
 
 def layer_step(slot: np.ndarray, src: np.ndarray, target: np.ndarray, slots: LayerSlots, cost: CostModel,
@@ -137,24 +142,6 @@ def primary_column(trace_ids: np.ndarray, weights: np.ndarray | None) -> np.ndar
     if weights is None:
         return np.zeros(trace_ids.shape[:2], dtype=np.int64)
     return np.argmax(weights, axis=-1)
-
-
-def choose_step_slots(ids: np.ndarray, primary: np.ndarray, slots: list[LayerSlots], cost: CostModel,
-                      dataflow: str, dispatch: str, timings: list[float] | None = None) -> np.ndarray:
-    """The slot of every pair of one step, layer by layer (token j starts on GPU j % G; with
-    expert_to_expert it moves to its primary expert's GPU). ids [B, L, k], primary [B, L] -> [B, L, k]
-
-    timings: when given, the wall seconds of each layer's choose_slots are appended to it."""
-    token = np.arange(ids.shape[0])
-    src, out = token % cost.num_gpus, []
-    for layer in range(ids.shape[1]):
-        start = time.perf_counter()
-        out.append(choose_slots(ids[:, layer], token, src, slots[layer], dispatch, cost))
-        if timings is not None:
-            timings.append(time.perf_counter() - start)
-        if dataflow == "expert_to_expert":
-            src = slots[layer].gpu_of_slot[out[-1][token, primary[:, layer]]]
-    return np.stack(out, 1)
 
 
 def simulate_step(ids: np.ndarray, primary: np.ndarray, slots: list[LayerSlots], cost: CostModel,
@@ -247,7 +234,7 @@ def simulate(phy2log: np.ndarray, num_gpus: int, ids: np.ndarray, primary: np.nd
              dispatch: str = "dynamic", progress: bool = False) -> SimResult:
     """Every full step of `step_tokens` consecutive tokens. phy2log [L, P], ids [T, L, k], primary [T, L]"""
     check_inputs(phy2log, num_gpus, ids, num_experts, cost, step_tokens, dataflow, dispatch)
-    slots = layer_slots(phy2log, num_gpus, num_experts)
+    slots = expert_location(phy2log, num_gpus, num_experts).layers()
     steps = []
     for start in tqdm(range(0, ids.shape[0] - step_tokens + 1, step_tokens), desc=f"simulate {dispatch}",
                       unit="step", disable=not progress):
