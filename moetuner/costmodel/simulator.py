@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from moetuner.costmodel.cost import (CostModel, SimulationError, a2a_time, copy_matrix, pair_copy_matrix,
                                      pair_counts)
-from moetuner.costmodel.replicas import choose_slots, choose_step_slots
+from moetuner.costmodel.replicas import choose_step_slots
 from moetuner.costmodel.settings import DATAFLOWS, check_dataflow, check_dispatch
 from moetuner.placement import LayerSlots, Placement, check_placement, expert_location, routed_experts
 
@@ -85,21 +85,6 @@ def relay_copies(src: np.ndarray, on: np.ndarray, cost: CostModel) -> tuple[np.n
     intra = pair_counts(batch[~away], home[~away], dst[~away], lead, num_gpus) + \
         pair_counts(batch[forward], relay[forward], dst[forward], lead, num_gpus)
     return inter, intra
-
-
-def simulate_layer(ids: np.ndarray, token: np.ndarray, src: np.ndarray, primary: np.ndarray,
-                   combine_to_home: np.ndarray | None, slots: LayerSlots, cost: CostModel,
-                   dispatch: str = "dynamic", dataflow: str = "dispatch_combine") -> LayerStep:
-    """One layer for B tokens at GPUs src [B] with experts ids [B, k], replicas chosen by `dispatch`.
-
-    combine_to_home: [B] home GPUs to combine back to, or None to combine on the GPU of the
-    primary expert (column primary [B] of ids). dataflow hierarchical or low_latency: then
-    combine_to_home must be src.
-    """
-    slot = choose_slots(ids, token, src, slots, dispatch, cost)
-    if combine_to_home is None:
-        combine_to_home = slots.gpu_of_slot[slot[np.arange(len(src)), primary]]
-    return layer_step(slot, src, combine_to_home, slots, cost, dataflow)
 
 
 def phases(first: np.ndarray | float, second: np.ndarray | float, cost: CostModel) -> np.ndarray | float:
