@@ -23,6 +23,7 @@ from moetuner.online.stream_replay import make_context, replay_stream
 from moetuner.online.stream import StreamError, load_stream
 from moetuner.placement import Placement, load_placement
 from moetuner.costmodel.cost import CostModel
+from moetuner.topology import topology_from_config, topology_preset
 from moetuner.trace import Trace, load_trace, save_trace, split_by_sequence
 from test_solvers import random_trace, topology
 
@@ -159,6 +160,28 @@ def test_static_one_segment_equals_simulate(two_traces: tuple[Path, Path], dataf
     assert result.metrics["rebalances"] == 0 and result.metrics["steps"] == metrics["num_steps"] == 8
     assert result.metrics["serve_time_s"] == pytest.approx(8 * metrics["layer_time_s"], rel=1e-9)
     assert result.metrics["speedup_vs_contiguous"] == pytest.approx(metrics["speedup_vs_contiguous"], rel=1e-9)
+
+
+@pytest.mark.parametrize("preset", ["h800_2x8", "h200_2x8"])
+def test_saved_steps_rescored_by_simulate_match_the_timeline(tmp_path: Path, preset: str) -> None:
+    """save_steps: the static run's step times are moetuner-simulate's on steps.safetensors, step by step
+    (the calibrated h800 preset too: concurrent links, FP8 scatter, the efficiency curve)."""
+    from moetuner.online.stream_replay import write_outputs
+
+    trace = save_trace(random_trace(512, 2, 32, 4, seed=3), tmp_path / "a.safetensors")
+    for dataflow in ("dispatch_combine", "hierarchical"):
+        out = tmp_path / dataflow
+        cfg = {"stream": spec([(trace, 6)], trace), "step_tokens": 48, "policy": {"name": "static", "solver": "greedy"},
+               "topology": topology_preset(preset), "replicas": 1, "dataflow": dataflow, "dispatch": "static",
+               "migration": {"mode": "stop_the_world"}}
+        stream, profile, policy, ctx = prepare(cfg)
+        write_outputs(replay_stream(stream, profile, policy, ctx), stream, ctx, "t", out, save_steps=True)
+        steps = load_trace(out / "steps.safetensors")
+        assert steps.num_tokens == 6 * 48 and steps.extra["step_tokens"] == "48"
+        _, _, metrics = run_simulation(load_placement(out / "placements" / "v0.json"), steps,
+                                       topology_from_config(topology_preset(preset)), 48, dataflow, "static")
+        timeline = np.loadtxt(out / "timeline.csv", delimiter=",", skiprows=1, usecols=3)
+        np.testing.assert_allclose(metrics["step_times_s"], timeline, rtol=1e-6, atol=0)
 
 
 def _topology_cfg(nodes: int) -> dict:
@@ -390,7 +413,7 @@ def test_app_writes_outputs_and_refuses_bad_spec_first(two_traces: tuple[Path, P
     out = tmp_path / "run"
     ok = subprocess.run([*APP, f"stream.segments=[{{trace:{a},steps:4}},{{trace:{b},steps:4}}]",
                          f"stream.profile={a}", "step_tokens=32", "policy=migration_aware", "policy.check_every=2",
-                         "policy.window_steps=2", *topo, f"out={out}"],
+                         "policy.window_steps=2", *topo, f"out={out}", "save_steps=true"],
                         capture_output=True, text=True, timeout=300, env=os.environ.copy())
     assert ok.returncode == 0, ok.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -402,6 +425,7 @@ def test_app_writes_outputs_and_refuses_bad_spec_first(two_traces: tuple[Path, P
     assert v0.extra["effective_step"] == 0 and v0.phy2log.shape == (2, 8)
     assert len(list((out / "placements").glob("v*.json"))) == metrics["rebalances"] + 1
     assert (out / "speedup_timeline.png").stat().st_size > 0
+    assert load_trace(out / "steps.safetensors").num_tokens == 8 * 32  # the served steps, in order
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=mlflow_uri)
