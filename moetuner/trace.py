@@ -138,6 +138,14 @@ class Trace:
         return self.select_tokens(np.isin(self.seq_ids, seqs), source_suffix)
 
 
+def primary_column(trace_ids: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+    """Column of each token's primary expert in each layer (where expert_to_expert gathers its partial
+    results): largest gate weight, else 0 (the first listed). [T, L, k] -> [T, L]"""
+    if weights is None:
+        return np.zeros(trace_ids.shape[:2], dtype=np.int64)
+    return np.argmax(weights, axis=-1)
+
+
 def save_trace(trace: Trace, path: str | os.PathLike[str]) -> Path:
     """Validate `trace` and write it to `path` atomically (temporary file, then rename)."""
     path = Path(path)

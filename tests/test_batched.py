@@ -14,9 +14,10 @@ from moetuner.costmodel.charges import LPLB_BUDGET_US, DispatchCharge, counts_ex
 from moetuner.costmodel.cost import SimulationError, cost_model
 from moetuner.costmodel.score import score
 from moetuner.costmodel.settings import DATAFLOWS
-from moetuner.costmodel.simulator import primary_column, simulate
+from moetuner.costmodel.simulator import simulate
 from moetuner.placement import expert_location
 from moetuner.topology import topology_from_config, topology_preset
+from moetuner.trace import primary_column
 
 PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "topology").glob("*.yaml"))
 FIELDS = ("scatter_s", "combine_s", "compute_s", "tokens", "bytes_intra", "bytes_inter")

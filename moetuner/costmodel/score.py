@@ -17,8 +17,9 @@ from moetuner.costmodel.charges import Charges, DispatchCharge, charged_metrics,
 from moetuner.costmodel.cost import CostModel, SimulationError
 from moetuner.costmodel.settings import check_choice
 from moetuner.costmodel.replicas import choose_slots
-from moetuner.costmodel.simulator import LayerStep, SimResult, check_inputs, layer_step, primary_column, simulate
+from moetuner.costmodel.simulator import LayerStep, SimResult, check_inputs, layer_step, simulate
 from moetuner.placement import ExpertLocation, LayerSlots
+from moetuner.trace import primary_column
 
 METHODS = ("simulator", "batched", "auto")
 """simulator: step by step (every dispatch); batched: chunks of steps (dynamic, static; others refused);

@@ -122,13 +122,6 @@ def layer_step(slot: np.ndarray, src: np.ndarray, target: np.ndarray, slots: Lay
                      bytes_intra=moved(~cross), bytes_inter=moved(cross), out_gpu=target)
 
 
-def primary_column(trace_ids: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
-    """Column of each token's primary expert: largest gate weight, else 0. [T, L, k] -> [T, L]"""
-    if weights is None:
-        return np.zeros(trace_ids.shape[:2], dtype=np.int64)
-    return np.argmax(weights, axis=-1)
-
-
 def simulate_step(ids: np.ndarray, primary: np.ndarray, slots: list[LayerSlots], cost: CostModel,
                   dataflow: str, dispatch: str) -> list[LayerStep]:
     """Every layer of one step; token j starts on home GPU j % G. ids [B, L, k], primary [B, L]"""

@@ -30,8 +30,7 @@ from moetuner.placement import expert_location
 from moetuner.serving.ep_moe import ExpertFn, choose_slots, ep_layer
 from moetuner.serving.experts import random_experts
 from moetuner.serving.measure import Cluster, layer_row
-from moetuner.costmodel.simulator import primary_column
-from moetuner.trace import Trace
+from moetuner.trace import Trace, primary_column
 
 class ReplayError(ValueError):
     """The replay settings do not fit the trace or placement."""

@@ -40,9 +40,8 @@ from moetuner.solvers.registry import get_solver
 from moetuner.costmodel.cost import CostModel, cost_model
 from moetuner.costmodel.replicas import layer_slots
 from moetuner.costmodel.score import score, score_layer
-from moetuner.costmodel.simulator import primary_column
 from moetuner.costmodel.bounds import lower_bound as simulator_bound
-from moetuner.trace import Trace
+from moetuner.trace import Trace, primary_column
 
 WARM_STARTS = ("eplb", "greedy", "partition", "exflow", "round_robin", "contiguous")
 SEARCH_DISPATCH = {"dynamic": "dynamic", "static": "static", "lp": "lp", "lp_comm": "dynamic"}
