@@ -137,9 +137,9 @@ def check_placement(placement: Placement, num_gpus: int, num_experts: int, num_l
 
 def routed_experts(topk_ids: np.ndarray, num_experts: int) -> np.ndarray:
     """Experts that routing chose at least once per layer. [T, L, k] -> bool [L, E]"""
-    routed = np.zeros((topk_ids.shape[1], num_experts), dtype=bool)
-    routed[np.arange(topk_ids.shape[1])[None, :, None], topk_ids] = True
-    return routed
+    num_layers = topk_ids.shape[1]
+    flat = (np.arange(num_layers)[None, :, None] * num_experts + topk_ids).ravel()
+    return (np.bincount(flat, minlength=num_layers * num_experts) > 0).reshape(num_layers, num_experts)
 
 
 def logical_replica_count(phy2log: np.ndarray, num_experts: int) -> np.ndarray:

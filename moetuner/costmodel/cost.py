@@ -236,31 +236,28 @@ def a2a_time(copies: np.ndarray, cost: CostModel, token_bytes: float | None = No
     return float(worst) if copies.ndim == 2 else worst
 
 
-def pair_counts(batch: np.ndarray, src: np.ndarray, dst: np.ndarray, lead: tuple[int, ...], num_gpus: int
-                ) -> np.ndarray:
-    """Copies per (batch entry, src, dst) from one row per copy. batch, src, dst [N] -> [*lead, G, G]"""
-    size = int(np.prod(lead, dtype=np.int64))
-    flat = (batch * num_gpus + src) * num_gpus + dst
-    return np.bincount(flat, minlength=size * num_gpus * num_gpus).reshape(*lead, num_gpus, num_gpus)
+def source_totals(src: np.ndarray, per_token: np.ndarray, num_gpus: int) -> np.ndarray:
+    """Sum of per_token over the tokens of each source GPU (a one-hot matrix product; exact for counts).
+    src [..., B], per_token [..., B, N] counts -> [..., G, N] int64"""
+    onehot = (src[..., None] == np.arange(num_gpus)).astype(np.float64)
+    return np.matmul(np.swapaxes(onehot, -1, -2), per_token.astype(np.float64)).astype(np.int64)
+
+
+def off_diagonal(copies: np.ndarray) -> np.ndarray:
+    """copies [..., G, G] with its diagonal (copies to the GPU a token is on) zeroed, in place."""
+    num_gpus = copies.shape[-1]
+    copies[..., np.arange(num_gpus), np.arange(num_gpus)] = 0
+    return copies
 
 
 def copy_matrix(src: np.ndarray, dst_mask: np.ndarray) -> np.ndarray:
     """Token copies from src[t] to every GPU in dst_mask[t] except src[t].
     src [..., B], dst_mask [..., B, G] -> [..., G, G] (src, dst)"""
-    lead, (num_tokens, num_gpus) = src.shape[:-1], dst_mask.shape[-2:]
-    src = src.reshape(-1, num_tokens)
-    mask = dst_mask.reshape(len(src), num_tokens, num_gpus).copy()
-    mask[np.arange(len(src))[:, None], np.arange(num_tokens), src] = False
-    batch, tok, dst = np.nonzero(mask)
-    return pair_counts(batch, src[batch, tok], dst, lead, num_gpus)
+    return off_diagonal(source_totals(src, dst_mask, dst_mask.shape[-1]))
 
 
 def pair_copy_matrix(src: np.ndarray, dest: np.ndarray, num_gpus: int) -> np.ndarray:
     """One copy per token-expert pair (low_latency: no dedup per GPU), none to the token's own GPU.
     src [..., B], dest [..., B, k] GPU of each pair -> [..., G, G] (src, dst)"""
-    lead = src.shape[:-1]
-    pair_src = np.broadcast_to(src[..., None], dest.shape).reshape(-1, *dest.shape[-2:])
-    dest = dest.reshape(pair_src.shape)
-    away = pair_src != dest
-    batch = np.nonzero(away)[0]
-    return pair_counts(batch, pair_src[away], dest[away], lead, num_gpus)
+    per_gpu = (dest[..., None] == np.arange(num_gpus)).sum(-2)  # [..., B, G] pairs of each token per GPU
+    return off_diagonal(source_totals(src, per_gpu, num_gpus))

@@ -38,7 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from moetuner.costmodel.cost import (CostModel, SimulationError, a2a_time, copy_matrix, pair_copy_matrix,
-                                     pair_counts)
+                                     source_totals)
 from moetuner.costmodel.replicas import choose_step_slots
 from moetuner.costmodel.settings import DATAFLOWS, check_dataflow, check_dispatch
 from moetuner.placement import LayerSlots, Placement, check_placement, expert_location, routed_experts
@@ -68,22 +68,21 @@ def relay_copies(src: np.ndarray, on: np.ndarray, cost: CostModel) -> tuple[np.n
     relay b * n + g mod n, which forwards it to b's other GPUs it needs; own-node GPUs get it directly.
     src [..., B], on [..., B, G] bool the GPUs each token needs."""
     num_gpus, per_node = cost.num_gpus, cost.gpus_per_node
-    lead, num_tokens = src.shape[:-1], src.shape[-1]
-    src = src.reshape(-1, num_tokens)
-    mask = on.reshape(len(src), num_tokens, num_gpus).copy()
-    mask[np.arange(len(src))[:, None], np.arange(num_tokens), src] = False
-    batch, tok, dst = np.nonzero(mask)
-    home = src[batch, tok]
-    away = cost.node[dst] != cost.node[home]
-    relay = cost.node[dst] * per_node + home % per_node
-    # one inter-node copy per (token, node): dedupe (batch entry, token, relay)
-    hop = np.unique((batch[away] * num_tokens + tok[away]) * num_gpus + relay[away])
-    hop_token, hop_relay = hop // num_gpus, hop % num_gpus
-    hop_batch = hop_token // num_tokens
-    inter = pair_counts(hop_batch, src[hop_batch, hop_token % num_tokens], hop_relay, lead, num_gpus)
-    forward = away & (relay != dst)
-    intra = pair_counts(batch[~away], home[~away], dst[~away], lead, num_gpus) + \
-        pair_counts(batch[forward], relay[forward], dst[forward], lead, num_gpus)
+    gpu = np.arange(num_gpus)
+    need = copy_matrix(src, on)  # [..., G, G] tokens of each source that need each GPU
+    node_need = on.reshape(*on.shape[:-1], num_gpus // per_node, per_node).any(-1)  # [..., B, nodes]
+    per_node_need = source_totals(src, node_need, num_gpus)  # [..., G, nodes] one copy per (token, node)
+    inter = np.zeros_like(need)
+    for node in range(num_gpus // per_node):
+        away = gpu[cost.node != node]
+        inter[..., away, node * per_node + away % per_node] = per_node_need[..., away, node]
+    same = cost.node[:, None] == cost.node[None, :]
+    relay = cost.node[None, :] * per_node + gpu[:, None] % per_node  # [G, G] relay of (source, destination)
+    forward = ~same & (relay != gpu[None, :])
+    intra = need * same
+    source, dest = np.nonzero(forward)
+    np.add.at(np.moveaxis(intra, (-2, -1), (0, 1)), (relay[source, dest], dest),
+              np.moveaxis(need, (-2, -1), (0, 1))[source, dest])
     return inter, intra
 
 

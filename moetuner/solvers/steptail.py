@@ -38,7 +38,6 @@ from moetuner.placement import Placement, expert_location, logical_replica_count
 from moetuner.solvers.problem import PlacementProblem
 from moetuner.solvers.registry import get_solver
 from moetuner.costmodel.cost import CostModel, cost_model
-from moetuner.costmodel.replicas import layer_slots
 from moetuner.costmodel.score import score, score_layer
 from moetuner.costmodel.bounds import lower_bound as simulator_bound
 from moetuner.trace import Trace, primary_column
@@ -118,7 +117,7 @@ class LayerSearch:
 
     def evaluate(self, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(per-domain mean layer time [D], per-GPU compute summed over all steps [G]) of a row [P]."""
-        slots = layer_slots(row[None], self.problem.num_gpus, self.problem.num_experts)[0]
+        slots = expert_location(row[None], self.problem.num_gpus, self.problem.num_experts).layer(0)
         times, busy = [], np.zeros(self.problem.num_gpus)
         for domain, src in zip(self.steps, self.src):
             token = np.arange(domain.ids.shape[1])
@@ -136,7 +135,7 @@ class LayerSearch:
     def next_src(self, row: np.ndarray) -> list[np.ndarray]:
         """Expert-to-expert: where each token's activation is after this layer (its primary expert's
         first replica). -> per domain [S, B]"""
-        slots = layer_slots(row[None], self.problem.num_gpus, self.problem.num_experts)[0]
+        slots = expert_location(row[None], self.problem.num_gpus, self.problem.num_experts).layer(0)
         out = []
         for domain in self.steps:
             gpu = slots.gpu_of_slot[slots.log2phy[domain.ids[:, :, self.layer], 0]]  # [S, B, k]
