@@ -35,11 +35,6 @@ class Scored:
     charges: Charges  # [S, L] zero unless lp / lp_comm on a replicated layer
 
     @property
-    def layer_s(self) -> np.ndarray:
-        """Charged seconds of every layer-step: scatter + compute tail + combine + decision. [S, L]"""
-        return self.result.layer_time_s + self.charges.total_s
-
-    @property
     def step_s(self) -> np.ndarray:
         """Charged seconds per step. [S]"""
         return charged_step_times(self.result, self.charges)
