@@ -65,15 +65,16 @@ def _every_layer(config: Mapping[str, Any]) -> list[int]:
     return list(range(int(config["num_hidden_layers"])))
 
 
-MOE_LAYER_RULES: dict[str, tuple[Callable[[Mapping[str, Any]], list[int]], str]] = {
-    "deepseek_v2": (_deepseek, "n_routed_experts"),
-    "deepseek_v3": (_deepseek, "n_routed_experts"),
-    "qwen2_moe": (_qwen_moe, "num_experts"),
-    "qwen3_moe": (_qwen_moe, "num_experts"),
-    "mixtral": (_every_layer, "num_local_experts"),
-    "olmoe": (_every_layer, "num_experts"),
+_EXPERTS = ("num_experts", "num_local_experts")  # Hub config.json files / transformers 5's to_dict()
+MOE_LAYER_RULES: dict[str, tuple[Callable[[Mapping[str, Any]], list[int]], tuple[str, ...]]] = {
+    "deepseek_v2": (_deepseek, ("n_routed_experts",)),
+    "deepseek_v3": (_deepseek, ("n_routed_experts",)),
+    "qwen2_moe": (_qwen_moe, _EXPERTS),
+    "qwen3_moe": (_qwen_moe, _EXPERTS),
+    "mixtral": (_every_layer, ("num_local_experts",)),
+    "olmoe": (_every_layer, _EXPERTS),
 }
-"""model_type -> (its MoE-layer rule, the config key of its routed-expert count)."""
+"""model_type -> (its MoE-layer rule, the config keys that may hold its routed-expert count)."""
 
 
 def layout_from_config_dict(config: Mapping[str, Any], source: str = "config.json") -> ModelLayout:
@@ -84,10 +85,10 @@ def layout_from_config_dict(config: Mapping[str, Any], source: str = "config.jso
                           f"{sorted(MOE_LAYER_RULES)}")
     if "num_hidden_layers" not in config:
         raise LayoutError(f"{source}: no num_hidden_layers; give the model's full config.json")
-    rule, experts_key = MOE_LAYER_RULES[model_type]
+    rule, experts_keys = MOE_LAYER_RULES[model_type]
     architectures = config.get("architectures") or [model_type]
     n_group = config.get("n_group") if model_type.startswith("deepseek") else None
-    experts = config.get(experts_key)
+    experts = next((config[k] for k in experts_keys if config.get(k) is not None), None)
     return ModelLayout(num_hidden_layers=int(config["num_hidden_layers"]), moe_layers=tuple(rule(config)),
                        num_experts=None if experts is None else int(experts), architecture=str(architectures[0]),
                        n_group=int(n_group or 1), source=source)
