@@ -574,3 +574,28 @@ def test_fill_empty_slots_by_hand() -> None:
     # no expert of GPU 0 is only there: a copy shifts load (counted); an empty GPU copies the most copied
     filled, changed = fill_empty_slots(np.array([[0, 1, -1, 0, 1, 2], [-1, -1, -1, 0, 1, 1]]), 2)
     assert filled.tolist() == [[0, 1, 0, 0, 1, 2], [1, 1, 1, 0, 1, 1]] and changed == 4
+
+
+# --- the aim: the shipped DeepSeek-V2-Lite traces, solved, in every engine ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def shipped_v2_lite(tmp_path_factory: pytest.TempPathFactory) -> tuple[Placement, dict[str, Any], ModelLayout]:
+    """moetuner-solve's path (solve_placement, write_placement) on data/esft/intent.safetensors, 8 GPUs,
+    one redundant slot per GPU; the layout comes from the trace's own record (27 layers, layer 0 dense)."""
+    from moetuner import PROJECT_ROOT
+    from moetuner.trace import load_trace
+
+    trace = load_trace(PROJECT_ROOT / "data" / "esft" / "intent.safetensors")
+    placement = solve_placement(PlacementProblem(trace, topology(1, EP), replicas=1), "eplb", {})
+    out = write_placement(placement, 64, tmp_path_factory.mktemp("shipped") / "eplb.json")[0]
+    return placement, json.loads(out.read_text())["engines"], layout_from_config_dict(V2_LITE)
+
+
+@pytest.mark.parametrize("engine", [engine_param(e) for e in ENGINE_NAMES])
+def test_a_shipped_trace_placement_passes_every_engine_rule(shipped_v2_lite: tuple, engine: str) -> None:
+    placement, block, layout = shipped_v2_lite
+    assert (block["num_hidden_layers"], block["moe_layers"]) == (27, list(range(1, 27)))
+    path = Path(block[engine]["file"])
+    assert engine_reads(engine, path, layout, block) == placement.phy2log.tolist()
+    assert np.array_equal(read_engine_file(engine, path, layout, 64), placement.phy2log)
