@@ -434,7 +434,7 @@ DEFECTS = {"shifted": shift_keys, "uncovered": uncover, "out_of_range": out_of_r
 ENGINE_REFUSES = {  # defect -> engines whose own reading raises (the rest take the file silently)
     "shifted": {"vllm": ValueError, "trtllm": KeyError},
     "uncovered": {"vllm": ValueError, "trtllm": AssertionError},
-    "out_of_range": {"vllm": ValueError, "trtllm": AssertionError},
+    "out_of_range": {"sglang": IndexError, "vllm": ValueError, "trtllm": AssertionError},
     "missing_layer": {"vllm": ValueError, "trtllm": KeyError},
     "extra_key": {"sglang": TypeError, "trtllm": ValueError},
 }
@@ -444,7 +444,7 @@ ENGINE_REFUSES = {  # defect -> engines whose own reading raises (the rest take 
 @pytest.mark.parametrize("engine", [engine_param(e) for e in ENGINE_NAMES])
 def test_defective_files_are_refused(tmp_path: Path, engine: str, defect: str) -> None:
     """Our reader refuses every defect; the engine itself only some (ENGINE_REFUSES), which is why the
-    exporter validates: SGLang takes a shifted, short, uncovered or out-of-range map without a word."""
+    exporter validates: SGLang's loader takes a shifted, short or uncovered map without a word."""
     layout, _, files, block = exported(tmp_path, "v2-lite")
     rewrite(engine, files[engine], lambda doc: DEFECTS[defect](engine, doc))
     with pytest.raises(EngineFileError):
@@ -453,7 +453,9 @@ def test_defective_files_are_refused(tmp_path: Path, engine: str, defect: str) -
     if refuses is not None:
         with pytest.raises(refuses):
             engine_reads(engine, files[engine], layout, block)
-    elif engine != "sglang" or defect in ("shifted", "uncovered"):  # SGLang's loader indexes with the bad ids
+    elif engine == "sglang":
+        sglang_metadata(files[engine], layout.num_hidden_layers, layout.num_experts)  # SGLang's loader takes it
+    else:
         engine_reads(engine, files[engine], layout, block)  # the engine takes it silently
 
 
