@@ -294,6 +294,13 @@ def engine_settings(placement: Placement, num_experts: int, files: Mapping[str, 
     return block
 
 
+def check_engines(engines: Sequence[str]) -> None:
+    """Raise EngineFileError unless every name is one of ENGINES."""
+    unknown = sorted(set(engines) - set(ENGINES))
+    if unknown:
+        raise EngineFileError(f"unknown engine(s) {unknown}; choose from {list(ENGINES)}")
+
+
 def export_engine_files(placement: Placement, num_experts: int, layout: ModelLayout, stem: str | os.PathLike[str],
                         engines: Sequence[str] = ENGINES) -> tuple[dict[str, Path], dict[str, Any]]:
     """Write `<stem><suffix>` for each engine, read each back strictly, and return (files, engines block).
@@ -301,9 +308,7 @@ def export_engine_files(placement: Placement, num_experts: int, layout: ModelLay
     Empty slots are filled first (`fill_empty_slots`; a warning says when that changes GPU loads), and the
     filled map is checked (`check_exportable`) before anything is written.
     """
-    unknown = sorted(set(engines) - set(ENGINES))
-    if unknown:
-        raise EngineFileError(f"unknown engine(s) {unknown}; choose from {list(ENGINES)}")
+    check_engines(engines)
     layout = resolve_layout(placement.extra, layout, placement.num_layers, f"placement {stem}")
     validate_phy2log(placement.phy2log, num_experts, placement.num_gpus)
     phy2log, changed = fill_empty_slots(placement.phy2log, placement.num_gpus)
@@ -345,5 +350,7 @@ def write_placement(placement: Placement, num_experts: int, out: str | Path,
         return [save_placement(recorded, out)]
     layout = resolve_layout(placement.extra, layout, placement.num_layers, f"placement {out}")
     files, block = export_engine_files(placement, num_experts, layout, out.with_suffix(""))
-    recorded = dataclasses.replace(placement, extra={**placement.extra, "engines": block})
+    model = {"num_hidden_layers": layout.num_hidden_layers, "moe_layers": list(layout.moe_layers),
+             "architecture": layout.architecture}  # so that a later moetuner-export needs no config
+    recorded = dataclasses.replace(placement, extra={**placement.extra, **model, "engines": block})
     return [save_placement(recorded, out), *files.values()]

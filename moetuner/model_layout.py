@@ -114,13 +114,14 @@ def _listed(value: Any) -> list[int]:
 
 
 def layout_from_record(record: Mapping[str, Any], source: str) -> ModelLayout | None:
-    """The layout a record holds (`num_hidden_layers`, `moe_layers`, optional `num_experts`; values as
-    numbers or as the strings of trace metadata), or None where it has no num_hidden_layers or moe_layers."""
+    """The layout a record holds (`num_hidden_layers`, `moe_layers`; optional `num_experts`, `architecture`;
+    numbers or the strings of trace metadata), or None where it has no num_hidden_layers or moe_layers."""
     if record.get("num_hidden_layers") is None or record.get("moe_layers") is None:
         return None
     experts = record.get("num_experts")
     return ModelLayout(num_hidden_layers=int(record["num_hidden_layers"]), moe_layers=tuple(_listed(record["moe_layers"])),
-                       num_experts=None if experts is None else int(experts), source=source)
+                       num_experts=None if experts is None else int(experts),
+                       architecture=str(record.get("architecture", "unknown")), source=source)
 
 
 def check_same_layout(recorded: ModelLayout, config: ModelLayout) -> None:
