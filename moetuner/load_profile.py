@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from moetuner.atomic import atomic_path
+from moetuner.profiling.stats import expert_load
 from moetuner.trace import Trace, TraceError
 
 LOAD_FORMAT = "moetuner-load/1"
@@ -119,3 +120,14 @@ def load_load_profile(path: str | os.PathLike[str]) -> LoadProfile:
     if profile.num_experts != int(meta["num_experts"]):
         raise TraceError(f"{path}: metadata num_experts={meta['num_experts']} but counts has E={profile.num_experts}")
     return profile
+
+
+def load_profile_of_trace(trace: Trace, step_tokens: int) -> LoadProfile:
+    """A trace's expert loads per step of `step_tokens` tokens (the last step may be shorter), as an engine's
+    load recorder would count them while serving the trace's requests. [T, L, k] -> counts [N, L, E]"""
+    assert step_tokens > 0, "step_tokens must be positive"
+    steps = [trace.topk_ids[start:start + step_tokens] for start in range(0, trace.num_tokens, step_tokens)]
+    counts = np.stack([expert_load(ids, trace.num_experts) for ids in steps]).astype(np.int64)
+    extra = {k: v for k, v in trace.extra.items() if k in ("num_hidden_layers", "dataset")}
+    return LoadProfile(counts=counts, model=trace.model, moe_layers=list(trace.moe_layers),
+                       source=f"loads:{trace.source}", extra={**extra, "step_tokens": str(step_tokens)})

@@ -203,3 +203,15 @@ def test_sglang_stat_without_a_config_finds_the_moe_layers(tmp_path: Path) -> No
     assert profile.moe_layers == [1, 2, 3] and profile.extra["num_hidden_layers"] == "4"
     with pytest.raises(RoutingImportError, match="give model=NAME"):
         import_loads("sglang_stat", sglang_stat(tmp_path))
+
+
+def test_a_trace_as_a_load_profile_by_hand(tmp_path: Path) -> None:
+    """format=trace: 5 tokens of 1 layer, top-2 of 3 experts, steps of 2 tokens (the last has 1)."""
+    from moetuner.trace import Trace, save_trace
+
+    ids = np.array([[[0, 1]], [[0, 2]], [[1, 2]], [[1, 0]], [[2, 1]]], dtype=np.int16)
+    trace = Trace(topk_ids=ids, seq_ids=np.zeros(5, np.int32), model="m", num_experts=3, moe_layers=[1], source="t",
+                  hidden_size=8, moe_intermediate_size=8, extra={"num_hidden_layers": "2"})
+    profile = import_loads("trace", save_trace(trace, tmp_path / "t.safetensors"), step_tokens=2)
+    assert profile.counts.tolist() == [[[2, 1, 1]], [[1, 2, 1]], [[0, 1, 1]]]
+    assert profile.moe_layers == [1] and profile.extra["num_hidden_layers"] == "2"

@@ -24,7 +24,7 @@ MODEL_FIELDS = ("model", "hidden_size", "moe_intermediate_size", "dtype")
 def main(cfg: DictConfig) -> None:
     if cfg.format in LOAD_READERS:
         profile = import_loads(cfg.format, cfg.path, model=cfg.model, model_config=cfg.model_config,
-                               load_balancer=cfg.load_balancer)
+                               load_balancer=cfg.load_balancer, step_tokens=cfg.step_tokens)
         tags = {"model": profile.model, "dataset": profile.source, "format": cfg.format}
         with tracked_run("import", cfg, tags=tags) as run:
             save_load_profile(profile, cfg.out)

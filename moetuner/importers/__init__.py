@@ -4,7 +4,8 @@
 Model metadata a source file does not hold comes from the format's `ModelInfo` defaults, and any
 field can be overridden (e.g. the model an SGLang dump came from).
 `import_loads(fmt, path, ...)` reads an engine's load dump (sglang_stat, sglang_per_pass,
-vllm_load_stats, trtllm_statistic) into a load profile (`moetuner.importers.load_dumps`).
+vllm_load_stats, trtllm_statistic; `trace`: a moetuner trace's loads) into a load profile
+(`moetuner.importers.load_dumps`).
 """
 
 from __future__ import annotations
@@ -39,15 +40,17 @@ def import_routing(fmt: str, path: str | os.PathLike[str], **overrides: object) 
 
 def import_loads(fmt: str, path: str | os.PathLike[str], model: str | None = None,
                  model_config: str | os.PathLike[str] | None = None,
-                 load_balancer: str | os.PathLike[str] | None = None) -> LoadProfile:
+                 load_balancer: str | os.PathLike[str] | None = None, step_tokens: int = 4096) -> LoadProfile:
     """Read an engine load dump in format `fmt` from `path` as a validated LoadProfile.
 
     model: the model's name where the dump does not record it; model_config: its Hugging Face config.json
     (the decoder layers and expert count; vllm_load_stats needs it); load_balancer: the TensorRT-LLM
-    balancer YAML a trtllm_statistic dump was counted under (its counts are then per slot).
+    balancer YAML a trtllm_statistic dump was counted under (its counts are then per slot); step_tokens:
+    tokens per step of format `trace`.
     """
     if fmt not in LOAD_READERS:
         raise RoutingImportError(f"unknown load-dump format {fmt!r}; choose one of {list(LOAD_READERS)}")
     layout = None if model_config is None else read_model_config(model_config)
-    options = DumpOptions(model=model, layout=layout, load_balancer=None if load_balancer is None else Path(load_balancer))
+    options = DumpOptions(model=model, layout=layout, load_balancer=None if load_balancer is None else Path(load_balancer),
+                          step_tokens=int(step_tokens))
     return LOAD_READERS[fmt](Path(path), options)

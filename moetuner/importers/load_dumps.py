@@ -15,6 +15,8 @@ Formats (docs/engines.md, "Load dumps", with the engines' source lines):
   "num_experts_per_token") and rank{r}.safetensors with int64 bincounts under "{iter}_{decoder_layer}"; a step
   per iteration, summed over ranks. With its load balancer active the counts are per slot, mapped to experts
   through the balancer's `initial_global_assignments` (`load_balancer=` its YAML).
+- `trace`: a moetuner trace's loads per step of `step_tokens` tokens, as an engine would count them while
+  serving the trace's requests (the study's `loads` trace kind).
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ from typing import Any
 import numpy as np
 
 from moetuner.importers.base import RoutingImportError, check_exists
-from moetuner.load_profile import LoadProfile
-from moetuner.model_layout import ModelLayout
+from moetuner.load_profile import LoadProfile, load_profile_of_trace
+from moetuner.model_layout import ModelLayout, check_record
+from moetuner.trace import load_trace
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class DumpOptions:
     model: str | None = None
     layout: ModelLayout | None = None
     load_balancer: Path | None = None  # TensorRT-LLM load-balancer YAML the dump was counted under
+    step_tokens: int = 4096  # format `trace`: tokens per step
 
 
 def slots_to_experts(physical: np.ndarray, phy2log: np.ndarray, num_experts: int) -> np.ndarray:
@@ -237,9 +241,19 @@ def read_trtllm_statistic(path: Path, options: DumpOptions) -> LoadProfile:
                       options, iterations=json.dumps(iterations))
 
 
+def read_trace_loads(path: Path, options: DumpOptions) -> LoadProfile:
+    """A moetuner trace's loads per step (what an engine would have dumped serving its requests)."""
+    trace = load_trace(path)
+    if options.layout is not None:
+        check_record(options.layout, {**trace.extra, "moe_layers": trace.moe_layers, "num_experts": trace.num_experts},
+                     f"trace {path}")
+    return load_profile_of_trace(trace, options.step_tokens).validate(str(path))
+
+
 LOAD_READERS: dict[str, Callable[[Path, DumpOptions], LoadProfile]] = {
     "sglang_stat": read_sglang_stat,
     "sglang_per_pass": read_sglang_per_pass,
     "vllm_load_stats": read_vllm_load_stats,
     "trtllm_statistic": read_trtllm_statistic,
+    "trace": read_trace_loads,
 }
