@@ -215,3 +215,16 @@ def test_a_trace_as_a_load_profile_by_hand(tmp_path: Path) -> None:
     profile = import_loads("trace", save_trace(trace, tmp_path / "t.safetensors"), step_tokens=2)
     assert profile.counts.tolist() == [[[2, 1, 1]], [[1, 2, 1]], [[0, 1, 1]]]
     assert profile.moe_layers == [1] and profile.extra["num_hidden_layers"] == "2"
+
+
+def test_the_import_app_writes_a_load_profile(tmp_path: Path, config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from moetuner.apps.import_trace import main as import_main
+
+    out = tmp_path / "loads.safetensors"
+    monkeypatch.setattr(sys, "argv", ["moetuner-import", "format=vllm_load_stats", f"path={vllm_load_stats(tmp_path)}",
+                                      f"model_config={config}", "model=m", f"out={out}", "mlflow=off",
+                                      f"hydra.run.dir={tmp_path}"])
+    import_main()
+    assert load_load_profile(out).counts.tolist() == EXPERTS
