@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from moetuner.importers.base import RoutingImportError, check_exists
 from moetuner.load_profile import LoadProfile, load_profile_of_trace
@@ -190,8 +191,6 @@ _TRT_KEY = re.compile(r"(\d+)_(\d+)")
 
 def trtllm_slot_map(path: Path, layers: list[int]) -> np.ndarray:
     """[L, P] slot -> expert of a TensorRT-LLM load-balancer YAML (or an options YAML holding one)."""
-    import yaml
-
     doc = yaml.safe_load(check_exists(path, "the TensorRT-LLM load-balancer YAML the dump was counted under").read_text())
     doc = doc.get("moe_config", {}).get("load_balancer", doc) if isinstance(doc, dict) else doc
     if isinstance(doc, str):  # an options file naming the balancer file
