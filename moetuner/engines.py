@@ -337,7 +337,7 @@ def write_placement(placement: Placement, num_experts: int, out: str | Path,
                     layout: ModelLayout | None = None) -> list[Path]:
     """Engine files, then the placement JSON at `out` with an `engines` block (all atomic).
 
-    layout: the model's decoder layers (None: the ones the placement records, `layout_from_placement`);
+    layout: the model's decoder layers (None: the ones the placement records, `layout_from_record`);
     when neither knows them, no engine file is written and the block says why. `out` is written last, so
     a complete `out` means the engine files are there too. Returns [out, *engine files].
     """

@@ -16,7 +16,7 @@ from moetuner.engines import write_placement
 from moetuner.solvers.registry import placement_metrics, solve_placement
 from moetuner.placement import load_placement
 from moetuner.solvers.problem import PlacementProblem
-from moetuner.trace import save_trace
+from moetuner.trace import Trace, save_trace
 from test_solvers import make_trace, random_trace, topology
 
 APP = [sys.executable, "-c", "from moetuner.apps.solve import main; main()"]
@@ -44,7 +44,7 @@ def test_metrics_by_hand(tmp_path: Path) -> None:
     assert metrics["bound"] is None and metrics["gap"] is None
 
 
-def with_layers(trace, total: int, moe_layers: list[int]):
+def with_layers(trace: Trace, total: int, moe_layers: list[int]) -> Trace:
     """`trace` of a model with `total` decoder layers whose MoE layers are `moe_layers`."""
     return dataclasses.replace(trace, moe_layers=moe_layers, extra={**trace.extra, "num_hidden_layers": str(total)})
 
