@@ -5,7 +5,9 @@ Tensors:
   topk_weights  float16/float32 [T, L, k]  gate weights (optional)
   seq_ids       int32   [T]        sequence (document/request) of each token
 Header metadata (strings): format, model, num_experts, top_k, moe_layers (JSON list of
-decoder-layer indices), source, dtype, hidden_size, moe_intermediate_size.
+decoder-layer indices), source, dtype, hidden_size, moe_intermediate_size; optional:
+num_hidden_layers (the model's decoder-layer count, dense layers included; engine files need it,
+see moetuner.model_layout).
 """
 
 from __future__ import annotations
@@ -91,6 +93,10 @@ class Trace:
         if len(self.moe_layers) != ids.shape[1]:
             raise TraceError(f"{name}: moe_layers lists {len(self.moe_layers)} layers but "
                              f"topk_ids has L={ids.shape[1]}")
+        total = self.extra.get("num_hidden_layers")
+        if total is not None and (not str(total).isdigit() or int(total) <= max(self.moe_layers, default=-1)):
+            raise TraceError(f"{name}: num_hidden_layers={total!r} must be an integer above the last MoE "
+                             f"layer {max(self.moe_layers, default=-1)}")
         if ids.shape[2] > self.num_experts:
             raise TraceError(f"{name}: top_k={ids.shape[2]} exceeds num_experts={self.num_experts}")
         if ids.size:

@@ -43,7 +43,8 @@ def find_routers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
 
 
 def model_shape(model: torch.nn.Module) -> dict[str, Any]:
-    """Trace metadata read from the model: num_experts, top_k, moe_layers, hidden_size, moe_intermediate_size."""
+    """Trace metadata read from the model: num_experts, top_k, moe_layers, num_hidden_layers, hidden_size,
+    moe_intermediate_size."""
     found = find_routers(model)
     gate = found[0][1]
     config = model.config
@@ -51,6 +52,7 @@ def model_shape(model: torch.nn.Module) -> dict[str, Any]:
         "num_experts": int(gate.weight.shape[0]),
         "top_k": int(gate.top_k),
         "moe_layers": [i for i, _ in found],
+        "num_hidden_layers": len(model.model.layers),
         "hidden_size": int(config.hidden_size),
         "moe_intermediate_size": int(getattr(config, "moe_intermediate_size", None) or config.intermediate_size),
     }

@@ -100,7 +100,8 @@ def empty_trace(model: torch.nn.Module, name: str, source: str) -> Trace:
     return Trace(topk_ids=np.zeros((0, len(shape["moe_layers"]), shape["top_k"]), np.int16),
                  seq_ids=np.zeros(0, np.int32), model=name, num_experts=shape["num_experts"],
                  moe_layers=shape["moe_layers"], source=source, hidden_size=shape["hidden_size"],
-                 moe_intermediate_size=shape["moe_intermediate_size"], dtype=dtype)
+                 moe_intermediate_size=shape["moe_intermediate_size"], dtype=dtype,
+                 extra={"num_hidden_layers": str(shape["num_hidden_layers"])})
 
 
 @torch.no_grad()
