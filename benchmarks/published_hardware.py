@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/published_hardware.py --out docs/results/published_hardware
 
-Fits the `efficiency` GEMM curve and the link constants on the fit split (moetuner.costmodel.hardware_fit
+Fits the `efficiency` GEMM curve and the link constants on the fit split (moetuner.hardware.fit
 FIT_RULES: GEMMs on DeepSeek-V3's expert shapes at M >= 128, communication on EP <= 32), then simulates
 every published number of data/published/ and writes DIR/rows.csv (source, table, kind, ep, tokens, m, n,
 k, unit, published, simulated, rel_error, used_in_fit), DIR/summary.csv (error by table and split) and
@@ -18,7 +18,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from moetuner import PROJECT_ROOT
-from moetuner.costmodel.hardware_fit import error_summary, fit_published, write_fit
+from moetuner.hardware.fit import error_summary, fit_published, write_fit
 
 
 def main() -> None:

@@ -36,9 +36,9 @@ class Source:
 _DEEPEP = dict(repository="deepseek-ai/DeepEP", upstream_repository="deepseek-ai/DeepEP",
                path="docs/legacy.md", commit="3528514a6c3dac39e53d39cf67c7fffd49e23487",
                excerpt="deepseek-ai_DeepEP__docs-legacy.md__3528514a.md")
-_DEEPGEMM = dict(repository="cassiewilliam/DeepGEMM", upstream_repository="deepseek-ai/DeepGEMM",
-                 path="README.md", commit="d7964a5a0d4b20101b548df3a845f6f09f2d7c3f",
-                 excerpt="cassiewilliam_DeepGEMM__README.md__d7964a5a.md")
+_DEEPGEMM = dict(repository="deepseek-ai/DeepGEMM", upstream_repository="deepseek-ai/DeepGEMM",
+                 path="README.md", commit="78cacf70d41d15d688bd493ebc85845f7f2a3d5d",
+                 excerpt="deepseek-ai_DeepGEMM__README.md__78cacf70.md")
 
 TABLES: dict[str, Source] = {
     "deepep_normal": Source(**_DEEPEP, heading="Normal kernels with NVLink and RDMA forwarding"),
@@ -48,6 +48,38 @@ TABLES: dict[str, Source] = {
                                           heading="Grouped GEMMs for MoE models (contiguous layout)"),
     "deepgemm_grouped_masked": Source(**_DEEPGEMM, heading="Grouped GEMMs for MoE models (masked layout)"),
 }
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """The upstream commit that first published a row's numbers (the kernel version that measured it)."""
+
+    commit: str  # 40 hex digits, in the upstream repository
+    date: str  # of that commit, YYYY-MM-DD
+    label: str  # short name of the kernel version
+
+
+_DEEPEP_V1 = Kernel("ebfe47e46fa86a5b41be96c326a92f62ed6721da", "2025-02-24", "DeepEP V1, first release")
+_DEEPEP_INTERNODE = Kernel("3b1045db43ed232691d32dde0517dfed571b0a65", "2025-04-22",
+                           "DeepEP V1, after the internode optimization")
+_DEEPEP_LL = Kernel("de8cfca3cf86464c856f0e393f6a17359ff28c70", "2025-06-05", "DeepEP V1, low-latency update")
+_DEEPGEMM_V1 = Kernel("a6d97a1c1b48a7a9d7994d0e155ee6f11d0a3f07", "2025-02-25", "DeepGEMM, first release")
+
+
+def measured_by(name: str, row: dict[str, object]) -> Kernel:
+    """The kernel version behind one CSV row of table ``name``, read from the upstream history of the file
+    that holds the table (``git log -p``): DeepEP's README first published every row at ebfe47e; 3b1045d
+    replaced the internode normal rows (EP 16/32/64; EP16 with the same 43/43 GB/s); de8cfca replaced the
+    low-latency rows of EP 8-64 only, so EP 128/256 are still the first release's kernel. DeepGEMM's tables
+    are unchanged from its first commit a6d97a1 to 78cacf7 (55ab91f later raised the M = 4096 and
+    contiguous rows: a newer kernel, not these rows)."""
+    if name.startswith("deepgemm"):
+        return _DEEPGEMM_V1
+    if name == "deepep_normal":
+        return _DEEPEP_V1 if row["num_ep"] == 8 else _DEEPEP_INTERNODE
+    if name == "deepep_low_latency":
+        return _DEEPEP_LL if int(row["num_ep"]) <= 64 else _DEEPEP_V1
+    raise KeyError(name)
 
 
 @dataclass(frozen=True)
@@ -143,14 +175,19 @@ def table_from_source(name: str) -> pd.DataFrame:
     table = source_table(name)
     provenance = {"repository": source.repository, "upstream_repository": source.upstream_repository,
                   "path": source.path, "commit": source.commit, "table": source.heading}
-    return pd.DataFrame([{**provenance, **row} for row in _rows(name, table)])
+    out = []
+    for row in _rows(name, table):
+        kernel = measured_by(name, row)
+        out.append({**provenance, "gpu": "H800", "measured_commit": kernel.commit, "measured_date": kernel.date,
+                    "kernel": kernel.label, **row})
+    return pd.DataFrame(out)
 
 
 def load_table(name: str) -> pd.DataFrame:
     """The shipped CSV ``data/published/<name>.csv`` (``name`` is a key of ``TABLES``)."""
     if name not in TABLES:
         raise KeyError(f"unknown published table {name!r}; known: {sorted(TABLES)}")
-    return pd.read_csv(PUBLISHED_DIR / f"{name}.csv", dtype={"commit": str})
+    return pd.read_csv(PUBLISHED_DIR / f"{name}.csv", dtype={"commit": str, "measured_commit": str})
 
 
 def write_tables(directory: Path = PUBLISHED_DIR) -> None:

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from moetuner import PROJECT_ROOT
 from moetuner.costmodel.cost import CostModel, GemmCurve, SimulationError, a2a_time, cost_model
-from moetuner.costmodel.hardware_fit import (Gemm, Links, comm_bench, comm_rows, comm_seconds, fit_gemm, fit_links,
+from moetuner.hardware.fit import (Gemm, Links, bench_experts, comm_bench, comm_rows, comm_seconds, fit_gemm, fit_links,
                                              fit_published, gemm_rows, route, simulate_comm, simulate_gemm)
 from moetuner.costmodel.replicas import layer_slots
 from moetuner.costmodel.simulator import layer_step
@@ -114,8 +114,11 @@ def test_comm_seconds_is_the_simulator(table: str, ep: int) -> None:
     bench = comm_bench(table, ep, seed=3)
     links = Links(150.0, 40.0, 20.0, 30.0, 0.1)
     cost = links.cost(ep)
-    ids = route(ep, bench.tokens, None if table == "deepep_low_latency" or ep == 8 else min(ep // 8, 4), seed=3)
-    slots = layer_slots(contiguous_phy2log(1, 256, ep, 256 // ep), ep, 256)[0]
+    experts = bench_experts(table, ep)
+    assert experts == (288 if table == "deepep_low_latency" else 256)  # DeepEP's tests at EP 8 and 16
+    ids = route(ep, bench.tokens, None if table == "deepep_low_latency" or ep == 8 else min(ep // 8, 4), seed=3,
+                experts=experts)
+    slots = layer_slots(contiguous_phy2log(1, experts, ep, experts // ep), ep, experts)[0]
     src = np.arange(len(ids)) % ep
     step = layer_step(slots.log2phy[ids, 0], src, src, slots, cost, bench.dataflow)
     assert comm_seconds(bench, cost) == pytest.approx((step.scatter_s, step.combine_s), rel=1e-12)
@@ -162,7 +165,8 @@ def test_published_numbers_reproduced(published_fit) -> None:
     rows: pd.DataFrame = published_fit.rows
     assert len(rows) == 2 * 28 + 8 + 24  # every published number: TFLOPS and GB/s per GEMM row, DeepEP cells
     expert = rows["n"].isna() | rows[["n", "k"]].apply(tuple, axis=1).isin([(4096, 7168), (7168, 2048)])
-    fit, check = rows[rows["used_in_fit"]], rows[~rows["used_in_fit"] & expert]
+    fit, check = rows[rows["used_in_fit"]], rows[(rows["split"] == "validation") & expert]
+    assert set(rows.loc[rows["split"] == "older_kernel", "ep"]) == {128, 256}  # DeepEP's first LL kernel
     assert fit["rel_error"].abs().max() < 0.15
     assert len(check) >= 4 and check["rel_error"].abs().max() < 0.25
     assert set(check["table"]) == {"deepgemm_dense", "deepep_normal", "deepep_low_latency"}

@@ -42,6 +42,23 @@ def test_provenance(name: str) -> None:
     assert source.commit in (PUBLISHED_DIR / "README.md").read_text()
 
 
+def test_measured_by_kernel_version() -> None:
+    """Each row names the upstream commit that first published its numbers (read from DeepEP's and
+    DeepGEMM's README history): low-latency EP 8-64 re-measured at de8cfca, EP 128/256 still the first
+    release; normal internode rows re-measured at 3b1045d; DeepGEMM's tables from its first commit."""
+    ll = load_table("deepep_low_latency").set_index("num_ep")["measured_commit"].str[:7].to_dict()
+    assert ll == {8: "de8cfca", 16: "de8cfca", 32: "de8cfca", 64: "de8cfca", 128: "ebfe47e", 256: "ebfe47e"}
+    normal = load_table("deepep_normal").groupby("num_ep")["measured_commit"].agg(set).to_dict()
+    assert {ep: {c[:7] for c in v} for ep, v in normal.items()} == \
+        {8: {"ebfe47e"}, 16: {"3b1045d"}, 32: {"3b1045d"}, 64: {"3b1045d"}}
+    for name in TABLES:
+        table = load_table(name)
+        assert table["measured_commit"].str.fullmatch(r"[0-9a-f]{40}").all() and (table["gpu"] == "H800").all()
+        if name.startswith("deepgemm"):
+            assert (table["measured_commit"].str[:7] == "a6d97a1").all()
+            assert TABLES[name].commit.startswith("78cacf7") and TABLES[name].repository == "deepseek-ai/DeepGEMM"
+
+
 def _row(name: str, **match: object) -> pd.Series:
     table = load_table(name)
     found = table[(table[list(match)] == pd.Series(match)).all(axis=1)]

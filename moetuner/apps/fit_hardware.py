@@ -14,7 +14,7 @@ import hydra
 from omegaconf import DictConfig
 
 from moetuner.apps.common import CONF_DIR
-from moetuner.costmodel.hardware_fit import fit_published, write_fit
+from moetuner.hardware.fit import error_summary, fit_published, write_fit
 from moetuner.tracking import tracked_run
 
 
@@ -23,9 +23,8 @@ def main(cfg: DictConfig) -> None:
     with tracked_run("fit_hardware", cfg) as run:
         fit = fit_published(int(cfg.seed))
         paths = write_fit(fit, Path(cfg.out), f"moetuner-fit-hardware seed={cfg.seed}")
-        errors = fit.rows.assign(split=fit.rows["used_in_fit"].map({True: "fit", False: "validation"}))
-        run.log_metrics({f"max_abs_rel_error.{t}.{s}": float(v) for (t, s), v in
-                         errors.groupby(["table", "split"])["rel_error"].apply(lambda e: e.abs().max()).items()})
+        run.log_metrics({f"max_abs_rel_error.{r.gpu}.{r.table}.{r.split}": float(r.max)
+                         for r in error_summary(fit.rows).itertuples()})
         for path in paths:
             run.log_artifact(path)
         print(fit.rows.to_string(index=False))

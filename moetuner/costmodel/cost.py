@@ -7,7 +7,7 @@
   - `efficiency`: an expert is two grouped GEMMs, gate+up (M=n, N=2i, K=h) and down (M=n, N=h, K=i);
     each costs the smooth roofline ((flops/P)^q + (bytes/W)^q)^(1/q) (GemmCurve), and a GPU that
     serves any token pays each GEMM's K-loop latency k_latency_s * K once (one grouped kernel).
-    The constants are fitted on DeepGEMM's published tables (moetuner.costmodel.hardware_fit).
+    The constants are fitted on DeepGEMM's published tables (moetuner.hardware.fit).
 - communication: one copy of a token is `scatter_bytes` on the way out and `combine_bytes` on the way
   back (default h * 2, bf16 both ways). An all-to-all phase costs max over GPUs of max(send, receive),
   where send = the transfer seconds + the largest latency among the peers it sends to (messages leave

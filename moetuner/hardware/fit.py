@@ -41,14 +41,17 @@ from moetuner.topology import GB
 
 HIDDEN = 7168  # DeepSeek-V3/R1
 EXPERTS, TOP_K, GPUS_PER_NODE = 256, 8, 8
+LL_TEST_EXPERTS = 288  # DeepEP's tests/test_low_latency.py: num_experts = 288 (it asserts 288 % EP == 0)
 EXPERT_SHAPES = ((4096, 7168), (7168, 2048))  # (N, K) of V3's fused gate+up and down GEMMs
 FP8_TOKEN_BYTES = HIDDEN + HIDDEN // 128 * SCALE_BYTES  # FP8 values + one float32 scale per 128
 LL_DISPATCH_BYTES = FP8_TOKEN_BYTES + 16  # tests/test_low_latency.py counts 16 more bytes per pair
 BF16_TOKEN_BYTES = 2 * HIDDEN
-ROW_COLUMNS = ["source", "table", "kind", "ep", "tokens", "m", "n", "k", "unit", "published", "simulated",
-               "rel_error", "used_in_fit"]
+ROW_COLUMNS = ["source", "table", "gpu", "kernel", "measured_commit", "kind", "ep", "tokens", "m", "n", "k",
+               "unit", "published", "simulated", "rel_error", "used_in_fit", "split"]
+PROVENANCE = ["gpu", "kernel", "measured_commit"]
+OLDER_KERNEL = "DeepEP V1, first release"  # low-latency EP 128/256: not re-measured by de8cfca
 FIT_RULES = {"gemm": "expert shapes (N, K) in {(4096, 7168), (7168, 2048)} at M >= 128",
-             "comm": "EP <= 32"}
+             "comm": "EP <= 32; low-latency rows of the older kernel (EP 128/256) form their own group"}
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,7 @@ def gemm_rows() -> pd.DataFrame:
         m = t["m_per_group"] if "m_per_group" in t else t["m"]
         parts.append(pd.DataFrame({"source": TABLES[name].upstream_repository, "table": name, "groups": groups,
                                    "m": m, "n": t["n"], "k": t["k"], "tflops": t["computation_tflops"],
-                                   "gbps": t["memory_bandwidth_gbps"]}))
+                                   "gbps": t["memory_bandwidth_gbps"], **{c: t[c] for c in PROVENANCE}}))
     rows = pd.concat(parts, ignore_index=True)
     expert = np.zeros(len(rows), bool)
     for n, k in EXPERT_SHAPES:
@@ -122,19 +125,19 @@ def gemm_flops_bytes(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 # ---- communication workloads -------------------------------------------------------------------------------
 
 
-def route(num_ranks: int, tokens: int, topk_groups: int | None, seed: int) -> np.ndarray:
-    """Uniform random top-8 of 256 experts for `tokens` tokens on each of num_ranks ranks; with topk_groups,
+def route(num_ranks: int, tokens: int, topk_groups: int | None, seed: int, experts: int = EXPERTS) -> np.ndarray:
+    """Uniform random top-8 of `experts` experts for `tokens` tokens on each of num_ranks ranks; with topk_groups,
     groups = nodes (256 / nodes experts each) and only the topk_groups groups with the largest max score
     compete (DeepEP's tests). -> [num_ranks * tokens, 8] expert ids; token j lives on rank j % num_ranks."""
     rng = np.random.default_rng(seed)
-    scores = rng.random((num_ranks * tokens, EXPERTS))
+    scores = rng.random((num_ranks * tokens, experts))
     if topk_groups is not None:
         nodes = num_ranks // GPUS_PER_NODE
         group_max = scores.reshape(len(scores), nodes, -1).max(-1)
         keep = np.argsort(-group_max, axis=1)[:, :topk_groups]
         allowed = np.zeros((len(scores), nodes), bool)
         np.put_along_axis(allowed, keep, True, axis=1)
-        scores = np.where(np.repeat(allowed, EXPERTS // nodes, axis=1), scores, -1.0)
+        scores = np.where(np.repeat(allowed, experts // nodes, axis=1), scores, -1.0)
     return np.argsort(-scores, axis=1)[:, :TOP_K]
 
 
@@ -150,14 +153,21 @@ class CommBench:
     counted: float  # the benchmark's count per rank: received pairs, (token, node) pairs, or token-expert pairs
 
 
-def comm_bench(table: str, ep: int, seed: int = 0) -> CommBench:
-    """The workload behind one EP size of `deepep_normal` or `deepep_low_latency`."""
+def bench_experts(table: str, ep: int) -> int:
+    """Experts of DeepEP's test at this EP size: the low-latency test runs 288 (where EP divides it: 8, 16,
+    32); at EP 64-256, where 288 does not divide, the published setup names none and 256 (V3's) is used."""
+    return LL_TEST_EXPERTS if table == "deepep_low_latency" and LL_TEST_EXPERTS % ep == 0 else EXPERTS
+
+
+def comm_bench(table: str, ep: int, seed: int = 0, experts: int | None = None) -> CommBench:
+    """The workload behind one EP size of `deepep_normal` or `deepep_low_latency` (experts: bench_experts)."""
     low_latency = table == "deepep_low_latency"
+    experts = bench_experts(table, ep) if experts is None else experts
     tokens = 128 if low_latency else 4096
     nodes = ep // GPUS_PER_NODE
-    ids = route(ep, tokens, None if low_latency or nodes == 1 else min(nodes, 4), seed)
+    ids = route(ep, tokens, None if low_latency or nodes == 1 else min(nodes, 4), seed, experts)
     src = np.arange(len(ids)) % ep
-    dest = ids // (EXPERTS // ep)  # [T, k] GPU of each pair (EP-wise contiguous)
+    dest = ids // (experts // ep)  # [T, k] GPU of each pair (EP-wise contiguous)
     on = np.zeros((len(ids), ep), bool)
     on[np.arange(len(ids))[:, None], dest] = True
     if low_latency:
@@ -196,16 +206,20 @@ def comm_rows() -> pd.DataFrame:
     rows = []
     for r in load_table("deepep_normal").itertuples():
         rows.append({"table": "deepep_normal", "kind": f"{r.operation}_bandwidth", "ep": r.num_ep, "tokens": 4096,
-                     "unit": "GB/s", "published": float(r.bottleneck_bandwidth_gbps)})
+                     "unit": "GB/s", "published": float(r.bottleneck_bandwidth_gbps),
+                     **{c: getattr(r, c) for c in PROVENANCE}})
     for r in load_table("deepep_low_latency").itertuples():
         for op in ("dispatch", "combine"):
-            rows.append({"table": "deepep_low_latency", "kind": f"{op}_latency", "ep": r.num_ep, "tokens": 128,
-                         "unit": "us", "published": float(getattr(r, f"{op}_latency_us"))})
-            rows.append({"table": "deepep_low_latency", "kind": f"{op}_bandwidth", "ep": r.num_ep, "tokens": 128,
-                         "unit": "GB/s", "published": float(getattr(r, f"{op}_rdma_bandwidth_gbps"))})
+            for what, unit, column in (("latency", "us", f"{op}_latency_us"),
+                                       ("bandwidth", "GB/s", f"{op}_rdma_bandwidth_gbps")):
+                rows.append({"table": "deepep_low_latency", "kind": f"{op}_{what}", "ep": r.num_ep, "tokens": 128,
+                             "unit": unit, "published": float(getattr(r, column)),
+                             **{c: getattr(r, c) for c in PROVENANCE}})
     out = pd.DataFrame(rows)
     out.insert(0, "source", TABLES["deepep_normal"].upstream_repository)
     out["used_in_fit"] = out["ep"] <= 32
+    out["split"] = np.where(out["used_in_fit"], "fit",
+                            np.where(out["kernel"] == OLDER_KERNEL, "older_kernel", "validation"))
     return out
 
 
@@ -290,7 +304,9 @@ def row_table(gemm: Gemm, links: Links, benches: Sequence[CommBench]) -> pd.Data
         gemm_part.append(pd.DataFrame({"source": g["source"], "table": g["table"], "kind": kind, "ep": np.nan,
                                        "tokens": g["groups"] * g["m"], "m": g["m"], "n": g["n"], "k": g["k"],
                                        "unit": unit, "published": g[col].astype(float), "simulated": sim,
-                                       "used_in_fit": g["used_in_fit"]}))
+                                       "used_in_fit": g["used_in_fit"],
+                                       "split": np.where(g["used_in_fit"], "fit", "validation"),
+                                       **{c: g[c] for c in PROVENANCE}}))
     c = comm_rows()
     c["simulated"] = simulate_comm(c, links, benches)
     rows = pd.concat([*gemm_part, c], ignore_index=True)
@@ -310,6 +326,22 @@ def fit_published(seed: int = 0) -> HardwareFit:
     return HardwareFit(gemm, links, row_table(gemm, links, benches))
 
 
+def expert_count_effect(links: Links, seed: int = 0) -> pd.DataFrame:
+    """The low-latency rows where DeepEP's test runs 288 experts (EP 8, 16, 32), simulated under `links` with
+    288 and with 256 experts: columns ep, operation, seconds_288, seconds_256, rel_difference (256 vs 288)."""
+    rows = []
+    for ep in sorted(load_table("deepep_low_latency")["num_ep"]):
+        if LL_TEST_EXPERTS % ep:
+            continue
+        times = {e: comm_seconds(comm_bench("deepep_low_latency", ep, seed, e), links.cost(ep))
+                 for e in (LL_TEST_EXPERTS, EXPERTS)}
+        for i, op in enumerate(("dispatch", "combine")):
+            rows.append({"ep": ep, "operation": op, "seconds_288": times[LL_TEST_EXPERTS][i],
+                         "seconds_256": times[EXPERTS][i],
+                         "rel_difference": times[EXPERTS][i] / times[LL_TEST_EXPERTS][i] - 1})
+    return pd.DataFrame(rows)
+
+
 def write_fit(fit: HardwareFit, out: Path, command: str) -> list[Path]:
     """out/rows.csv, out/summary.csv and out/calibration.yaml (the `calibration` block, headed by `command`)."""
     from omegaconf import OmegaConf
@@ -319,12 +351,26 @@ def write_fit(fit: HardwareFit, out: Path, command: str) -> list[Path]:
               f"communication {FIT_RULES['comm']})\n")
     return [write_atomic(out / "rows.csv", lambda tmp: fit.rows.to_csv(tmp, index=False)),
             write_atomic(out / "summary.csv", lambda tmp: error_summary(fit.rows).to_csv(tmp, index=False)),
-            write_text_atomic(out / "calibration.yaml", header + block)]
+            write_text_atomic(out / "calibration.yaml", header + block),
+            write_atomic(out / "experts_288_vs_256.csv",
+                         lambda tmp: expert_count_effect(fit.links).to_csv(tmp, index=False))]
+
+
+def measurement(rows: pd.DataFrame) -> pd.Series:
+    """One key per independent measurement: a GEMM's TFLOPS and GB/s are one timing, and so are a DeepEP
+    operation's latency and bandwidth at one EP size (rows as ROW_COLUMNS). -> [R]"""
+    op = rows["kind"].str.split("_").str[0].where(rows["ep"].notna(), "gemm")
+    columns = [rows[c] for c in ("table", "gpu", "ep", "tokens", "m", "n", "k")] + [op]
+    return pd.Series(["|".join(map(str, key)) for key in zip(*columns)], index=rows.index)
 
 
 def error_summary(rows: pd.DataFrame) -> pd.DataFrame:
-    """Max and median |rel_error| and counts, by table and fit/validation."""
-    rows = rows.assign(abs_error=rows["rel_error"].abs(),
-                       split=np.where(rows["used_in_fit"].astype(bool), "fit", "validation"))
-    return rows.groupby(["table", "split"])["abs_error"].agg(["count", "median", "max"]).reset_index()
+    """By gpu, table and split: the count of numbers, of independent measurements, and the median and max
+    |rel_error|."""
+    rows = rows.assign(abs_error=rows["rel_error"].abs(), measurement=measurement(rows))
+    grouped = rows.groupby(["gpu", "table", "split"])
+    return pd.concat([grouped["abs_error"].count().rename("numbers"),
+                      grouped["measurement"].nunique().rename("independent"),
+                      grouped["abs_error"].median().rename("median"),
+                      grouped["abs_error"].max().rename("max")], axis=1).reset_index()
 
