@@ -3,8 +3,9 @@
 Each published number is reproduced by simulating the benchmark's own workload and deriving the quantity
 the table reports, with the benchmark's own byte conventions:
 
-- DeepGEMM FP8 GEMMs (dense, grouped contiguous, grouped masked): the GemmCurve of the `efficiency` expert
-  model times one kernel of `groups` GEMMs of M = m_per_group rows (kernel_s(K) + groups * time(m, N, K));
+- DeepGEMM FP8 GEMMs (dense, grouped contiguous, grouped masked): the tile form of the `efficiency` expert
+  model (costmodel/tiles.py) times one kernel of `groups` GEMMs of M = m_per_group rows on the GPU's SMs,
+  with DeepGEMM's own block shapes, tiles and waves;
   TFLOPS = 2 * groups * m * N * K / t, GB/s = groups * (m*K + N*K + 2*m*N) / t (FP8 in, BF16 out; the
   README's numbers satisfy this byte count to 0.2%).
 - DeepEP normal kernels (4096 tokens per rank, top-8 of 256 experts spread EP-wise contiguously, groups =
@@ -13,13 +14,15 @@ the table reports, with the benchmark's own byte conventions:
   bandwidth" is DeepEP's logical bandwidth: intranode, the tokens a rank receives (distinct token-GPU pairs,
   its own included) x bytes / phase time; internode, the distinct (token, node) pairs a rank sends, its own
   node included, x bytes / phase time. Bytes: FP8 dispatch h + h/128*4 (scales), BF16 combine 2h.
-- DeepEP low-latency kernels (128 tokens per rank, top-8 of 256, no group limit): one layer of the
+- DeepEP low-latency kernels (128 tokens per rank, top-8 of 288 experts at EP 8-32 as DeepEP's test runs
+  them, of 256 at EP 64-256 where 288 does not divide, no group limit): one layer of the
   `low_latency` dataflow; latency = phase time, bandwidth = the rank's token-expert pairs x (h + h/128*4 + 16)
   for dispatch (tests/test_low_latency.py's count) or x 2h for combine, / phase time.
 
-The fit/validation split is fixed before fitting (FIT_RULES): GEMMs are fitted on the two expert shapes of
-DeepSeek-V3 (N, K) = (4096, 7168) and (7168, 2048) at M >= 128 and checked on M = 64 and on the other
-dense shapes; communication is fitted on EP <= 32 and checked on EP 64, 128 and 256.
+The fit/validation split is fixed before fitting (FIT_RULES): GEMMs are fitted on every shape and layout at
+M >= 128 (DeepGEMM's BLOCK_M = 128) and checked on M = 64 (BLOCK_M = 64), the four non-expert dense shapes
+included; communication is fitted on EP <= 32 and checked on EP 64; the low-latency rows of EP 128 and 256,
+which DeepEP's older kernel measured, are reported as their own group.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ import pandas as pd
 from scipy.optimize import least_squares
 
 from moetuner.atomic import write_atomic, write_text_atomic
-from moetuner.costmodel.cost import SCALE_BYTES, CostModel, GemmCurve, a2a_time, copy_matrix, pair_copy_matrix
+from moetuner.costmodel.cost import SCALE_BYTES, CostModel, a2a_time, copy_matrix, pair_copy_matrix
+from moetuner.costmodel.tiles import TileGemm, block_shape, cdiv, tile_count, tile_gemm
 from moetuner.costmodel.simulator import phases, relay_copies
 from moetuner.published import TABLES, load_table
 from moetuner.topology import GB
@@ -42,15 +46,14 @@ from moetuner.topology import GB
 HIDDEN = 7168  # DeepSeek-V3/R1
 EXPERTS, TOP_K, GPUS_PER_NODE = 256, 8, 8
 LL_TEST_EXPERTS = 288  # DeepEP's tests/test_low_latency.py: num_experts = 288 (it asserts 288 % EP == 0)
-EXPERT_SHAPES = ((4096, 7168), (7168, 2048))  # (N, K) of V3's fused gate+up and down GEMMs
 FP8_TOKEN_BYTES = HIDDEN + HIDDEN // 128 * SCALE_BYTES  # FP8 values + one float32 scale per 128
 LL_DISPATCH_BYTES = FP8_TOKEN_BYTES + 16  # tests/test_low_latency.py counts 16 more bytes per pair
 BF16_TOKEN_BYTES = 2 * HIDDEN
 ROW_COLUMNS = ["source", "table", "gpu", "kernel", "measured_commit", "kind", "ep", "tokens", "m", "n", "k",
-               "unit", "published", "simulated", "rel_error", "used_in_fit", "split"]
+               "block_m", "block_n", "tiles", "waves", "unit", "published", "simulated", "rel_error", "used_in_fit", "split"]
 PROVENANCE = ["gpu", "kernel", "measured_commit"]
 OLDER_KERNEL = "DeepEP V1, first release"  # low-latency EP 128/256: not re-measured by de8cfca
-FIT_RULES = {"gemm": "expert shapes (N, K) in {(4096, 7168), (7168, 2048)} at M >= 128",
+FIT_RULES = {"gemm": "M >= 128 (BLOCK_M 128), every shape and layout; M = 64 (BLOCK_M 64) is validation",
              "comm": "EP <= 32; low-latency rows of the older kernel (EP 128/256) form their own group"}
 
 
@@ -79,23 +82,41 @@ class Links:
 
 @dataclass(frozen=True)
 class Gemm:
-    """GEMM constants of the `efficiency` expert model (TFLOP/s, GB/s, ns per unit of K)."""
+    """Fitted constants of the tile form of the `efficiency` expert model (costmodel/tiles.py), in the units of
+    the calibration keys: TFLOP/s and GB/s per SM, GB/s of HBM, overlap exponent, us per tile and per kernel."""
 
-    gemm_peak_tflops: float
+    gemm_sm_tflops: float
+    gemm_sm_load_GBps: float
     gemm_mem_bw_GBps: float
     gemm_overlap_q: float
-    gemm_k_latency_ns: float
+    gemm_tile_us: float
+    gemm_kernel_us: float
 
-    def curve(self) -> GemmCurve:
-        return GemmCurve(self.gemm_peak_tflops * 1e12, self.gemm_mem_bw_GBps * GB, self.gemm_overlap_q,
-                         self.gemm_k_latency_ns * 1e-9)
+    def tiles(self, num_sms: int) -> TileGemm:
+        return tile_gemm({**asdict(self), "gemm_num_sms": num_sms})
 
 
-def gemm_seconds(gemm: Gemm, groups: np.ndarray, m: np.ndarray, n: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """Seconds of one grouped FP8 GEMM kernel: kernel_s(K) + groups * time(m, N, K). Each [R] -> [R]"""
-    curve = gemm.curve()
-    body = np.array([curve.time(mi, int(ni), int(ki)) for mi, ni, ki in zip(m, n, k)], dtype=float)
-    return curve.k_latency_s * k + groups * body
+LAYOUT_OF = {"deepgemm_dense": "dense", "deepgemm_grouped_contiguous": "contiguous",
+             "deepgemm_grouped_masked": "masked"}
+SMS = {"H800": 132, "H100": 132, "H200": 132, "B200": 148}  # streaming multiprocessors per GPU
+
+
+def gemm_seconds(gemm: Gemm, rows: pd.DataFrame) -> np.ndarray:
+    """Seconds of each row's kernel on its GPU's SMs (rows as gemm_rows()). -> [R]"""
+    return np.array([gemm.tiles(SMS[r.gpu]).kernel_time(int(r.m), int(r.n), int(r.k), int(r.groups),
+                                                        LAYOUT_OF[r.table]) for r in rows.itertuples()])
+
+
+def gemm_tiles(rows: pd.DataFrame) -> pd.DataFrame:
+    """DeepGEMM's block shape, output tiles and waves of each row (rows as gemm_rows()):
+    columns block_m, block_n, tiles, waves. [R]"""
+    out = []
+    for r in rows.itertuples():
+        layout, sms = LAYOUT_OF[r.table], SMS[r.gpu]
+        block = block_shape(int(r.m), int(r.n), int(r.groups), sms, layout)
+        tiles = tile_count(int(r.m), int(r.n), int(r.groups), block, layout)
+        out.append({"block_m": block[0], "block_n": block[1], "tiles": tiles, "waves": int(cdiv(tiles, sms))})
+    return pd.DataFrame(out, index=rows.index)
 
 
 def gemm_rows() -> pd.DataFrame:
@@ -109,10 +130,7 @@ def gemm_rows() -> pd.DataFrame:
                                    "m": m, "n": t["n"], "k": t["k"], "tflops": t["computation_tflops"],
                                    "gbps": t["memory_bandwidth_gbps"], **{c: t[c] for c in PROVENANCE}}))
     rows = pd.concat(parts, ignore_index=True)
-    expert = np.zeros(len(rows), bool)
-    for n, k in EXPERT_SHAPES:
-        expert |= (rows["n"] == n).to_numpy() & (rows["k"] == k).to_numpy()
-    rows["used_in_fit"] = expert & (rows["m"] >= 128).to_numpy()
+    rows["used_in_fit"] = rows["m"] >= 128
     return rows
 
 
@@ -245,15 +263,14 @@ def simulate_comm(rows: pd.DataFrame, links: Links, benches: Sequence[CommBench]
 
 def simulate_gemm(rows: pd.DataFrame, gemm: Gemm) -> tuple[np.ndarray, np.ndarray]:
     """(TFLOPS, GB/s) of every GEMM row (rows as gemm_rows()). -> [R], [R]"""
-    seconds = gemm_seconds(gemm, rows["groups"].to_numpy(float), rows["m"].to_numpy(float),
-                           rows["n"].to_numpy(float), rows["k"].to_numpy(float))
+    seconds = gemm_seconds(gemm, rows)
     flops, nbytes = gemm_flops_bytes(rows)
     return flops / seconds / 1e12, nbytes / seconds / GB
 
 
 # ---- fitting -----------------------------------------------------------------------------------------------
 
-GEMM_START = Gemm(1000.0, 3000.0, 2.0, 1.0)
+GEMM_START = Gemm(10.0, 100.0, 3000.0, 3.0, 0.1, 2.0)
 LINKS_START = Links(150.0, 45.0, 10.0, 30.0, 0.05)
 
 
@@ -290,7 +307,8 @@ class HardwareFit:
         """The topology `calibration` block of the fitted constants (expert_model efficiency, concurrent links,
         FP8 dispatch with 128-value scale blocks, BF16 combine)."""
         rounded = lambda d: {k: float(f"{v:.4g}") for k, v in d.items()}  # noqa: E731
-        return {"expert_model": "efficiency", **rounded(asdict(self.gemm)), "link_model": "concurrent",
+        return {"expert_model": "efficiency", **rounded(asdict(self.gemm)), "gemm_num_sms": SMS["H800"],
+                "link_model": "concurrent",
                 **rounded(asdict(self.links)), "scatter_bytes_per_value": 1, "scatter_scale_block": 128,
                 "combine_bytes_per_value": 2}
 
@@ -304,7 +322,7 @@ def row_table(gemm: Gemm, links: Links, benches: Sequence[CommBench]) -> pd.Data
         gemm_part.append(pd.DataFrame({"source": g["source"], "table": g["table"], "kind": kind, "ep": np.nan,
                                        "tokens": g["groups"] * g["m"], "m": g["m"], "n": g["n"], "k": g["k"],
                                        "unit": unit, "published": g[col].astype(float), "simulated": sim,
-                                       "used_in_fit": g["used_in_fit"],
+                                       "used_in_fit": g["used_in_fit"], **gemm_tiles(g),
                                        "split": np.where(g["used_in_fit"], "fit", "validation"),
                                        **{c: g[c] for c in PROVENANCE}}))
     c = comm_rows()
