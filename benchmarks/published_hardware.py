@@ -8,8 +8,9 @@ simulates every published number of data/published/ and writes DIR/rows.csv (eve
 kernel version and upstream commit, DeepGEMM's block shape, tiles and waves, published, simulated,
 rel_error, split), DIR/summary.csv (error by GPU, table and split, with the count of independent
 measurements), DIR/gemm.csv and DIR/comm.csv (the TFLOPS rows and the DeepEP rows, for docs/hardware.md),
-DIR/experts_288_vs_256.csv, DIR/calibration.yaml (the topology `calibration` block the h800 presets carry)
-and DIR/run.json.
+DIR/experts_288_vs_256.csv, DIR/calibration.yaml (the topology `calibration` block the h800 presets carry),
+DIR/calibration_{h100,h200,b200}.yaml and DIR/borrowed.csv (moetuner.hardware.classes: the blocks of the
+other presets and where each constant a class does not fit comes from) and DIR/run.json.
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ from omegaconf import OmegaConf
 
 from moetuner import PROJECT_ROOT
 from moetuner.atomic import write_atomic
-from moetuner.hardware.fit import error_summary, fit_published, write_fit
+from moetuner.hardware.classes import fit_everything, write_classes
+from moetuner.hardware.fit import error_summary, write_fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from table import command_line, write_run_record  # noqa: E402
 
 GEMM_COLUMNS = ["table", "tokens", "m", "n", "k", "block_m", "block_n", "tiles", "waves", "published", "simulated",
                 "rel_error", "split"]
-COMM_COLUMNS = ["table", "measured_commit", "kind", "ep", "unit", "published", "simulated", "rel_error", "split"]
+COMM_COLUMNS = ["preset", "table", "gpu", "measured_commit", "kind", "ep", "unit", "published", "simulated",
+                "rel_error", "split"]
 
 
 def main() -> None:
@@ -39,8 +42,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="routing of the DeepEP workloads")
     args = p.parse_args()
     start = time.perf_counter()
-    fit = fit_published(args.seed)
+    fit, classes = fit_everything(args.seed)
     write_fit(fit, args.out, f"benchmarks/published_hardware.py --seed {args.seed}")
+    write_classes(classes, args.out, f"benchmarks/published_hardware.py --seed {args.seed}")
     rows = fit.rows
     counts = ["tokens", "m", "n", "k", "block_m", "block_n", "tiles", "waves"]
     gemm = rows[rows["kind"] == "tflops"][GEMM_COLUMNS].astype({c: int for c in counts})

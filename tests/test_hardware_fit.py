@@ -15,15 +15,16 @@ from moetuner.costmodel.cost import CostModel, GemmCurve, SimulationError, a2a_t
 from moetuner.hardware.fit import (Gemm, Links, bench_experts, comm_bench, comm_rows, comm_seconds, fit_gemm, fit_links,
                                              fit_published, gemm_rows, route, simulate_comm, simulate_gemm)
 from moetuner.costmodel.replicas import layer_slots
-from moetuner.costmodel.tiles import TileGemm, block_shape, tile_count
+from moetuner.costmodel.tiles import TILE_KEYS, TileGemm, block_shape, tile_count
+from moetuner.hardware.classes import BORROWED, FREE, class_comm_rows
 from moetuner.costmodel.simulator import layer_step
 from moetuner.placement import contiguous_phy2log
 from moetuner.topology import topology_from_config, topology_preset
 
 
 def test_roofline_preset_numbers_by_hand() -> None:
-    """h200_2x8, DeepSeek-V2-Lite expert (2048 x 1408): the previous roofline, unchanged."""
-    cost = cost_model(topology_from_config(topology_preset("h200_2x8")), 2048, 1408)
+    """h200_2x8 without its calibration block, DeepSeek-V2-Lite expert (2048 x 1408): the roofline, unchanged."""
+    cost = cost_model(topology_from_config({**topology_preset("h200_2x8"), "calibration": {}}), 2048, 1408)
     assert cost.per_token_s == 6.0 * 2048 * 1408 / 989e12
     assert cost.floor_s == 3.0 * 2048 * 1408 * 2 / 4800e9  # 3.6 us: the memory floor of the issue
     assert cost.floor_s == pytest.approx(3.604e-6, rel=1e-3)
@@ -174,7 +175,7 @@ def test_published_numbers_reproduced(published_fit) -> None:
     assert len(check) >= 4 and check["rel_error"].abs().max() < 0.25
     assert set(check["table"]) == {"deepgemm_dense", "deepep_normal", "deepep_low_latency"}
     shipped = pd.read_csv(PROJECT_ROOT / "docs" / "results" / "published_hardware" / "rows.csv")
-    assert np.allclose(shipped["simulated"], rows["simulated"], rtol=1e-6)
+    assert np.allclose(shipped.loc[shipped["preset"] == "h800", "simulated"], rows["simulated"], rtol=1e-6)
 
 
 def test_block_shapes_tiles_and_waves_by_hand() -> None:
@@ -225,3 +226,35 @@ def test_tile_calibration_block() -> None:
     bad = {k: v for k, v in cal.items() if k != "gemm_num_sms"}
     with pytest.raises(SimulationError, match="gemm_num_sms"):
         cost_model(topology_from_config({**topology_preset("h100_1x8"), "calibration": bad}), 2048, 1408)
+
+
+CLASS_PRESETS = {"h100": ("h100_1x8", "h100_4x8", "h100_8x8"), "h200": ("h200_2x8",), "b200": ("b200_1x8", "b200_2x8")}
+
+
+@pytest.mark.parametrize("name", sorted(CLASS_PRESETS))
+def test_class_presets_carry_their_fit(name: str) -> None:
+    """Every h100/h200/b200 preset carries the block benchmarks/published_hardware.py wrote for its class, and
+    every constant of that block is either fitted on the class's own rows or names where it is borrowed from."""
+    fitted = OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "docs" / "results" / "published_hardware"
+                                                   / f"calibration_{name}.yaml"))["calibration"]
+    for preset in CLASS_PRESETS[name]:
+        topo = topology_from_config(topology_preset(preset))
+        assert topo.calibration == fitted
+        assert cost_model(topo, 2048, 1408).tiles.num_sms == (148 if name == "b200" else 132)
+    constants = set(TILE_KEYS) - {"gemm_num_sms"} | {"intra_node_bw_GBps", "inter_node_bw_GBps",
+                                                     "intra_node_latency_us", "inter_node_latency_us", "message_us"}
+    own = set() if name == "h200" else set(FREE[name])
+    assert own | set(BORROWED[name]) == constants and not own & set(BORROWED[name])
+
+
+def test_class_split_as_written() -> None:
+    """The class rows and their split (moetuner.hardware.classes CLASS_RULES): H100 fits Hybrid-EP's 16-SM
+    kernel rows at EP 16/32 and checks EP 64 and DeepEP V2 SM90; B200 fits DeepEP V2 SM100 and checks
+    Hybrid-EP's B200 table; at least 4 independent validation values each."""
+    rows = class_comm_rows()
+    counts = rows.groupby(["preset", "table", "split"]).size().to_dict()
+    assert counts == {("h100", "hybrid_ep_h100", "fit"): 4, ("h100", "hybrid_ep_h100", "validation"): 2,
+                      ("h100", "deepep_v2", "validation"): 4, ("b200", "deepep_v2", "fit"): 4,
+                      ("b200", "hybrid_ep_b200", "validation"): 6}
+    assert set(rows.loc[rows["table"] == "deepep_v2", "gpu"]) == {"SM90", "SM100"}
+    assert (rows.loc[rows["preset"] == "b200", "ep"].isin([8, 16])).all()

@@ -14,16 +14,18 @@ import hydra
 from omegaconf import DictConfig
 
 from moetuner.apps.common import CONF_DIR
-from moetuner.hardware.fit import error_summary, fit_published, write_fit
+from moetuner.hardware.classes import fit_everything, write_classes
+from moetuner.hardware.fit import error_summary, write_fit
 from moetuner.tracking import tracked_run
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="fit_hardware")
 def main(cfg: DictConfig) -> None:
     with tracked_run("fit_hardware", cfg) as run:
-        fit = fit_published(int(cfg.seed))
-        paths = write_fit(fit, Path(cfg.out), f"moetuner-fit-hardware seed={cfg.seed}")
-        run.log_metrics({f"max_abs_rel_error.{r.gpu}.{r.table}.{r.split}": float(r.max)
+        fit, classes = fit_everything(int(cfg.seed))
+        command = f"moetuner-fit-hardware seed={cfg.seed}"
+        paths = write_fit(fit, Path(cfg.out), command) + write_classes(classes, Path(cfg.out), command)
+        run.log_metrics({f"max_abs_rel_error.{r.preset}.{r.gpu}.{r.table}.{r.split}": float(r.max)
                          for r in error_summary(fit.rows).itertuples()})
         for path in paths:
             run.log_artifact(path)

@@ -50,7 +50,7 @@ FP8_TOKEN_BYTES = HIDDEN + HIDDEN // 128 * SCALE_BYTES  # FP8 values + one float
 LL_DISPATCH_BYTES = FP8_TOKEN_BYTES + 16  # tests/test_low_latency.py counts 16 more bytes per pair
 BF16_TOKEN_BYTES = 2 * HIDDEN
 ROW_COLUMNS = ["source", "table", "gpu", "kernel", "measured_commit", "kind", "ep", "tokens", "m", "n", "k",
-               "block_m", "block_n", "tiles", "waves", "unit", "published", "simulated", "rel_error", "used_in_fit", "split"]
+               "block_m", "block_n", "tiles", "waves", "unit", "preset", "published", "simulated", "rel_error", "used_in_fit", "split"]
 PROVENANCE = ["gpu", "kernel", "measured_commit"]
 OLDER_KERNEL = "DeepEP V1, first release"  # low-latency EP 128/256: not re-measured by de8cfca
 FIT_RULES = {"gemm": "M >= 128 (BLOCK_M 128), every shape and layout; M = 64 (BLOCK_M 64) is validation",
@@ -148,15 +148,22 @@ def route(num_ranks: int, tokens: int, topk_groups: int | None, seed: int, exper
     groups = nodes (256 / nodes experts each) and only the topk_groups groups with the largest max score
     compete (DeepEP's tests). -> [num_ranks * tokens, 8] expert ids; token j lives on rank j % num_ranks."""
     rng = np.random.default_rng(seed)
-    scores = rng.random((num_ranks * tokens, experts))
+    total, chunk = num_ranks * tokens, max(1, 2 ** 22 // experts)  # the same draws as one matrix, in slices
+    return np.concatenate([top_k(rng.random((min(chunk, total - start), experts)), num_ranks, topk_groups)
+                           for start in range(0, total, chunk)])
+
+
+def top_k(scores: np.ndarray, num_ranks: int, topk_groups: int | None) -> np.ndarray:
+    """The TOP_K experts of each token's scores (in no particular order), within its topk_groups best node
+    groups when given. scores [B, E] -> [B, TOP_K]"""
     if topk_groups is not None:
         nodes = num_ranks // GPUS_PER_NODE
         group_max = scores.reshape(len(scores), nodes, -1).max(-1)
         keep = np.argsort(-group_max, axis=1)[:, :topk_groups]
         allowed = np.zeros((len(scores), nodes), bool)
         np.put_along_axis(allowed, keep, True, axis=1)
-        scores = np.where(np.repeat(allowed, experts // nodes, axis=1), scores, -1.0)
-    return np.argsort(-scores, axis=1)[:, :TOP_K]
+        scores = np.where(np.repeat(allowed, scores.shape[1] // nodes, axis=1), scores, -1.0)
+    return np.argpartition(-scores, TOP_K - 1, axis=1)[:, :TOP_K]
 
 
 @dataclass(frozen=True)
@@ -172,18 +179,26 @@ class CommBench:
 
 
 def bench_experts(table: str, ep: int) -> int:
-    """Experts of DeepEP's test at this EP size: the low-latency test runs 288 (where EP divides it: 8, 16,
-    32); at EP 64-256, where 288 does not divide, the published setup names none and 256 (V3's) is used."""
-    return LL_TEST_EXPERTS if table == "deepep_low_latency" and LL_TEST_EXPERTS % ep == 0 else EXPERTS
+    """Experts of the benchmark at this EP size. DeepEP's low-latency test runs 288 (where EP divides it: 8,
+    16, 32); at EP 64-256, where 288 does not divide, the published setup names none and 256 (V3's) is used.
+    Hybrid-EP states "Local Experts: 8" (8 per rank); DeepEP V2 states V3's configuration (256)."""
+    if table == "deepep_low_latency" and LL_TEST_EXPERTS % ep == 0:
+        return LL_TEST_EXPERTS
+    return 8 * ep if table.startswith("hybrid_ep") else EXPERTS
+
+
+BENCH_TOKENS = {"deepep_low_latency": 128, "deepep_normal": 4096, "deepep_v2": 8192, "hybrid_ep_h100": 4096,
+                "hybrid_ep_b200": 4096}  # tokens per rank, as each source states its setup
 
 
 def comm_bench(table: str, ep: int, seed: int = 0, experts: int | None = None) -> CommBench:
-    """The workload behind one EP size of `deepep_normal` or `deepep_low_latency` (experts: bench_experts)."""
+    """The workload behind one EP size of a communication table (experts: bench_experts). Only DeepEP V1's
+    normal test limits each token to its top min(nodes, 4) node groups; the others route uniformly."""
     low_latency = table == "deepep_low_latency"
     experts = bench_experts(table, ep) if experts is None else experts
-    tokens = 128 if low_latency else 4096
+    tokens = BENCH_TOKENS[table]
     nodes = ep // GPUS_PER_NODE
-    ids = route(ep, tokens, None if low_latency or nodes == 1 else min(nodes, 4), seed, experts)
+    ids = route(ep, tokens, min(nodes, 4) if table == "deepep_normal" and nodes > 1 else None, seed, experts)
     src = np.arange(len(ids)) % ep
     dest = ids // (experts // ep)  # [T, k] GPU of each pair (EP-wise contiguous)
     on = np.zeros((len(ids), ep), bool)
@@ -288,11 +303,19 @@ def fit_gemm(rows: pd.DataFrame, published: np.ndarray, start: Gemm = GEMM_START
 
 
 def fit_links(rows: pd.DataFrame, published: np.ndarray, benches: Sequence[CommBench],
-              start: Links = LINKS_START) -> Links:
-    """Links minimising the squared log ratio simulated / published over `rows` (comm_rows() rows). [R]"""
+              start: Links = LINKS_START, free: Sequence[str] | None = None) -> Links:
+    """Links minimising the squared log ratio simulated / published over `rows` (comm_rows() rows) [R].
+    Only the fields named in `free` (default: all) move from `start`; the others stay as given."""
+    base = asdict(start)
+    names = list(base) if free is None else list(free)
+    assert set(names) <= set(base), names
+
+    def links(p: np.ndarray) -> Links:
+        return Links(**{**base, **dict(zip(names, map(float, p)))})
+
     def residuals(p: np.ndarray) -> np.ndarray:
-        return np.log(simulate_comm(rows, Links(*p), benches) / published)
-    return Links(*map(float, fit_positive(residuals, np.array(list(asdict(start).values())))))
+        return np.log(simulate_comm(rows, links(p), benches) / published)
+    return links(fit_positive(residuals, np.array([base[n] for n in names])))
 
 
 @dataclass(frozen=True)
@@ -304,13 +327,17 @@ class HardwareFit:
     rows: pd.DataFrame
 
     def calibration(self) -> dict[str, object]:
-        """The topology `calibration` block of the fitted constants (expert_model efficiency, concurrent links,
-        FP8 dispatch with 128-value scale blocks, BF16 combine)."""
-        rounded = lambda d: {k: float(f"{v:.4g}") for k, v in d.items()}  # noqa: E731
-        return {"expert_model": "efficiency", **rounded(asdict(self.gemm)), "gemm_num_sms": SMS["H800"],
-                "link_model": "concurrent",
-                **rounded(asdict(self.links)), "scatter_bytes_per_value": 1, "scatter_scale_block": 128,
-                "combine_bytes_per_value": 2}
+        """The topology `calibration` block of the fitted constants."""
+        return calibration_block(self.gemm, self.links, SMS["H800"])
+
+
+def calibration_block(gemm: Gemm, links: Links, num_sms: int) -> dict[str, object]:
+    """A topology `calibration` block (expert_model efficiency in its tile form, concurrent links, FP8 dispatch
+    with 128-value scale blocks, BF16 combine), constants to 4 significant digits."""
+    rounded = lambda d: {k: float(f"{v:.4g}") for k, v in d.items()}  # noqa: E731
+    return {"expert_model": "efficiency", **rounded(asdict(gemm)), "gemm_num_sms": num_sms,
+            "link_model": "concurrent", **rounded(asdict(links)), "scatter_bytes_per_value": 1,
+            "scatter_scale_block": 128, "combine_bytes_per_value": 2}
 
 
 def row_table(gemm: Gemm, links: Links, benches: Sequence[CommBench]) -> pd.DataFrame:
@@ -329,6 +356,7 @@ def row_table(gemm: Gemm, links: Links, benches: Sequence[CommBench]) -> pd.Data
     c["simulated"] = simulate_comm(c, links, benches)
     rows = pd.concat([*gemm_part, c], ignore_index=True)
     rows["rel_error"] = rows["simulated"] / rows["published"] - 1
+    rows["preset"] = "h800"
     return rows[ROW_COLUMNS]
 
 
@@ -376,17 +404,18 @@ def write_fit(fit: HardwareFit, out: Path, command: str) -> list[Path]:
 
 def measurement(rows: pd.DataFrame) -> pd.Series:
     """One key per independent measurement: a GEMM's TFLOPS and GB/s are one timing, and so are a DeepEP
-    operation's latency and bandwidth at one EP size (rows as ROW_COLUMNS). -> [R]"""
+    operation's latency and bandwidth at one EP size, and Hybrid-EP's kernel-only and Torch API times of one
+    run (rows as ROW_COLUMNS). -> [R]"""
     op = rows["kind"].str.split("_").str[0].where(rows["ep"].notna(), "gemm")
-    columns = [rows[c] for c in ("table", "gpu", "ep", "tokens", "m", "n", "k")] + [op]
+    columns = [rows[c] for c in ("table", "gpu", "kernel", "ep", "tokens", "m", "n", "k")] + [op]
     return pd.Series(["|".join(map(str, key)) for key in zip(*columns)], index=rows.index)
 
 
 def error_summary(rows: pd.DataFrame) -> pd.DataFrame:
-    """By gpu, table and split: the count of numbers, of independent measurements, and the median and max
-    |rel_error|."""
+    """By preset class, gpu, table and split: the count of numbers, of independent measurements, and the
+    median and max |rel_error|."""
     rows = rows.assign(abs_error=rows["rel_error"].abs(), measurement=measurement(rows))
-    grouped = rows.groupby(["gpu", "table", "split"])
+    grouped = rows.groupby(["preset", "gpu", "table", "split"])
     return pd.concat([grouped["abs_error"].count().rename("numbers"),
                       grouped["measurement"].nunique().rename("independent"),
                       grouped["abs_error"].median().rename("median"),
