@@ -1,9 +1,10 @@
-"""moetuner-fit-hardware: fit the cost model's hardware constants to the published H800 kernel tables.
+"""moetuner-fit-hardware: fit the cost model's hardware constants to the published kernel tables.
 
     moetuner-fit-hardware out=results/fit_hardware
-writes out/rows.csv (every published number, published vs simulated, fit or validation), out/summary.csv
-and out/calibration.yaml: the topology `calibration` block (expert_model=efficiency) that the h800
-presets carry. See docs/hardware.md.
+writes out/rows.csv (every published number, published vs simulated, fit or validation), out/summary.csv,
+out/calibration.yaml (the topology `calibration` block, expert_model=efficiency, that the h800 presets
+carry), out/calibration_{h100,h200,b200}.yaml and out/borrowed.csv (the other presets' blocks and where
+each constant they do not fit comes from). See docs/hardware.md.
 """
 
 from __future__ import annotations
