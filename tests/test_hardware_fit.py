@@ -155,6 +155,12 @@ def test_fit_recovers_known_constants() -> None:
     crows = crows.reset_index(drop=True)
     fitted_links = fit_links(crows, simulate_comm(crows, truth_links, benches), benches)
     assert np.allclose(list(asdict(fitted_links).values()), list(asdict(truth_links).values()), rtol=1e-2)
+    # a class fit moves only its free constants: the rest stay at the start values given
+    start = Links(140.0, 60.0, 15.0, 20.0, 0.2)  # inter latency above intra: a phase pays the larger
+    partial = fit_links(crows, simulate_comm(crows, truth_links, benches), benches, start,
+                        free=("inter_node_bw_GBps", "inter_node_latency_us"))
+    assert (partial.intra_node_bw_GBps, partial.intra_node_latency_us, partial.message_us) == (140.0, 15.0, 0.2)
+    assert (partial.inter_node_bw_GBps, partial.inter_node_latency_us) == pytest.approx((40.0, 35.0), rel=1e-2)
 
 
 @pytest.fixture(scope="module")
