@@ -7,7 +7,9 @@
   - `efficiency`: an expert is two grouped GEMMs, gate+up (M=n, N=2i, K=h) and down (M=n, N=h, K=i);
     each costs the smooth roofline ((flops/P)^q + (bytes/W)^q)^(1/q) (GemmCurve), and a GPU that
     serves any token pays each GEMM's K-loop latency k_latency_s * K once (one grouped kernel).
-    The constants are fitted on DeepGEMM's published tables (moetuner.costmodel.hardware_fit).
+    The constants are fitted on DeepGEMM's published tables (moetuner.hardware.fit).
+    Tile form (a block with `gemm_tile_us`, costmodel/tiles.py TILE_KEYS): each GEMM costs its output tiles'
+    share of the SMs against its HBM bytes (TileGemm.slot_time), and a busy GPU pays gemm_kernel_us per GEMM.
 - communication: one copy of a token is `scatter_bytes` on the way out and `combine_bytes` on the way
   back (default h * 2, bf16 both ways). An all-to-all phase costs max over GPUs of max(send, receive),
   where send = the transfer seconds + the largest latency among the peers it sends to (messages leave
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moetuner.costmodel.settings import EXPERT_MODELS, LINK_MODELS, check_choice
+from moetuner.costmodel.tiles import TILE_KEYS, TileGemm, tile_gemm
 from moetuner.topology import GB, Topology
 
 BYTES_PER_VALUE = 2  # bf16 activations and weights
@@ -31,7 +34,8 @@ CALIBRATION_KEYS = ("expert_fixed_s", "expert_per_token_s", "intra_node_bw_GBps"
                     "intra_node_latency_us", "inter_node_latency_us", "expert_model", "gemm_peak_tflops",
                     "gemm_mem_bw_GBps", "gemm_overlap_q", "gemm_k_latency_ns", "gemm_act_bytes",
                     "gemm_weight_bytes", "gemm_out_bytes", "link_model", "message_us",
-                    "scatter_bytes_per_value", "scatter_scale_block", "combine_bytes_per_value")
+                    "scatter_bytes_per_value", "scatter_scale_block", "combine_bytes_per_value", "gemm_sm_tflops",
+                    "gemm_sm_load_GBps", "gemm_tile_us", "gemm_kernel_us", "gemm_num_sms")
 GEMM_KEYS = ("gemm_peak_tflops", "gemm_mem_bw_GBps", "gemm_overlap_q", "gemm_k_latency_ns")
 
 
@@ -92,6 +96,7 @@ class CostModel:
     combine_bytes: float | None = None  # on the way back (None: token_bytes)
     message_s: float = 0.0  # seconds per peer a GPU sends to (receives from) in a phase
     link_model: str = "serial"
+    tiles: TileGemm | None = None  # the efficiency model's tile form (then gemm is None)
 
     @property
     def num_gpus(self) -> int:
@@ -109,7 +114,9 @@ class CostModel:
 
     def expert_time(self, tokens: np.ndarray) -> np.ndarray:
         """Seconds an expert slot needs for `tokens` tokens (0 when idle). [...] -> [...]"""
-        if self.gemm is not None:
+        if self.tiles is not None:
+            busy = sum(self.tiles.slot_time(tokens, n, k) for n, k in self.gemms)
+        elif self.gemm is not None:
             busy = sum(self.gemm.time(tokens, n, k) for n, k in self.gemms)
         else:
             busy = np.maximum(tokens * self.per_token_s, self.floor_s) + self.fixed_s
@@ -154,7 +161,7 @@ def check_calibration(topology: Topology) -> str:
     if model != "calibrated_linear" and ("expert_fixed_s" in cal or "expert_per_token_s" in cal):
         raise SimulationError(f"topology {topology.name}: expert_fixed_s/expert_per_token_s belong to "
                               f"expert_model=calibrated_linear, not {model}; drop them or change the model")
-    missing = [k for k in GEMM_KEYS if k not in cal]
+    missing = [k for k in (TILE_KEYS if "gemm_tile_us" in cal else GEMM_KEYS) if k not in cal]
     if model == "efficiency" and missing:
         raise SimulationError(f"topology {topology.name}: expert_model=efficiency needs {missing} in its "
                               f"calibration (fit them with moetuner-fit-hardware)")
@@ -200,12 +207,16 @@ def cost_model(topology: Topology, hidden_size: int, intermediate_size: int) -> 
     latency = np.where(same, intra_lat, inter_lat)
     np.fill_diagonal(latency, 0.0)
     shape = hidden_size * intermediate_size
-    gemm, gemms, kernel = None, (), 0.0
+    gemm, gemms, kernel, tiles = None, (), 0.0, None
     if model == "calibrated_linear":
         per_token, floor, fixed = float(cal["expert_per_token_s"]), 0.0, float(cal["expert_fixed_s"])
     elif model == "roofline":
         per_token = 6.0 * shape / topology.gpu_peak_flops
         floor, fixed = 3.0 * shape * BYTES_PER_VALUE / topology.hbm_bw, 0.0
+    elif "gemm_tile_us" in cal:
+        tiles, gemms = tile_gemm(cal), expert_gemms(hidden_size, intermediate_size)
+        per_token = sum(2.0 * n * k for n, k in gemms) / (tiles.sm_flops * tiles.num_sms)
+        floor, fixed, kernel = 0.0, 0.0, tiles.kernel_s * len(gemms)
     else:
         gemm, gemms = gemm_curve(cal), expert_gemms(hidden_size, intermediate_size)
         per_token, floor, fixed = sum(2.0 * n * k for n, k in gemms) / gemm.peak_flops, 0.0, 0.0
@@ -213,7 +224,8 @@ def cost_model(topology: Topology, hidden_size: int, intermediate_size: int) -> 
     scatter, combine = phase_token_bytes(cal, hidden_size)
     return CostModel(per_token, floor, fixed, float(hidden_size * BYTES_PER_VALUE), bandwidth, latency, node,
                      gemm=gemm, gemms=gemms, kernel_s=kernel, scatter_bytes=scatter, combine_bytes=combine,
-                     message_s=float(cal.get("message_us", 0.0)) * 1e-6, link_model=str(cal.get("link_model", "serial")))
+                     message_s=float(cal.get("message_us", 0.0)) * 1e-6, link_model=str(cal.get("link_model", "serial")),
+                     tiles=tiles)
 
 
 def a2a_time(copies: np.ndarray, cost: CostModel, token_bytes: float | None = None) -> np.ndarray | float:
