@@ -16,7 +16,7 @@ from moetuner.apps.common import CONF_DIR
 from moetuner.online.migration import MigrationConfig
 from moetuner.online.policies import Context, Policy
 from moetuner.online.policy_config import make_policy
-from moetuner.online.stream_replay import ReplayResult, make_context, replay_stream, write_outputs
+from moetuner.online.stream_replay import make_context, replay_stream, write_outputs
 from moetuner.online.stream import Stream, load_stream
 from moetuner.topology import topology_from_config
 from moetuner.trace import Trace
@@ -30,12 +30,6 @@ def prepare(cfg: Mapping[str, Any]) -> tuple[Stream, Trace, Policy, Context]:
     ctx = make_context(stream, topology_from_config(cfg["topology"]), int(cfg["replicas"]), str(cfg["dataflow"]),
                        str(cfg["dispatch"]), MigrationConfig.from_config(cfg["migration"]))
     return stream, profile, policy, ctx
-
-
-def run_online(cfg: Mapping[str, Any]) -> tuple[ReplayResult, Stream, Context]:
-    """Replay the configured stream under the configured policy (no outputs written)."""
-    stream, profile, policy, ctx = prepare(cfg)
-    return replay_stream(stream, profile, policy, ctx), stream, ctx
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="online")

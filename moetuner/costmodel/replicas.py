@@ -23,6 +23,7 @@ from scipy.sparse.csgraph import maximum_flow
 
 from moetuner.costmodel.cost import CostModel, copy_matrix
 from moetuner.placement import logical_replica_count, logical_to_physical_map
+from moetuner.costmodel.settings import Dispatch
 
 @dataclass(frozen=True)
 class LayerSlots:
@@ -290,7 +291,7 @@ def round_rows(share: np.ndarray, total: np.ndarray) -> np.ndarray:
 
 
 def choose_slots(ids: np.ndarray, token: np.ndarray, src: np.ndarray, slots: LayerSlots,
-                 dispatch: str, cost: CostModel) -> np.ndarray:
+                 dispatch: Dispatch, cost: CostModel) -> np.ndarray:
     """The physical slot serving each token-expert pair under `dispatch`. ids [B, k] -> [B, k]"""
     if dispatch == "dynamic" or (slots.count <= 1).all():
         return pick_dynamic(ids, token, slots)

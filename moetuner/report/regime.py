@@ -25,6 +25,7 @@ from moetuner.costmodel.simulator import simulate
 from moetuner.placement import contiguous_phy2log, load_placement
 from moetuner.plotting import plt, save_figure
 from moetuner.report.collect import parse_run_dir
+from moetuner.costmodel.settings import Dispatch
 
 REGIME_COLUMNS = ["topology", "label", "solver", "replicas", "step_tokens", "num_steps", "tiled",
                   "layer_time_s", "contiguous_layer_time_s", "speedup_vs_contiguous"]
@@ -102,7 +103,7 @@ def regime_figure(table: pd.DataFrame, path: str | os.PathLike[str], title: str 
     return save_figure(fig, path)
 
 
-def placements_by_topology(paths: list[str], dispatch: str | None
+def placements_by_topology(paths: list[str], dispatch: Dispatch | None
                            ) -> dict[str, dict[tuple[str, int], tuple[np.ndarray, str]]]:
     """topology -> (solver, replicas) -> (phy2log [L, P], dispatch), from .../<topology>/<solver>-r<R>.json;
     dispatch as moetuner-simulate picks it (`dispatch`, else the placement's own, else dynamic)."""

@@ -42,6 +42,7 @@ from moetuner.costmodel.replicas import layer_slots
 from moetuner.costmodel.simulator import primary_column, simulate, simulate_layer
 from moetuner.costmodel.bounds import lower_bound as simulator_bound
 from moetuner.trace import Trace
+from moetuner.costmodel.settings import Dispatch
 
 SEARCH_DISPATCH = {"dynamic": "dynamic", "static": "static", "lp": "lp", "lp_comm": "dynamic"}
 """The dispatch each move (and warm start) is scored with, by the problem's dispatch."""
@@ -82,7 +83,7 @@ def profile_steps(problem: PlacementProblem) -> list[Steps]:
 
 
 def step_objective(phy2log: np.ndarray, problem: PlacementProblem, cost: CostModel, steps: list[Steps],
-                   dispatch: str | None = None) -> np.ndarray:
+                   dispatch: Dispatch | None = None) -> np.ndarray:
     """Per domain, the mean over its steps of each layer's time. phy2log [L, P] -> [D, L]"""
     out = []
     for domain in steps:
@@ -107,7 +108,7 @@ class LayerSearch:
     """Mean time of one layer over each domain's profile steps, for a candidate row of slots."""
 
     def __init__(self, problem: PlacementProblem, cost: CostModel, layer: int, steps: list[Steps],
-                 src: list[np.ndarray], dispatch: str) -> None:
+                 src: list[np.ndarray], dispatch: Dispatch) -> None:
         self.problem, self.cost, self.layer, self.dispatch = problem, cost, layer, dispatch
         self.steps, self.src = steps, src  # src: per domain [S, B] GPU each token starts the layer on
         last = layer == problem.num_layers - 1
@@ -182,7 +183,7 @@ def warm_start_maps(problem: PlacementProblem, names: Sequence[str], time_limit_
 
 
 def search_layers(phy2log: np.ndarray, problem: PlacementProblem, cost: CostModel, steps: list[Steps],
-                  dispatch: str, reference: np.ndarray | None, deadline: float, rng: np.random.Generator) -> int:
+                  dispatch: Dispatch, reference: np.ndarray | None, deadline: float, rng: np.random.Generator) -> int:
     """Local search, layer by layer, each layer within an equal share of the time left until `deadline`
     (time.perf_counter() seconds): `propose` moves kept when the combined objective on `steps` (scored
     with `dispatch`, reference [D] as in PlacementProblem.combine) drops. Improves phy2log [L, P] in
