@@ -24,8 +24,8 @@ from moetuner.costmodel.evaluate import own_dispatch
 from moetuner.costmodel.simulator import simulate
 from moetuner.placement import contiguous_phy2log, load_placement
 from moetuner.plotting import plt, save_figure
-from moetuner.report.collect import parse_run_dir
 from moetuner.costmodel.settings import Dispatch
+from moetuner.study.targets import parse_run
 
 REGIME_COLUMNS = ["topology", "label", "solver", "replicas", "step_tokens", "num_steps", "tiled",
                   "layer_time_s", "contiguous_layer_time_s", "speedup_vs_contiguous"]
@@ -110,6 +110,6 @@ def placements_by_topology(paths: list[str], dispatch: Dispatch | None
     out: dict[str, dict[tuple[str, int], tuple[np.ndarray, str]]] = {}
     for path in map(Path, paths):
         placement = load_placement(path)
-        out.setdefault(path.parent.name, {})[parse_run_dir(path.stem)] = (placement.phy2log,
+        out.setdefault(path.parent.name, {})[parse_run(path.stem)] = (placement.phy2log,
                                                                           own_dispatch(placement, dispatch))
     return out
