@@ -15,20 +15,22 @@ from omegaconf import DictConfig
 
 from moetuner.apps.common import CONF_DIR
 from moetuner.costmodel.hardware_fit import fit_published, write_fit
-from moetuner.tracking import tracked_run
+from moetuner.tracking import AppResult, AppRun, tracked_app
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="fit_hardware")
-def main(cfg: DictConfig) -> None:
-    with tracked_run("fit_hardware", cfg) as run:
+@tracked_app("fit_hardware")
+def main(cfg: DictConfig) -> AppRun:
+    def work() -> AppResult:
         fit = fit_published(int(cfg.seed))
         paths = write_fit(fit, Path(cfg.out), f"moetuner-fit-hardware seed={cfg.seed}")
         errors = fit.rows.assign(split=fit.rows["used_in_fit"].map({True: "fit", False: "validation"}))
-        run.log_metrics({f"max_abs_rel_error.{t}.{s}": float(v) for (t, s), v in
-                         errors.groupby(["table", "split"])["rel_error"].apply(lambda e: e.abs().max()).items()})
-        for path in paths:
-            run.log_artifact(path)
         print(fit.rows.to_string(index=False))
+        return AppResult({f"max_abs_rel_error.{t}.{s}": float(v) for (t, s), v in
+                          errors.groupby(["table", "split"])["rel_error"].apply(lambda e: e.abs().max()).items()},
+                         paths)
+
+    return AppRun({}, work)
 
 
 if __name__ == "__main__":

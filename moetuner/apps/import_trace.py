@@ -12,14 +12,18 @@ from moetuner.apps.common import CONF_DIR
 from moetuner.importers import import_routing
 from moetuner.profiling.stats import trace_sizes, trace_tags
 from moetuner.trace import save_trace
-from moetuner.tracking import tracked_run
+from moetuner.tracking import AppResult, AppRun, tracked_app
 
 MODEL_FIELDS = ("model", "hidden_size", "moe_intermediate_size", "dtype")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="import")
-def main(cfg: DictConfig) -> None:
+@tracked_app("import")
+def main(cfg: DictConfig) -> AppRun:
     trace = import_routing(cfg.format, cfg.path, **{k: cfg[k] for k in MODEL_FIELDS}).with_weights(cfg.weights)
-    with tracked_run("import", cfg, tags={**trace_tags(trace), "format": cfg.format}) as run:
+
+    def work() -> AppResult:
         save_trace(trace, cfg.out)
-        run.log_metrics(trace_sizes(trace))
+        return AppResult(trace_sizes(trace))
+
+    return AppRun({**trace_tags(trace), "format": cfg.format}, work)
