@@ -30,14 +30,13 @@ from moetuner.solvers.problem import PlacementProblem
 Solver = Callable[[PlacementProblem, Mapping[str, Any]], Placement]
 
 
-
 @dataclass(frozen=True)
 class SolverInfo:
     """One registry entry: where the solver lives and what it reads and honours."""
 
     target: str  # 'module:function', imported on first use
-    load_only: bool = False  # reads only PlacementProblem.load (tokens per expert) and the shapes: an engine's
-    #                          load counters are enough (online policies pass them); never the tokens themselves
+    load_only: bool = False  # reads PlacementProblem.load (tokens per expert), shapes and topology, never the
+    #                          tokens: an engine's load counters are enough (the online policies pass them)
     warm_start: bool = False  # a candidate start of steptail's search (fast, reads no dispatch)
     time_budgeted: bool = False  # honours options["time_limit_s"]: its result depends on the machine's speed
     per_dispatch: bool = False  # reads the problem's dispatch and dataflow: one placement per dispatch
