@@ -9,8 +9,10 @@ steps: 8 held-out steps of intent). Rows:
 topology (h100_1x8, h200_2x8, h100_4x8) x replicas (0, 1) x dataflow (dispatch_combine, hierarchical;
 one node has no inter-node hop, so h100_1x8 runs dispatch_combine only) x the dispatch the engine
 uses when scoring (dynamic, static, lp, lp_comm). Columns: speedup vs contiguous (same slot budget,
-same dispatch) on held-out `intent`, of placements solved on the `intent` profile; load-based solvers
-are solved once, steptail once per dispatch (for the dispatch it is scored with). `bound_us` is the
+same dispatch) on held-out `intent`, of placements solved on the `intent` profile, one column per
+registered solver (moetuner.solvers.registry; the MoETuner ILPs only with --ilp): solvers that read no
+dispatch are solved once, the `per_dispatch` ones (steptail) once per dispatch (for the dispatch it is
+scored with). `bound_us` is the
 simulator's lower bound (compute + communication, any placement and dispatch) on the held-out steps.
 `lp` and `lp_comm` pay their per-batch decision (costmodel/charges.py, the default 100 us budget per
 solve plus the counts all-gather). `steptail_ci_low`/`_high`: the paired bootstrap 95% interval of
@@ -43,9 +45,10 @@ import numpy as np
 from tqdm import tqdm
 
 from moetuner import PROJECT_ROOT
-from moetuner.solvers.registry import solve_placement
+from moetuner.solvers.registry import solve_placement, solver_names
 from moetuner.solvers.problem import PlacementProblem
 from moetuner.costmodel.cost import cost_model
+from moetuner.costmodel.settings import DATAFLOWS, DISPATCHES
 from moetuner.costmodel.bounds import lower_bound
 from moetuner.costmodel.intervals import speedup_interval
 import moetuner.costmodel.score as scoring
@@ -58,10 +61,9 @@ from table import command_line, markdown, write_csv, write_run_record  # benchma
 DATA = PROJECT_ROOT / "data" / "esft"
 DOMAINS = ("intent", "law")
 TOPOLOGIES = ("h100_1x8", "h200_2x8", "h100_4x8")
-DATAFLOWS = ("dispatch_combine", "hierarchical")
-DISPATCHES = ("dynamic", "static", "lp", "lp_comm")
+DEFAULT_DATAFLOWS = ("dispatch_combine", "hierarchical")
 ENGINE_DISPATCHES = ("dynamic", "static", "lp")  # what engines ship (lp_comm is ours)
-LOAD_SOLVERS = ("contiguous", "greedy", "eplb", "partition")
+SLOW_SOLVERS = ("moetuner",)  # only with --ilp
 
 
 def first_part(trace: Trace, fraction: float = 0.5) -> tuple[Trace, Trace]:
@@ -97,7 +99,7 @@ def main() -> None:
     parser.add_argument("--step-tokens", type=int, default=512, help="tokens per step (default 512)")
     parser.add_argument("--topologies", nargs="*", default=list(TOPOLOGIES))
     parser.add_argument("--replicas", nargs="*", type=int, default=[0, 1])
-    parser.add_argument("--dataflows", nargs="*", default=list(DATAFLOWS))
+    parser.add_argument("--dataflows", nargs="*", default=list(DEFAULT_DATAFLOWS), choices=DATAFLOWS)
     parser.add_argument("--ilp", action="store_true", help="also the MoETuner ILPs (1 s per MIP; slow)")
     parser.add_argument("--out", default=str(PROJECT_ROOT / "docs" / "results" / "placement_quality"
                                              / "placement_quality.csv"), help="CSV of the table")
@@ -106,11 +108,13 @@ def main() -> None:
     started = time.time()
     splits = {d: first_part(load_trace(DATA / f"{d}.safetensors")) for d in DOMAINS}
     (profile, held), (law_profile, law_held) = splits["intent"], splits["law"]
-    load_solvers = LOAD_SOLVERS + (("moetuner",) if args.ilp else ())
+    fixed_solvers = [s for s in solver_names(per_dispatch=False) if args.ilp or s not in SLOW_SOLVERS]
+    baselines = [s for s in fixed_solvers if s != "contiguous"]  # contiguous is the reference
+    assert solver_names(per_dispatch=True) == ("steptail",), "the rows below solve only steptail per dispatch"
     options = {"time_limit_s": args.time_limit, "mip_solver": "highs", "gap_rel": 0.025}
     mip_options = {**options, "time_limit_s": 1.0}
     config = {**vars(args), "mlflow": {"experiment": "benchmarks"}}
-    columns = ["topology", "replicas", "dataflow", "dispatch", "contiguous_us", *load_solvers[1:], "steptail",
+    columns = ["topology", "replicas", "dataflow", "dispatch", "contiguous_us", *baselines, "steptail",
                "steptail_ci_low", "steptail_ci_high", "steptail_vs_eplb", "vs_eplb_ci_low", "vs_eplb_ci_high",
                "bound_us", "steptail_vs_bound"]
     aim_columns = ["topology", "replicas", "dataflow", "dyn_vs_eplb", "lp_comm_vs_best_eplb", "robust_intent",
@@ -125,8 +129,8 @@ def main() -> None:
                 traces, topology, replicas=replicas, step_tokens=args.step_tokens, dispatch=dispatch,
                 dataflow=dataflow, **kw)
             base = problem([profile], "dynamic")
-            fixed = {s: solve_placement(base, s, mip_options if s == "moetuner" else options).phy2log
-                     for s in load_solvers}
+            fixed = {s: solve_placement(base, s, mip_options if s in SLOW_SOLVERS else options).phy2log
+                     for s in fixed_solvers}
             ours = {d: solve_placement(problem([profile], d), "steptail", options).phy2log for d in DISPATCHES}
             times, steps = {}, {}  # (placement, dispatch) -> held-out intent seconds (mean, per step)
             lb = bound(held, topology, base.slots_per_gpu, args.step_tokens, dataflow)
@@ -141,7 +145,7 @@ def main() -> None:
                 vs_eplb = speedup_interval(steps["eplb", dispatch], steps["steptail", dispatch])
                 row = {"topology": topo_name, "replicas": replicas, "dataflow": dataflow, "dispatch": dispatch,
                        "contiguous_us": contiguous * 1e6,
-                       **{s: contiguous / times[s, dispatch] for s in (*load_solvers[1:], "steptail")},
+                       **{s: contiguous / times[s, dispatch] for s in (*baselines, "steptail")},
                        "steptail_ci_low": ci[0], "steptail_ci_high": ci[1],
                        "vs_eplb_ci_low": vs_eplb[0], "vs_eplb_ci_high": vs_eplb[1],
                        "steptail_vs_eplb": times["eplb", dispatch] / times["steptail", dispatch],

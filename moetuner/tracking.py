@@ -3,17 +3,22 @@
 One run per app invocation (nested under `parent_run_id` when given): flattened config leaves as
 params, the resolved config as an artifact, metrics, figures and output files as artifacts, and tags
 (app, git commit, model, dataset). If MLflow fails, the app still writes its outputs and says so.
+Every app's main is `tracked_app`: it checks its input, then hands the run's tags and its work
+(`AppRun`) to the wrapper, which opens the run, logs what the work returns (`AppResult`) once and
+returns the app's headline metric, the value a Hydra sweeper optimises.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +205,64 @@ def tracked_run(app: str, cfg: DictConfig | Mapping[str, Any], tags: Mapping[str
         status = "FINISHED"
     finally:
         run._call("run status", "set_terminated", status=status)
+
+
+Artifact = str | os.PathLike[str] | tuple[str | os.PathLike[str], str]
+"""A file or folder to log as an artifact, alone or with the artifact folder to put it in."""
+
+
+@dataclass(frozen=True)
+class AppResult:
+    """What one app invocation logs to its run, once its work is done."""
+
+    metrics: Mapping[str, Any] = field(default_factory=dict)  # non-numeric values are skipped
+    artifacts: Sequence[Artifact] = ()
+    tags: Mapping[str, str] = field(default_factory=dict)  # known only after the work (e.g. a solve's status)
+    series: Mapping[str, Sequence[float]] = field(default_factory=dict)  # metric -> its values at steps 0, 1, ...
+    headline: str | None = None  # the key of `metrics` a Hydra sweeper optimises
+
+    def headline_value(self) -> float | None:
+        """metrics[headline] as a float (None without a headline or a numeric value)."""
+        value = self.metrics.get(self.headline) if self.headline else None
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def log_result(run: RunLogger, result: AppResult) -> None:
+    """Metrics, per-step series, tags, then artifacts of `result`, each logged once."""
+    run.log_metrics(result.metrics)
+    for name, values in result.series.items():
+        for step, value in enumerate(values):
+            run.log_metrics({name: value}, step=step)
+    run.set_tags(result.tags)
+    for artifact in result.artifacts:
+        run.log_artifact(*artifact) if isinstance(artifact, tuple) else run.log_artifact(artifact)
+
+
+@dataclass(frozen=True)
+class AppRun:
+    """An app invocation whose input is checked: the run's tags and the work, which returns what to log."""
+
+    tags: Mapping[str, str]
+    work: Callable[[], AppResult]
+
+
+def tracked_app(app: str) -> Callable[[Callable[[DictConfig], AppRun]], Callable[[DictConfig], float | None]]:
+    """Decorate an app's main (under `@hydra.main`): `prepare(cfg) -> AppRun` checks the input, so bad input
+    fails before a run is opened; the run then opens (tracked_run: config as params and artifact), the work
+    runs, its AppResult is logged once, and main returns the headline metric (for a Hydra sweeper)."""
+
+    def wrap(prepare: Callable[[DictConfig], AppRun]) -> Callable[[DictConfig], float | None]:
+        @functools.wraps(prepare)
+        def main(cfg: DictConfig) -> float | None:
+            job = prepare(cfg)
+            with tracked_run(app, cfg, tags=job.tags) as run:
+                result = job.work()
+                log_result(run, result)
+            return result.headline_value()
+
+        return main
+
+    return wrap
 
 
 # A study (a workflow invocation): its experiment, its parent run, its child runs. These raise on an

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moetuner.report.collect import ReportError, parse_run_dir, speedup_vs_contiguous
+from moetuner.report.collect import speedup_vs_contiguous
 from moetuner.solvers.mip import relative_gap
 from moetuner.report.document import markdown_table
 from moetuner.placement import gpu_loads
@@ -49,12 +49,6 @@ def test_relative_gap() -> None:
     assert relative_gap(10.0, 10.0) == 0.0
     assert relative_gap(8.0, 10.0) == 0.0  # a bound above the incumbent (solver tolerance) is no negative gap
     assert relative_gap(10.0, None) is None
-
-
-def test_parse_run_dir() -> None:
-    assert parse_run_dir("round_robin-r2") == ("round_robin", 2)
-    with pytest.raises(ReportError, match="<solver>-r<replicas>"):
-        parse_run_dir("eplb")
 
 
 def test_speedup_is_against_contiguous_of_the_same_case() -> None:

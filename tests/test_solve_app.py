@@ -153,3 +153,23 @@ def test_app_two_domains_worst_case(tmp_path: Path, mlflow_uri: str) -> None:
     assert placement.extra["domains"] == ["random", "random"] and placement.extra["search_dispatch"] == "dynamic"
     [run] = mlflow_runs(mlflow_uri)
     assert run.data.tags["dispatch"] == "lp_comm"
+
+
+def test_main_returns_its_headline_metric_for_a_sweeper(tmp_path: Path, trace_file: Path, mlflow_uri: str) -> None:
+    """What a Hydra sweeper receives from one job: the busiest GPU's profile tokens, mean over layers."""
+    from hydra import compose, initialize_config_dir
+
+    from moetuner import CONF_DIR
+    from moetuner.apps.solve import main
+
+    out = tmp_path / "greedy.json"
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("solve", overrides=[f"trace={trace_file}", "topology=cpu_2x2", "solver=greedy", f"out={out}"])
+    value = main(cfg)
+    phy2log = load_placement(out).phy2log  # [L, P], 4 GPUs on cpu_2x2
+    ids = random_trace(160, 3, 8, 2, seed=2).topk_ids.astype(int)  # [T, L, k], the trace in trace_file
+    busiest = [max(sum(int((ids[:, layer] == e).sum()) for e in gpu_slots if e >= 0)
+                   for gpu_slots in phy2log[layer].reshape(4, -1)) for layer in range(3)]
+    assert value == pytest.approx(np.mean(busiest))
+    [run] = mlflow_runs(mlflow_uri)
+    assert run.data.metrics["max_gpu_load"] == pytest.approx(value)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 from moetuner import PROJECT_ROOT
@@ -146,6 +147,41 @@ def test_paths_and_wildcard_patterns() -> None:
     assert [n for n in ("x.1", "xa1", "y", "z") if re.fullmatch(pattern, n)] == ["x.1", "z"]
     assert targets.traces_of_kind(traces, "import") == "^$"
     assert targets.shell_args(["a=1", "b=[x, y]", 3]) == "a=1 'b=[x, y]' 3"
+
+
+def test_run_names_parse_back() -> None:
+    assert targets.parse_run("round_robin-r2") == ("round_robin", 2)
+    assert targets.parse_run("eplb_node_groups-r12") == ("eplb_node_groups", 12)
+    with pytest.raises(targets.LayoutError, match="<solver>-r<replicas>"):
+        targets.parse_run("eplb")
+
+
+def test_find_files_reads_what_the_path_functions_write(tmp_path: Path) -> None:
+    """The report's reading side: files made with the rules' path functions come back with their fields;
+    a placement's engine files and files outside the layout are left out."""
+    r = str(tmp_path)
+    made = [targets.placement_path(r, "intent", "h200_2x8", "eplb", 1),
+            targets.placement_path(r, "intent", "h200_2x8", "eplb", 1).replace(".json", ".sglang.json"),
+            targets.placement_path(r, "intent", "h200_2x8", "eplb", 1).replace(".json", ".vllm.json"),
+            targets.simulate_path(r, "intent", "h100_1x8", "round_robin", 0, "law"),
+            targets.per_layer_path(r, "intent", "h100_1x8", "round_robin", 0, "law"),
+            targets.serve_path(r, "intent", "h200_2x8", "steptail", 0),
+            targets.online_path(r, "intent-law", "h200_2x8-r1", "static"),
+            f"{r}/simulate/intent/h100_1x8/eplb/heldout/metrics.json"]  # not <solver>-r<replicas>
+    for path in made:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text("{}")
+    found = lambda kind: [(p.relative_to(tmp_path).as_posix(), f) for p, f in targets.find_files(tmp_path, kind)]  # noqa: E731
+    assert found("placement") == [("placements/intent/h200_2x8/eplb-r1.json",
+                                   {"trace": "intent", "topology": "h200_2x8", "solver": "eplb", "replicas": "1"})]
+    assert found("simulate") == [("simulate/intent/h100_1x8/round_robin-r0/law/metrics.json",
+                                  {"trace": "intent", "topology": "h100_1x8", "solver": "round_robin",
+                                   "replicas": "0", "evaluate_on": "law"})]
+    assert [f for _, f in found("serve")] == [{"trace": "intent", "topology": "h200_2x8", "solver": "steptail",
+                                               "replicas": "0"}]
+    assert [f for _, f in found("online")] == [{"stream": "intent-law", "setting": "h200_2x8-r1", "policy": "static"}]
+    assert found("regime") == []
+    assert targets.regime_path(r) == f"{r}/regime/regime.csv"
 
 
 def test_job_prefix_wildcards_round_trip() -> None:

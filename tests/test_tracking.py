@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from moetuner.apps.common import hydra_subdir, out_dir
-from moetuner.tracking import flatten, tracked_run
+from moetuner.tracking import AppResult, AppRun, flatten, tracked_app, tracked_run
 
 
 def _cfg(**mlflow_cfg: object) -> object:
@@ -158,3 +158,54 @@ def test_finish_parent_logs_headline_metrics_note_and_artifacts(mlflow_uri: str,
     assert run.data.tags["mlflow.note.content"] == headline.read_text()
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["headline.md"]
     assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_tracked_app_logs_the_result_once_and_returns_the_headline(mlflow_uri: str, tmp_path: Path) -> None:
+    out = tmp_path / "out.txt"
+    out.write_text("hello")
+    (tmp_path / "placements").mkdir()
+    (tmp_path / "placements" / "v0.json").write_text("{}")
+    calls = []
+
+    @tracked_app("solve")
+    def main(cfg: object) -> AppRun:
+        calls.append("prepare")
+        return AppRun({"model": "tiny"}, lambda: AppResult(
+            {"layer_time_s": 2.5, "steps": 3, "dispatch": "dynamic"}, [out, (tmp_path / "placements" / "v0.json",
+                                                                         "placements")],
+            tags={"status": "optimal"}, series={"per_layer": [1.0, 2.0, 4.0]}, headline="layer_time_s"))
+
+    assert main(_cfg()) == 2.5 and calls == ["prepare"]
+    client = mlflow.MlflowClient(mlflow_uri)
+    run = client.search_runs([client.get_experiment_by_name("t").experiment_id])[0]
+    assert run.info.status == "FINISHED" and run.data.params["solver.name"] == "eplb"
+    assert (run.data.tags["model"], run.data.tags["status"], run.data.tags["app"]) == ("tiny", "optimal", "solve")
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "layer_time_s")] == [(0, 2.5)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "per_layer")] == \
+        [(0, 1.0), (1, 2.0), (2, 4.0)]
+    assert "dispatch" not in run.data.metrics
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert top == {"config.yaml", "out.txt", "placements"}
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "placements")] == ["placements/v0.json"]
+
+
+def test_tracked_app_refuses_bad_input_before_a_run_and_fails_a_run_whose_work_raises(mlflow_uri: str) -> None:
+    def refuse(cfg: object) -> AppRun:
+        raise ValueError("solver=nope is unknown")
+
+    def boom() -> AppResult:
+        raise RuntimeError("boom")
+
+    with pytest.raises(ValueError, match="nope"):
+        tracked_app("solve")(refuse)(_cfg())
+    assert mlflow.MlflowClient(mlflow_uri).get_experiment_by_name("t") is None  # nothing was opened
+    with pytest.raises(RuntimeError):
+        tracked_app("solve")(lambda cfg: AppRun({}, boom))(_cfg())
+    mlflow.set_tracking_uri(mlflow_uri)
+    assert list(mlflow.search_runs(experiment_names=["t"])["status"]) == ["FAILED"]
+
+
+def test_headline_is_none_without_a_numeric_value() -> None:
+    assert AppResult({"a": 1.0}).headline_value() is None
+    assert AppResult({"a": None}, headline="a").headline_value() is None
+    assert AppResult({"a": 3}, headline="a").headline_value() == 3.0

@@ -17,7 +17,7 @@ from moetuner.apps.common import CONF_DIR
 from moetuner.atomic import write_atomic, write_json_atomic, write_text_atomic
 from moetuner.serving.calibration import (calibrated_topology, compare, fit_costs, plot_comparison,
                                           read_runs, split_shaped, stack_runs)
-from moetuner.tracking import tracked_run
+from moetuner.tracking import AppResult, AppRun, tracked_app
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +53,12 @@ def calibrate(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="calibrate")
-def main(cfg: DictConfig) -> None:
-    with tracked_run("calibrate", cfg, tags={"topology": cfg.topology.name}) as run:
+@tracked_app("calibrate")
+def main(cfg: DictConfig) -> AppRun:
+    def work() -> AppResult:
         metrics = calibrate(cfg)
-        run.log_metrics(metrics)
-        run.log_artifact(cfg.out)
-    if metrics["fitted"]:
-        print(pd.read_csv(Path(cfg.out) / "report.csv").to_string(index=False))
+        if metrics["fitted"]:
+            print(pd.read_csv(Path(cfg.out) / "report.csv").to_string(index=False))
+        return AppResult(metrics, [cfg.out])
+
+    return AppRun({"topology": cfg.topology.name}, work)

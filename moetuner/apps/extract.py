@@ -16,20 +16,22 @@ from moetuner.extraction.extract import ExtractSpec, extract_trace
 from moetuner.extraction.registry import resolve_dataset, resolve_model
 from moetuner.extraction.text import documents, source_label
 from moetuner.profiling.stats import expert_load
-from moetuner.tracking import tracked_run
+from moetuner.tracking import AppResult, AppRun, tracked_app
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="extract")
-def main(cfg: DictConfig) -> None:
+@tracked_app("extract")
+def main(cfg: DictConfig) -> AppRun:
     spec = ExtractSpec(**{f.name: cfg[f.name] for f in fields(ExtractSpec)}).check()
     data = resolve_dataset(cfg.dataset, split=cfg.split, text_field=cfg.text_field, config_name=cfg.dataset_config)
-    with tracked_run("extract", cfg, tags={"model": cfg.model, "dataset": cfg.dataset}) as run:
+
+    def work() -> AppResult:
         model, tokenizer = load_model(resolve_model(cfg.model, cfg.model_cache), cfg.dtype, cfg.device)
         docs = documents(data["source"], data["split"], data["text_field"], data["config_name"])
         result = extract_trace(model, lambda text: tokenizer(text)["input_ids"], tokenizer.pad_token_id or 0,
                                docs, cfg.out, spec, model_name=cfg.model,
                                source=source_label(data["source"], data["split"]))
-        run.log_metrics(result.metrics)
         load = expert_load(result.trace.topk_ids, result.trace.num_experts)  # [L, E]
-        for layer, row in enumerate(load):
-            run.log_metrics({"load_max_over_mean": float(row.max() / row.mean())}, step=layer)
+        return AppResult(result.metrics, series={"load_max_over_mean": [float(row.max() / row.mean()) for row in load]})
+
+    return AppRun({"model": cfg.model, "dataset": cfg.dataset}, work)

@@ -17,20 +17,21 @@ from omegaconf import DictConfig
 from moetuner.apps.common import CONF_DIR
 from moetuner.hardware.classes import fit_everything, write_classes
 from moetuner.hardware.fit import error_summary, write_fit
-from moetuner.tracking import tracked_run
+from moetuner.tracking import AppResult, AppRun, tracked_app
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="fit_hardware")
-def main(cfg: DictConfig) -> None:
-    with tracked_run("fit_hardware", cfg) as run:
+@tracked_app("fit_hardware")
+def main(cfg: DictConfig) -> AppRun:
+    def work() -> AppResult:
         fit, classes = fit_everything(int(cfg.seed))
         command = f"moetuner-fit-hardware seed={cfg.seed}"
         paths = write_fit(fit, Path(cfg.out), command) + write_classes(classes, Path(cfg.out), command)
-        run.log_metrics({f"max_abs_rel_error.{r.preset}.{r.gpu}.{r.table}.{r.split}": float(r.max)
-                         for r in error_summary(fit.rows).itertuples()})
-        for path in paths:
-            run.log_artifact(path)
         print(fit.rows.to_string(index=False))
+        return AppResult({f"max_abs_rel_error.{r.preset}.{r.gpu}.{r.table}.{r.split}": float(r.max)
+                          for r in error_summary(fit.rows).itertuples()}, paths)
+
+    return AppRun({}, work)
 
 
 if __name__ == "__main__":

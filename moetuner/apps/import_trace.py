@@ -15,23 +15,28 @@ from moetuner.importers.load_dumps import LOAD_READERS
 from moetuner.load_profile import save_load_profile
 from moetuner.profiling.stats import trace_sizes, trace_tags
 from moetuner.trace import save_trace
-from moetuner.tracking import tracked_run
+from moetuner.tracking import AppResult, AppRun, tracked_app
 
 MODEL_FIELDS = ("model", "hidden_size", "moe_intermediate_size", "dtype")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="import")
-def main(cfg: DictConfig) -> None:
+@tracked_app("import")
+def main(cfg: DictConfig) -> AppRun:
     if cfg.format in LOAD_READERS:
         profile = import_loads(cfg.format, cfg.path, model=cfg.model, model_config=cfg.model_config,
                                load_balancer=cfg.load_balancer, step_tokens=cfg.step_tokens)
-        tags = {"model": profile.model, "dataset": profile.source, "format": cfg.format}
-        with tracked_run("import", cfg, tags=tags) as run:
+
+        def save_profile() -> AppResult:
             save_load_profile(profile, cfg.out)
-            run.log_metrics({"steps": profile.num_steps, "layers": profile.num_layers,
-                             "experts": profile.num_experts, "routed_tokens": float(profile.load.sum())})
-        return
+            return AppResult({"steps": profile.num_steps, "layers": profile.num_layers,
+                              "experts": profile.num_experts, "routed_tokens": float(profile.load.sum())})
+
+        return AppRun({"model": profile.model, "dataset": profile.source, "format": cfg.format}, save_profile)
     trace = import_routing(cfg.format, cfg.path, **{k: cfg[k] for k in MODEL_FIELDS}).with_weights(cfg.weights)
-    with tracked_run("import", cfg, tags={**trace_tags(trace), "format": cfg.format}) as run:
+
+    def work() -> AppResult:
         save_trace(trace, cfg.out)
-        run.log_metrics(trace_sizes(trace))
+        return AppResult(trace_sizes(trace))
+
+    return AppRun({**trace_tags(trace), "format": cfg.format}, work)

@@ -18,11 +18,11 @@ from moetuner.apps.common import CONF_DIR
 from moetuner.online.migration import MigrationConfig
 from moetuner.online.policies import Context, Policy
 from moetuner.online.policy_config import make_policy
-from moetuner.online.stream_replay import ReplayResult, make_context, replay_stream, write_outputs
+from moetuner.online.stream_replay import make_context, replay_stream, write_outputs
 from moetuner.online.stream import Stream, load_stream
 from moetuner.topology import topology_from_config
 from moetuner.trace import Trace
-from moetuner.tracking import tracked_run
+from moetuner.tracking import AppResult, AppRun, tracked_app
 
 
 def prepare(cfg: Mapping[str, Any]) -> tuple[Stream, Trace, Policy, Context]:
@@ -34,24 +34,21 @@ def prepare(cfg: Mapping[str, Any]) -> tuple[Stream, Trace, Policy, Context]:
     return stream, profile, policy, ctx
 
 
-def run_online(cfg: Mapping[str, Any]) -> tuple[ReplayResult, Stream, Context]:
-    """Replay the configured stream under the configured policy (no outputs written)."""
-    stream, profile, policy, ctx = prepare(cfg)
-    return replay_stream(stream, profile, policy, ctx), stream, ctx
-
-
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="online")
-def main(cfg: DictConfig) -> None:
+@tracked_app("online")
+def main(cfg: DictConfig) -> AppRun:
     plain = OmegaConf.to_container(cfg, resolve=True)
     stream, profile, policy, ctx = prepare(plain)  # bad input fails here, before a run is opened
     tags = {"model": stream.first.model, "policy": policy.name, "topology": ctx.topology.name,
             "stream": ",".join(seg.label for seg in stream.segments), "migration_mode": ctx.migration.mode,
             "dataflow": str(cfg.dataflow), "dispatch": str(cfg.dispatch)}
-    with tracked_run("online", cfg, tags=tags) as run:
+
+    def work() -> AppResult:
         result = replay_stream(stream, profile, policy, ctx)
         title = f"{policy.name} on {tags['stream']}, {ctx.topology.name} r{ctx.replicas}, {ctx.migration.mode}"
         paths = write_outputs(result, stream, ctx, title, cfg.out, bool(cfg.save_steps))
-        run.log_metrics(result.metrics)
-        for path in paths:
-            run.log_artifact(path, "placements" if path.parent.name == "placements" else None)
         print({k: round(v, 6) if isinstance(v, float) else v for k, v in result.metrics.items()})
+        return AppResult(result.metrics, [(p, "placements") if p.parent.name == "placements" else p for p in paths],
+                         headline="total_time_s")
+
+    return AppRun(tags, work)

@@ -17,7 +17,7 @@ from moetuner.atomic import write_json_atomic
 from moetuner.profiling import profile_figures as figures
 from moetuner.profiling.stats import Profile, compute_profile, save_profile, summarize, trace_tags
 from moetuner.trace import load_trace
-from moetuner.tracking import tracked_run
+from moetuner.tracking import AppResult, AppRun, tracked_app
 
 
 def write_profile(profile: Profile, out: str | Path) -> tuple[dict[str, object], list[Path]]:
@@ -33,10 +33,12 @@ def write_profile(profile: Profile, out: str | Path) -> tuple[dict[str, object],
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="profile")
-def main(cfg: DictConfig) -> None:
+@tracked_app("profile")
+def main(cfg: DictConfig) -> AppRun:
     trace = load_trace(cfg.trace)
-    with tracked_run("profile", cfg, tags=trace_tags(trace)) as run:
+
+    def work() -> AppResult:
         summary, paths = write_profile(compute_profile(trace, int(cfg.step_tokens)), cfg.out)
-        run.log_metrics(summary["metrics"])
-        for path in paths:
-            run.log_artifact(path)
+        return AppResult(summary["metrics"], paths)
+
+    return AppRun(trace_tags(trace), work)

@@ -20,11 +20,12 @@ from moetuner.costmodel.charges import DispatchCharge
 from moetuner.costmodel.cost import cost_model
 from moetuner.topology import topology_from_config, topology_preset
 from moetuner.trace import load_trace
-from moetuner.tracking import tracked_run
+from moetuner.tracking import AppResult, AppRun, tracked_app
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="regime")
-def main(cfg: DictConfig) -> None:
+@tracked_app("regime")
+def main(cfg: DictConfig) -> AppRun:
     trace = load_trace(cfg.trace)
     groups = placements_by_topology(list(cfg.placements), cfg.dispatch)
     steps = [int(s) for s in cfg.step_tokens]
@@ -34,7 +35,8 @@ def main(cfg: DictConfig) -> None:
         raise ValueError(f"step_tokens={steps}: give one or more positive step sizes")
     charge = DispatchCharge(str(cfg.dispatch_charge), float(cfg.dispatch_budget_us))
     charge.check()
-    with tracked_run("regime", cfg, tags={"model": trace.model}) as run:
+
+    def work() -> AppResult:
         tables = []
         for name, placements in groups.items():
             topology = topology_from_config(topology_preset(name))
@@ -49,10 +51,10 @@ def main(cfg: DictConfig) -> None:
                                f"{Path(cfg.trace).parent.name} ({trace.num_tokens} held-out tokens): "
                                "speedup vs tokens per step")]
         best = table.groupby(["topology", "step_tokens"])["speedup_vs_contiguous"].max()
-        run.log_metrics({f"best_speedup.{t}.s{s}": float(v) for (t, s), v in best.items()})
-        for path in paths:
-            run.log_artifact(path)
         print(table.to_string(index=False))
+        return AppResult({f"best_speedup.{t}.s{s}": float(v) for (t, s), v in best.items()}, paths)
+
+    return AppRun({"model": trace.model}, work)
 
 
 if __name__ == "__main__":

@@ -14,18 +14,20 @@ from omegaconf import DictConfig
 from moetuner.apps.common import CONF_DIR
 from moetuner.report.build import build_report
 from moetuner.report.online_section import online_section
-from moetuner.tracking import tracked_run
+from moetuner.tracking import AppResult, AppRun, tracked_app
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="report")
-def main(cfg: DictConfig) -> None:
+@tracked_app("report")
+def main(cfg: DictConfig) -> AppRun:
     notes = [f"Real data not found, skipped: {s}" for s in cfg.skipped] or ["All configured real data was found."]
-    with tracked_run("report", cfg, tags={"results": str(cfg.results)}) as run:
+
+    def work() -> AppResult:
         report = build_report(cfg.results, cfg.out, title=str(cfg.title or f"moetuner study: {Path(cfg.results).name}"),
                               notes=[*notes, *cfg.notes],
                               extra=[s for s in [online_section(cfg.results, cfg.out)] if s is not None])
-        run.log_metrics(report.metrics)
-        for path in report.files:
-            run.log_artifact(path)
         print(report.headline)
         print(report.table.to_string(index=False))
+        return AppResult(report.metrics, report.files)
+
+    return AppRun({"results": str(cfg.results)}, work)

@@ -29,7 +29,7 @@ from moetuner.placement import load_placement
 from moetuner.plotting import plt, save_figure
 from moetuner.topology import topology_from_config
 from moetuner.trace import load_trace
-from moetuner.tracking import tracked_run
+from moetuner.tracking import AppResult, AppRun, tracked_app
 
 
 def write_per_layer(result: SimResult, moe_layers: list[int], path: Path) -> Path:
@@ -81,7 +81,8 @@ def interval_scalars(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="simulate")
-def main(cfg: DictConfig) -> None:
+@tracked_app("simulate")
+def main(cfg: DictConfig) -> AppRun:
     placement, trace = load_placement(cfg.placement), load_trace(cfg.trace)
     topology = topology_from_config(cfg.topology)
     check_inputs(placement, trace, topology)  # bad input fails before a run is opened
@@ -94,14 +95,14 @@ def main(cfg: DictConfig) -> None:
         raise SimulationError(f"bootstrap_resamples={cfg.bootstrap_resamples}; give at least 200 resamples")
     tags = {"model": trace.model, "dataset": trace.extra.get("dataset", trace.source), "solver": placement.solver,
             "topology": topology.name, "dataflow": str(cfg.dataflow), "dispatch": dispatch}
-    with tracked_run("simulate", cfg, tags=tags) as run:
+
+    def work() -> AppResult:
         result, base, metrics = run_simulation(placement, trace, topology, int(cfg.step_tokens), str(cfg.dataflow),
                                                dispatch, dispatches, charge, int(cfg.bootstrap_resamples),
                                                int(cfg.bootstrap_seed))
         paths = write_outputs(result, base, metrics, trace.moe_layers, cfg.out)
-        run.log_metrics(metrics)
-        run.log_metrics({f"{name}.{key}": value for name, scalars in metrics["by_dispatch"].items()
-                         for key, value in {**scalars, **interval_scalars(scalars)}.items()})
-        run.log_metrics(interval_scalars(metrics))
-        for path in paths:
-            run.log_artifact(path)
+        by_dispatch = {f"{name}.{key}": value for name, scalars in metrics["by_dispatch"].items()
+                       for key, value in {**scalars, **interval_scalars(scalars)}.items()}
+        return AppResult({**metrics, **by_dispatch, **interval_scalars(metrics)}, paths, headline="layer_time_s")
+
+    return AppRun(tags, work)

@@ -26,7 +26,7 @@ from moetuner.solvers.problem import PlacementProblem, ProblemError
 from moetuner.solvers.registry import check_solver_inputs, placement_metrics, solve_placement
 from moetuner.topology import topology_from_config
 from moetuner.trace import Trace, load_trace
-from moetuner.tracking import tracked_run
+from moetuner.tracking import AppResult, AppRun, tracked_app
 
 
 def trace_paths(trace: Any) -> list[str]:
@@ -69,7 +69,8 @@ def config_layout(model_config: str | None, trace: Trace) -> ModelLayout | None:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="solve")
-def main(cfg: DictConfig) -> None:
+@tracked_app("solve")
+def main(cfg: DictConfig) -> AppRun:
     # bad inputs fail here, before a run is opened: experts that do not fit, an unknown solver,
     # traces of different models, bad weights, an unknown dispatch / dataflow / robust mode
     problem = problem_from_config(cfg)
@@ -78,10 +79,11 @@ def main(cfg: DictConfig) -> None:
     layout = config_layout(cfg.get("model_config"), trace)
     tags = {"model": trace.model, "dataset": trace.source, "solver": cfg.solver.name,
             "topology": problem.topology.name, "dispatch": problem.dispatch, "dataflow": problem.dataflow}
-    with tracked_run("solve", cfg, tags=tags) as run:
+
+    def work() -> AppResult:
         placement = solve_placement(problem, cfg.solver.name, OmegaConf.to_container(cfg.solver, resolve=True))
         paths = write_placement(placement, trace.num_experts, cfg.out, layout)
-        run.log_metrics(placement_metrics(placement, problem.load))
-        run.set_tags({"status": placement.status})
-        for path in paths:
-            run.log_artifact(path)
+        return AppResult(placement_metrics(placement, problem.load), paths, tags={"status": placement.status},
+                         headline="max_gpu_load")
+
+    return AppRun(tags, work)

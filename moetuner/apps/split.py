@@ -14,14 +14,18 @@ from omegaconf import DictConfig
 from moetuner.apps.common import CONF_DIR
 from moetuner.profiling.stats import trace_sizes, trace_tags
 from moetuner.trace import load_trace, save_trace, split_by_sequence
-from moetuner.tracking import tracked_run
+from moetuner.tracking import AppResult, AppRun, tracked_app
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="split")
-def main(cfg: DictConfig) -> None:
+@tracked_app("split")
+def main(cfg: DictConfig) -> AppRun:
     trace = load_trace(cfg.trace)
-    with tracked_run("split", cfg, tags=trace_tags(trace)) as run:
+
+    def work() -> AppResult:
         parts = dict(zip(("profile", "heldout"), split_by_sequence(trace, cfg.holdout_fraction, cfg.seed)))
         for name, part in parts.items():
             save_trace(part, Path(cfg.out) / f"{name}.safetensors")
-            run.log_metrics(trace_sizes(part, prefix=f"{name}_"))
+        return AppResult({k: v for name, part in parts.items() for k, v in trace_sizes(part, prefix=f"{name}_").items()})
+
+    return AppRun(trace_tags(trace), work)

@@ -14,14 +14,17 @@ from moetuner.apps.common import CONF_DIR
 from moetuner.profiling.stats import trace_sizes, trace_tags
 from moetuner.synth import SynthSpec, synthesize
 from moetuner.trace import save_trace
-from moetuner.tracking import tracked_run
+from moetuner.tracking import AppResult, AppRun, tracked_app
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="synth")
-def main(cfg: DictConfig) -> None:
+@tracked_app("synth")
+def main(cfg: DictConfig) -> AppRun:
     spec = SynthSpec(**{f.name: cfg[f.name] for f in fields(SynthSpec)}).check()
-    with tracked_run("synth", cfg, tags={"model": spec.model, "dataset": "synthetic"}) as run:
+
+    def work() -> AppResult:
         trace = synthesize(spec)
         save_trace(trace, cfg.out)
-        run.log_metrics(trace_sizes(trace))
-        run.set_tags(trace_tags(trace))
+        return AppResult(trace_sizes(trace), tags=trace_tags(trace))
+
+    return AppRun({"model": spec.model, "dataset": "synthetic"}, work)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from moetuner.costmodel.cost import CostModel, SimulationError
+from moetuner.costmodel.settings import Dataflow
 
 
 def compute_lower_bound(ids: np.ndarray, cost: CostModel, slots_per_gpu: int) -> float:
@@ -26,7 +27,7 @@ def compute_lower_bound(ids: np.ndarray, cost: CostModel, slots_per_gpu: int) ->
     return max(spread, float(cost.expert_time(np.array([load.max() / copies]))[0])) + busy
 
 
-def comm_lower_bound(ids: np.ndarray, cost: CostModel, slots_per_gpu: int, dataflow: str = "dispatch_combine"
+def comm_lower_bound(ids: np.ndarray, cost: CostModel, slots_per_gpu: int, dataflow: Dataflow = "dispatch_combine"
                      ) -> float:
     """Scatter + combine seconds of one layer-step that no placement with `slots_per_gpu` slots per GPU
     beats. ids [B, k]; token j of the step starts on GPU j % G.
@@ -78,7 +79,7 @@ def comm_lower_bound(ids: np.ndarray, cost: CostModel, slots_per_gpu: int, dataf
 
 
 def lower_bound(ids: np.ndarray, cost: CostModel, slots_per_gpu: int, step_tokens: int,
-                dataflow: str = "dispatch_combine") -> float:
+                dataflow: Dataflow = "dispatch_combine") -> float:
     """Step time (mean over full steps of the sum over layers) that no placement with `slots_per_gpu`
     slots per GPU, under any dispatch, beats: compute_lower_bound + comm_lower_bound. ids [T, L, k]"""
     steps = []

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from moetuner.costmodel.cost import CostModel, SimulationError, a2a_time
-from moetuner.costmodel.settings import PER_BATCH_DISPATCHES, check_dispatch_charge
+from moetuner.costmodel.settings import PER_BATCH_DISPATCHES, Dispatch, check_dispatch_charge
 from moetuner.costmodel.simulator import SimResult
 from moetuner.placement import logical_replica_count
 
@@ -66,7 +66,7 @@ def replicated_layers(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
     return (logical_replica_count(phy2log, num_experts) > 1).any(1)
 
 
-def layer_charges(result: SimResult, dispatch: str, charge: DispatchCharge, cost: CostModel, num_experts: int,
+def layer_charges(result: SimResult, dispatch: Dispatch, charge: DispatchCharge, cost: CostModel, num_experts: int,
                   replicated: np.ndarray) -> Charges:
     """The charge of every layer-step of `result` (simulated under `dispatch`). replicated [L] bool"""
     charge.check()

@@ -14,7 +14,7 @@ from moetuner.costmodel.charges import DispatchCharge
 from moetuner.costmodel.cost import SimulationError, cost_model
 from moetuner.costmodel.intervals import RESAMPLES, SEED, speedup_interval
 from moetuner.costmodel.score import Scored, score
-from moetuner.costmodel.settings import check_dispatch
+from moetuner.costmodel.settings import Dataflow, Dispatch, check_dispatch
 from moetuner.costmodel.simulator import SimResult
 from moetuner.placement import Placement, check_placement, contiguous_phy2log, expert_location, routed_experts
 from moetuner.topology import Topology
@@ -28,7 +28,7 @@ def check_inputs(placement: Placement, trace: Trace, topology: Topology) -> None
                     routed=routed_experts(trace.topk_ids, trace.num_experts), topology=f"topology {topology.name}")
 
 
-def own_dispatch(placement: Placement, dispatch: str | None) -> str:
+def own_dispatch(placement: Placement, dispatch: Dispatch | None) -> Dispatch:
     """`dispatch`, else the one the placement was solved for (extra['dispatch']), else dynamic."""
     return check_dispatch(dispatch or placement.extra.get("dispatch") or "dynamic", SimulationError)
 
@@ -40,7 +40,7 @@ def check_dispatches(dispatches: Sequence[str]) -> None:
 
 
 def run_simulation(placement: Placement, trace: Trace, topology: Topology, step_tokens: int,
-                   dataflow: str, dispatch: str | None = None, dispatches: Sequence[str] = (),
+                   dataflow: Dataflow, dispatch: Dispatch | None = None, dispatches: Sequence[str] = (),
                    charge: DispatchCharge = DispatchCharge(), resamples: int = RESAMPLES, seed: int = SEED
                    ) -> tuple[SimResult, SimResult, dict[str, Any]]:
     """(result, contiguous result, metrics) of `placement` on `trace` under `dispatch`

@@ -24,6 +24,7 @@ from scipy.sparse.csgraph import maximum_flow
 
 from moetuner.costmodel.cost import CostModel, copy_matrix
 from moetuner.placement import LayerSlots, expert_location
+from moetuner.costmodel.settings import Dataflow, Dispatch
 
 def layer_slots(phy2log: np.ndarray, num_gpus: int, num_experts: int) -> list[LayerSlots]:
     """Per-layer routing tables of a [L, P] placement (placement.expert_location, layer by layer)."""
@@ -275,7 +276,7 @@ def round_rows(share: np.ndarray, total: np.ndarray) -> np.ndarray:
 
 
 def choose_slots(ids: np.ndarray, token: np.ndarray, src: np.ndarray, slots: LayerSlots,
-                 dispatch: str, cost: CostModel) -> np.ndarray:
+                 dispatch: Dispatch, cost: CostModel) -> np.ndarray:
     """The physical slot serving each token-expert pair under `dispatch`. ids [B, k] -> [B, k]"""
     if dispatch == "dynamic" or (slots.count <= 1).all():
         return pick_dynamic(ids, token, slots)
@@ -288,7 +289,7 @@ def choose_slots(ids: np.ndarray, token: np.ndarray, src: np.ndarray, slots: Lay
 
 
 def choose_step_slots(ids: np.ndarray, primary: np.ndarray, slots: list[LayerSlots], cost: CostModel,
-                      dataflow: str, dispatch: str, timings: list[float] | None = None) -> np.ndarray:
+                      dataflow: Dataflow, dispatch: Dispatch, timings: list[float] | None = None) -> np.ndarray:
     """The slot of every pair of one step, layer by layer (token j starts on GPU j % G; with
     expert_to_expert it moves to its primary expert's GPU). ids [B, L, k], primary [B, L] -> [B, L, k]
 

@@ -6,14 +6,13 @@ each token-expert pair is served by one replica of the expert (the `dispatch` pi
 `dynamic` even split, `static` nearest fixed replica, `lp` min busiest GPU, `lp_comm` min predicted
 layer time), then:
 
-- compute: a GPU's time is the sum over its active slots of f(n), n the tokens the slot got;
-  roofline f(n) = max(n * 6*h*i / peak_flops, 3*h*i*2 / hbm_bw), or the calibrated
-  f(n) = expert_fixed_s + expert_per_token_s * n; the layer pays the slowest GPU (the compute tail).
-- communication, one copy of a token (h * 2 bytes, bf16) per distinct destination GPU, none to the
-  GPU the token is on. An all-to-all phase costs max over GPUs of max(send, receive), where send =
-  sum over peers of bytes / link bandwidth + the largest latency among the peers it sends to
-  (messages leave concurrently, links are full duplex); receive likewise (cost.a2a_time: the link
-  model and per-peer message cost of a calibrated topology refine this).
+- compute: a GPU's time is `CostModel.gpu_compute` of its active slots' token counts: the sum over
+  them of the expert time f(n) of the topology's expert model (cost.py: `roofline`,
+  `calibrated_linear` or `efficiency`, which also pays each grouped GEMM's kernel latency once per
+  GPU that serves a token); the layer pays the slowest GPU (the compute tail).
+- communication, one copy of a token per distinct destination GPU, none to the GPU the token is on.
+  An all-to-all phase costs `cost.a2a_time`: max over GPUs of max(send, receive), with the topology's
+  link model (`serial` or `concurrent`), latency and per-message cost.
   - `dispatch_combine`: scatter from home to the token's expert GPUs, combine the same copies back.
   - `expert_to_expert`: layer 0 scatters from home; the combine gathers the k partial results on
     the GPU of the token's primary expert (largest gate weight, else the first listed), which is
@@ -27,7 +26,8 @@ layer time), then:
   - `low_latency` (DeepEP's decode kernels): every token-expert pair is its own copy, sent straight
     from home to the expert's GPU (no dedup per GPU, no NVLink forwarding), and combined back the same way.
   One copy is `scatter_bytes` out and `combine_bytes` back (cost.phase_bytes; bf16 unless calibrated).
-- layer time = scatter + compute tail + combine; step time = sum over layers.
+- layer time = scatter + compute tail + combine; step time = sum over layers. What `lp` and
+  `lp_comm`'s per-batch decision costs is charged on top of these times (charges.py).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from tqdm import tqdm
 from moetuner.costmodel.cost import (CostModel, SimulationError, a2a_time, copy_matrix, pair_copy_matrix,
                                      source_totals)
 from moetuner.costmodel.replicas import choose_step_slots
-from moetuner.costmodel.settings import DATAFLOWS, check_dataflow, check_dispatch
+from moetuner.costmodel.settings import DATAFLOWS, Dataflow, Dispatch, check_dataflow, check_dispatch
 from moetuner.placement import LayerSlots, Placement, check_placement, expert_location, routed_experts
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ def phases(first: np.ndarray | float, second: np.ndarray | float, cost: CostMode
 
 
 def layer_step(slot: np.ndarray, src: np.ndarray, target: np.ndarray, slots: LayerSlots, cost: CostModel,
-               dataflow: str = "dispatch_combine") -> LayerStep:
+               dataflow: Dataflow = "dispatch_combine") -> LayerStep:
     """Times and bytes of one layer whose pairs are served by slot [B, k]: tokens at src [B] scatter,
     their partial results combine on target [B]."""
     num_gpus = cost.num_gpus
@@ -122,7 +122,7 @@ def layer_step(slot: np.ndarray, src: np.ndarray, target: np.ndarray, slots: Lay
 
 
 def simulate_step(ids: np.ndarray, primary: np.ndarray, slots: list[LayerSlots], cost: CostModel,
-                  dataflow: str, dispatch: str) -> list[LayerStep]:
+                  dataflow: Dataflow, dispatch: Dispatch) -> list[LayerStep]:
     """Every layer of one step; token j starts on home GPU j % G. ids [B, L, k], primary [B, L]"""
     assert dataflow in DATAFLOWS, f"unknown dataflow {dataflow}"
     num_tokens, num_layers = ids.shape[:2]
@@ -195,7 +195,7 @@ class SimResult:
 
 
 def check_inputs(phy2log: np.ndarray, num_gpus: int, ids: np.ndarray, num_experts: int, cost: CostModel,
-                 step_tokens: int, dataflow: str, dispatch: str) -> None:
+                 step_tokens: int, dataflow: Dataflow, dispatch: Dispatch) -> None:
     """Raise SimulationError (PlacementError for the map itself) naming the first disagreement."""
     check_dataflow(dataflow, SimulationError)
     check_dispatch(dispatch, SimulationError)
@@ -207,8 +207,8 @@ def check_inputs(phy2log: np.ndarray, num_gpus: int, ids: np.ndarray, num_expert
 
 
 def simulate(phy2log: np.ndarray, num_gpus: int, ids: np.ndarray, primary: np.ndarray, num_experts: int,
-             cost: CostModel, step_tokens: int, dataflow: str = "dispatch_combine",
-             dispatch: str = "dynamic", progress: bool = False) -> SimResult:
+             cost: CostModel, step_tokens: int, dataflow: Dataflow = "dispatch_combine",
+             dispatch: Dispatch = "dynamic", progress: bool = False) -> SimResult:
     """Every full step of `step_tokens` consecutive tokens. phy2log [L, P], ids [T, L, k], primary [T, L]"""
     check_inputs(phy2log, num_gpus, ids, num_experts, cost, step_tokens, dataflow, dispatch)
     slots = expert_location(phy2log, num_gpus, num_experts).layers()

@@ -9,8 +9,9 @@
 - `oracle` (a hindsight reference, not a bound): each segment's `solver` placement on that segment's
   own steps, switched in at the segment's first step at no cost.
 
-Load-only solvers (LOAD_SOLVERS) get the window's tokens per expert from the stream's per-step counters,
-as an engine's load counters hold them; other solvers get the window's tokens.
+Load-only solvers (the registry entries marked `load_only`, moetuner.solvers.registry) get the window's
+tokens per expert from the stream's per-step counters, as an engine's load counters hold them; other
+solvers get the window's tokens.
 """
 
 from __future__ import annotations
@@ -27,13 +28,10 @@ from moetuner.online.steptimes import StepTimes
 from moetuner.online.stream import Stream
 from moetuner.placement import gpu_loads
 from moetuner.solvers.problem import PlacementProblem
-from moetuner.solvers.registry import solve_placement
+from moetuner.solvers.registry import solve_placement, solver_info
 from moetuner.profiling.stats import imbalance as gpu_imbalance
 from moetuner.topology import Topology
 from moetuner.trace import Trace
-
-
-LOAD_SOLVERS = ("eplb", "greedy", "contiguous", "round_robin")  # read only PlacementProblem.load
 
 
 class PolicyError(ValueError):
@@ -76,9 +74,10 @@ class Context:
         return Decision(placement.phy2log, solver, time.perf_counter() - start)
 
     def solve_steps(self, steps: np.ndarray, solver: str, options: Mapping[str, Any]) -> Decision:
-        """`solver` on stream steps `steps` [n]: from their expert loads for LOAD_SOLVERS, else their tokens."""
+        """`solver` on stream steps `steps` [n]: from their expert loads for a load-only solver, else their
+        tokens."""
         stream = self.step_times.stream
-        if solver not in LOAD_SOLVERS:
+        if not solver_info(solver).load_only:
             return self.solve(stream.tokens_of(steps), solver, options)
         start = time.perf_counter()
         problem = self.problem(stream.tokens_of(steps[-1:]))  # one step's tokens: the model's metadata

@@ -20,6 +20,7 @@ from moetuner.costmodel.cost import CostModel
 from moetuner.costmodel.score import score
 from moetuner.placement import ExpertLocation, expert_location
 from moetuner.online.stream import Stream
+from moetuner.costmodel.settings import Dataflow, Dispatch
 
 
 def placement_id(phy2log: np.ndarray) -> str:
@@ -64,8 +65,8 @@ class StepTimes:
     cost: CostModel
     num_gpus: int
     num_experts: int
-    dataflow: str
-    dispatch: str
+    dataflow: Dataflow
+    dispatch: Dispatch
     charge: DispatchCharge = DispatchCharge()  # what lp / lp_comm pay per layer-step
     chunk: int = 64  # steps computed together (the replay asks one step and gets the chunk ahead)
     keep: int = 24  # placements whose times stay cached

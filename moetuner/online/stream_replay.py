@@ -20,7 +20,7 @@ from moetuner.online.stream import Stream
 from moetuner.placement import Placement, check_placement, contiguous_phy2log, save_placement
 from moetuner.solvers.problem import PlacementProblem
 from moetuner.costmodel.cost import SimulationError, cost_model
-from moetuner.costmodel.settings import check_dataflow, check_dispatch
+from moetuner.costmodel.settings import Dataflow, Dispatch, check_dataflow, check_dispatch
 from moetuner.topology import Topology
 from moetuner.trace import Trace, save_trace
 
@@ -238,7 +238,7 @@ def write_outputs(result: ReplayResult, stream: Stream, ctx: Context, title: str
     return paths
 
 
-def make_context(stream: Stream, topology: Topology, replicas: int, dataflow: str, dispatch: str,
+def make_context(stream: Stream, topology: Topology, replicas: int, dataflow: Dataflow, dispatch: Dispatch,
                  migration: MigrationConfig) -> Context:
     """The policies' context; checks dataflow, dispatch and the replica budget by simulating one step."""
     first = stream.first

@@ -22,8 +22,7 @@ from moetuner.report.headline import (Headline, Intervals, Margins, dispatch_tab
                                       headline_trace, html_headline, markdown_headline, regime_sentence,
                                       serve_sentence, winner_margins)
 from moetuner.report.regime import regime_figure
-
-REGIME_CSV = Path("regime") / "regime.csv"
+from moetuner.study.targets import LAYOUT, regime_path
 
 
 @dataclass
@@ -99,7 +98,7 @@ def regime_section(regime: pd.DataFrame | None, out: Path) -> Section:
     """The regime figure (drawn from regime.csv) with a sentence from its numbers."""
     title = "Where placement matters: tokens per step"
     if regime is None:
-        path = figures.no_data(out / "regime.png", "speedup vs tokens per step", "no regime/regime.csv in the results")
+        path = figures.no_data(out / "regime.png", "speedup vs tokens per step", f"no {LAYOUT['regime']} in the results")
         return Section(title, figures=figure_section("regime", path).figures)
     path = regime_figure(regime, out / "regime.png")
     sentence = regime_sentence(regime) or ""
@@ -109,7 +108,7 @@ def regime_section(regime: pd.DataFrame | None, out: Path) -> Section:
 def report_sections(results: Path, out: Path, table: pd.DataFrame, tables: Headline, trace: str,
                     drawn: dict[str, Path], extra: Sequence[Section] = ()) -> list[Section]:
     """Headline, regime, `extra` sections, the detail figures, then the raw table (appendix)."""
-    regime_csv = results / REGIME_CSV
+    regime_csv = Path(regime_path(str(results)))
     regime = pd.read_csv(regime_csv) if regime_csv.is_file() else None
     appendix = table_section("Appendix: all results",
                              "Every placement and evaluation (also in summary.csv).", table)

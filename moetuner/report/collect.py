@@ -1,14 +1,10 @@
-"""Read a study's results folder (the layout of the Snakefile) into tables.
-
-    placements/{trace}/{topology}/{solver}-r{replicas}.json
-    simulate/{trace}/{topology}/{solver}-r{replicas}/{eval}/metrics.json, per_layer.csv
-    serve/{trace}/{topology}/{solver}-r{replicas}/metrics.json
+"""Read a study's results folder into tables. The layout is moetuner.study.targets.LAYOUT (placement,
+simulate, per_layer, serve), where the study's rules write it.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +12,9 @@ import pandas as pd
 
 from moetuner.serving.emulation import shaped_run
 from moetuner.solvers.mip import relative_gap
+from moetuner.study.targets import LAYOUT, find_files, per_layer_path
 
 KEY = ["trace", "topology", "solver", "replicas"]
-RUN_DIR = re.compile(r"(?P<solver>[a-z_]+)-r(?P<replicas>\d+)$")
 TABLE_COLUMNS = ["trace", "topology", "solver", "solver_label", "replicas", "eval", "predicted_layer_time_s",
                  "measured_layer_time_s", "served_predicted_layer_time_s", "serve_links_shaped", "injected_share",
                  "comm_rel_error", "speedup_vs_contiguous", "speedup_ci_low", "speedup_ci_high",
@@ -36,18 +32,6 @@ ILP2_SKIPPED = "MoETuner ILP1 + affinity mapping (ILP2 skipped at this size)"
 
 class ReportError(ValueError):
     """A results folder cannot be reported; the message names the problem and the fix."""
-
-
-def parse_run_dir(name: str) -> tuple[str, int]:
-    """'eplb-r1' -> ('eplb', 1)."""
-    match = RUN_DIR.match(name)
-    if match is None:
-        raise ReportError(f"folder {name!r} is not named <solver>-r<replicas>; use the study's layout")
-    return match["solver"], int(match["replicas"])
-
-
-def placement_path(results: Path, trace: str, topology: str, solver: str, replicas: int) -> Path:
-    return results / "placements" / trace / topology / f"{solver}-r{replicas}.json"
 
 
 def _or_nan(value: float | None) -> float:
@@ -75,13 +59,11 @@ def with_intervals(doc: dict) -> dict:
 def read_placements(results: Path) -> pd.DataFrame:
     """One row per placement: KEY, solver_label, solve_seconds, gap, status, problem size (layers, experts, gpus)."""
     rows = []
-    for path in sorted((results / "placements").glob("*/*/*.json")):
-        if path.name.endswith(".sglang.json"):  # the engine file beside each placement that is JSON
-            continue
+    for path, key in find_files(results, "placement"):
         doc = json.loads(path.read_text())
-        solver, replicas = parse_run_dir(path.stem)
+        solver, replicas = key["solver"], int(key["replicas"])
         phy2log = np.asarray(doc["physical_to_logical_map"])
-        rows.append({"trace": path.parent.parent.name, "topology": path.parent.name, "solver": solver,
+        rows.append({"trace": key["trace"], "topology": key["topology"], "solver": solver,
                      "solver_label": solver_label(solver, doc), "replicas": replicas, "solve_seconds": float(doc.get("solve_seconds") or 0.0),
                      "gap": _or_nan(relative_gap(doc.get("objective"), doc.get("bound"))), "status": doc.get("status"),
                      "layers": phy2log.shape[0], "experts": int(doc.get("num_experts", phy2log.max() + 1)),
@@ -90,16 +72,14 @@ def read_placements(results: Path) -> pd.DataFrame:
                                        "gpus"])
 
 
-def read_metrics(results: Path, stage: str, depth: int) -> pd.DataFrame:
-    """metrics.json of every `stage` run as rows (KEY [+ eval] + the metrics); depth 4 adds `eval`."""
+def read_metrics(results: Path, stage: str) -> pd.DataFrame:
+    """metrics.json of every `stage` run (simulate or serve) as rows (KEY [+ eval for simulate] + the metrics)."""
     rows = []
-    pattern = "/".join(["*"] * depth) + "/metrics.json"
-    for path in sorted((results / stage).glob(pattern)):
-        run = path.parent if depth == 3 else path.parent.parent
-        solver, replicas = parse_run_dir(run.name)
-        row = {"trace": run.parent.parent.name, "topology": run.parent.name, "solver": solver, "replicas": replicas}
-        if depth == 4:
-            row["eval"] = path.parent.name
+    for path, key in find_files(results, stage):
+        row = {"trace": key["trace"], "topology": key["topology"], "solver": key["solver"],
+               "replicas": int(key["replicas"])}
+        if "evaluate_on" in key:
+            row["eval"] = key["evaluate_on"]
         doc = json.loads(path.read_text())
         row.update({k: v for k, v in with_intervals(doc).items() if np.isscalar(v)})
         if stage == "serve":
@@ -138,12 +118,12 @@ def results_table(results: str | Path) -> pd.DataFrame:
     """The study's results: one row per (placement, evaluation trace), TABLE_COLUMNS (then
     `speedup_vs_contiguous.<dispatch>` for every dispatch the simulate runs scored), sorted."""
     results = Path(results)
-    sim = read_metrics(results, "simulate", 4)
+    sim = read_metrics(results, "simulate")
     if sim.empty:
-        raise ReportError(f"{results}: no simulate/*/*/*/*/metrics.json; run the study (snakemake) first")
+        raise ReportError(f"{results}: no {LAYOUT['simulate']}; run the study (snakemake) first")
     table = sim.merge(read_placements(results), on=KEY, how="left")
     table["solver_label"] = table["solver_label"].fillna(table["solver"])
-    serve = read_metrics(results, "serve", 3)
+    serve = read_metrics(results, "serve")
     if not serve.empty:
         measured = serve_times(serve)[KEY + SERVE_COLUMNS]
         table = table.merge(measured.assign(eval="heldout"), on=KEY + ["eval"], how="left")
@@ -175,12 +155,10 @@ def step_times(results: str | Path) -> dict[tuple[str, str, str, int, str], np.n
     """Charged seconds per scored step of every simulate run (its own dispatch), keyed by
     (trace, topology, solver, replicas, eval): for paired comparisons between placements. [S] each"""
     out = {}
-    for path in sorted(Path(results, "simulate").glob("*/*/*/*/metrics.json")):
+    for path, key in find_files(results, "simulate"):
         doc = json.loads(path.read_text())
         if "step_times_s" in doc:
-            run = path.parent.parent
-            solver, replicas = parse_run_dir(run.name)
-            out[run.parent.parent.name, run.parent.name, solver, replicas, path.parent.name] = \
+            out[key["trace"], key["topology"], key["solver"], int(key["replicas"]), key["evaluate_on"]] = \
                 np.asarray(doc["step_times_s"], dtype=float)
     return out
 
@@ -188,5 +166,4 @@ def step_times(results: str | Path) -> dict[tuple[str, str, str, int, str], np.n
 def per_layer(results: str | Path, trace: str, topology: str, solver: str, replicas: int,
               eval_name: str = "heldout") -> pd.DataFrame:
     """The simulator's per_layer.csv of one run."""
-    path = Path(results) / "simulate" / trace / topology / f"{solver}-r{replicas}" / eval_name / "per_layer.csv"
-    return pd.read_csv(path)
+    return pd.read_csv(per_layer_path(str(results), trace, topology, solver, replicas, eval_name))

@@ -13,7 +13,8 @@ from matplotlib.ticker import MaxNLocator
 from moetuner.placement import gpu_loads, load_placement
 from moetuner.profiling.stats import expert_load
 from moetuner.plotting import plt, save_figure, spread_layers
-from moetuner.report.collect import per_layer, placement_path
+from moetuner.report.collect import per_layer
+from moetuner.study.targets import placement_path, split_path
 from moetuner.trace import load_trace
 
 
@@ -43,10 +44,10 @@ def showcase(table: pd.DataFrame) -> tuple[str, str, pd.Series]:
 
 def showcase_loads(results: Path, trace: str, topology: str, best: pd.Series) -> dict[str, np.ndarray]:
     """Relative per-GPU load [L, G] on the held-out routing: contiguous (before) and the best placement (after)."""
-    heldout = load_trace(results / "splits" / trace / "heldout.safetensors")
+    heldout = load_trace(split_path(str(results), trace, "heldout"))
     loads = {}
     for solver, replicas in (("contiguous", 0), (best.solver, int(best.replicas))):
-        placement = load_placement(placement_path(results, trace, topology, solver, replicas))
+        placement = load_placement(placement_path(str(results), trace, topology, solver, replicas))
         counts = expert_load(heldout.topk_ids, heldout.num_experts)
         loads[f"{solver}-r{replicas}"] = relative_load(gpu_loads(placement.phy2log, counts, placement.num_gpus))
     return loads

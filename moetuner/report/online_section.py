@@ -1,6 +1,7 @@
 """The report's online-rebalancing section: each policy's replay of the study's stream (moetuner-online).
 
-Reads `<results>/online/<stream>/<topology>-r<R>/<policy>/{metrics.json,timeline.csv}`.
+Reads every replay's metrics.json (moetuner.study.targets.LAYOUT["online"]:
+`<results>/online/<stream>/<topology>-r<R>/<policy>/`) and the timeline.csv beside it.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from pathlib import Path
 import pandas as pd
 
 from moetuner.report.document import Figure, Section, html_table, markdown_table
+from moetuner.study.targets import find_files
 
-ONLINE_DIR = "online"
 COLUMNS = ["stream", "setting", "policy", "total_time_s", "migration_time_s", "rebalances", "experts_moved",
            "speedup_vs_contiguous", "vs_static", "solve_seconds_per_rebalance"]
 CAPTION = ("Per-step speedup vs contiguous of each policy over the stream (simulator), segment boundaries "
@@ -23,11 +24,10 @@ CAPTION = ("Per-step speedup vs contiguous of each policy over the stream (simul
 def online_runs(results: Path) -> pd.DataFrame:
     """One row per replay found under results/online (empty frame if none). Columns: COLUMNS + run."""
     rows = []
-    for path in sorted((results / ONLINE_DIR).glob("*/*/*/metrics.json")):
+    for path, key in find_files(results, "online"):
         metrics = json.loads(path.read_text())
-        run = path.parent
-        rows.append({"stream": run.parent.parent.name, "setting": run.parent.name, "policy": run.name,
-                     "run": str(run), **{k: metrics.get(k) for k in COLUMNS[3:] if k != "vs_static"}})
+        rows.append({"stream": key["stream"], "setting": key["setting"], "policy": key["policy"],
+                     "run": str(path.parent), **{k: metrics.get(k) for k in COLUMNS[3:] if k != "vs_static"}})
     table = pd.DataFrame(rows, columns=[*COLUMNS, "run"])
     if table.empty:
         return table

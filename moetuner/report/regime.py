@@ -24,7 +24,8 @@ from moetuner.costmodel.evaluate import own_dispatch
 from moetuner.costmodel.score import score
 from moetuner.placement import contiguous_phy2log, expert_location, load_placement
 from moetuner.plotting import plt, save_figure
-from moetuner.report.collect import parse_run_dir
+from moetuner.costmodel.settings import Dispatch
+from moetuner.study.targets import parse_run
 
 REGIME_COLUMNS = ["topology", "label", "solver", "replicas", "step_tokens", "num_steps", "tiled",
                   "layer_time_s", "contiguous_layer_time_s", "speedup_vs_contiguous"]
@@ -104,13 +105,13 @@ def regime_figure(table: pd.DataFrame, path: str | os.PathLike[str], title: str 
     return save_figure(fig, path)
 
 
-def placements_by_topology(paths: list[str], dispatch: str | None
+def placements_by_topology(paths: list[str], dispatch: Dispatch | None
                            ) -> dict[str, dict[tuple[str, int], tuple[np.ndarray, str]]]:
     """topology -> (solver, replicas) -> (phy2log [L, P], dispatch), from .../<topology>/<solver>-r<R>.json;
     dispatch as moetuner-simulate picks it (`dispatch`, else the placement's own, else dynamic)."""
     out: dict[str, dict[tuple[str, int], tuple[np.ndarray, str]]] = {}
     for path in map(Path, paths):
         placement = load_placement(path)
-        out.setdefault(path.parent.name, {})[parse_run_dir(path.stem)] = (placement.phy2log,
+        out.setdefault(path.parent.name, {})[parse_run(path.stem)] = (placement.phy2log,
                                                                           own_dispatch(placement, dispatch))
     return out

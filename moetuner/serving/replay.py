@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from moetuner.costmodel.cost import CostModel
 from moetuner.costmodel.replicas import choose_step_slots
-from moetuner.costmodel.settings import check_dataflow, check_dispatch
+from moetuner.costmodel.settings import Dataflow, Dispatch, check_dataflow, check_dispatch
 from moetuner.placement import expert_location
 from moetuner.serving.ep_moe import ExpertFn, choose_slots, ep_layer
 from moetuner.serving.experts import random_experts
@@ -40,11 +40,11 @@ class ReplayError(ValueError):
 class ReplaySettings:
     step_tokens: int = 512
     shape_scale: int = 8  # hidden and moe_intermediate are divided by this (CPU)
-    dataflow: str = "dispatch_combine"
+    dataflow: Dataflow = "dispatch_combine"
     warmup_steps: int = 1
     max_steps: int | None = None
     seed: int = 0
-    dispatch: str = "dynamic"  # moetuner.costmodel.settings.DISPATCHES
+    dispatch: Dispatch = "dynamic"
 
     def check(self) -> None:
         check_dataflow(self.dataflow, ReplayError, "replay.dataflow")

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from moetuner.profiling.stats import coactivation, expert_load, transitions
-from moetuner.costmodel.settings import check_choice, check_dataflow, check_dispatch
-from moetuner.topology import Topology, TopologyError
+from moetuner.costmodel.settings import Dataflow, Dispatch, check_choice, check_dataflow, check_dispatch
+from moetuner.topology import Topology
 from moetuner.load_profile import LoadProfile
 from moetuner.trace import Trace
 
@@ -84,8 +84,8 @@ class PlacementProblem:
     topology: Topology
     replicas: int = 0
     step_tokens: int = 4096  # tokens per serving step, for per-step objectives
-    dispatch: str = "dynamic"
-    dataflow: str = "dispatch_combine"
+    dispatch: Dispatch = "dynamic"
+    dataflow: Dataflow = "dispatch_combine"
     domains: tuple[Trace, ...] = ()
     weights: tuple[float, ...] = ()
     robust: str = "mean"
@@ -184,5 +184,3 @@ class PlacementProblem:
             return float((values / (1.0 if reference is None else np.asarray(reference))).max())
         return float(values @ np.asarray(self.weights))
 
-
-__all__ = ["PlacementProblem", "ProblemError", "ROBUST", "concat_traces", "TopologyError"]

@@ -1,7 +1,10 @@
-"""Solver names -> solver functions, and running one on a problem with its solve record.
+"""Solver names -> solver functions and what each solver reads; running one on a problem with its solve record.
 
 Every solver is `solve_<name>(problem: PlacementProblem, options: Mapping) -> Placement` (conf/solver/<name>.yaml
-holds its options); its module is imported on first use.
+holds its options); its module is imported on first use. Each entry of SOLVERS also says what the solver
+reads and honours (`SolverInfo`); the online policies, steptail's warm starts and the benchmarks derive
+their lists from these attributes (`solver_names`), so adding a solver is one entry here plus its
+conf/solver/<name>.yaml.
 
 The names live in this one dict rather than as `_target_` keys in conf/solver/*.yaml for
 `hydra.utils.instantiate`: code without a Hydra config looks solvers up by name (steptail's warm starts,
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -25,18 +29,45 @@ from moetuner.solvers.problem import PlacementProblem, ProblemError
 
 Solver = Callable[[PlacementProblem, Mapping[str, Any]], Placement]
 
-SOLVERS: dict[str, str] = {
-    "contiguous": "moetuner.solvers.baselines:solve_contiguous",
-    "round_robin": "moetuner.solvers.baselines:solve_round_robin",
-    "greedy": "moetuner.solvers.baselines:solve_greedy",
-    "eplb": "moetuner.solvers.eplb:solve_eplb",
-    "exflow": "moetuner.solvers.exflow:solve_exflow",
-    "moetuner": "moetuner.solvers.moetuner_ilp:solve_moetuner",
-    "partition": "moetuner.solvers.partition:solve_partition",
-    "steptail": "moetuner.solvers.steptail:solve_steptail",
+
+@dataclass(frozen=True)
+class SolverInfo:
+    """One registry entry: where the solver lives and what it reads and honours."""
+
+    target: str  # 'module:function', imported on first use
+    load_only: bool = False  # reads PlacementProblem.load (tokens per expert), shapes and topology, never the
+    #                          tokens: an engine's load counters are enough (the online policies pass them)
+    warm_start: bool = False  # a candidate start of steptail's search (fast, reads no dispatch)
+    time_budgeted: bool = False  # honours options["time_limit_s"]: its result depends on the machine's speed
+    per_dispatch: bool = False  # reads the problem's dispatch and dataflow: one placement per dispatch
+
+
+SOLVERS: dict[str, SolverInfo] = {
+    "eplb": SolverInfo("moetuner.solvers.eplb:solve_eplb", load_only=True, warm_start=True),
+    "greedy": SolverInfo("moetuner.solvers.baselines:solve_greedy", load_only=True, warm_start=True),
+    "partition": SolverInfo("moetuner.solvers.partition:solve_partition", warm_start=True, time_budgeted=True),
+    "exflow": SolverInfo("moetuner.solvers.exflow:solve_exflow", warm_start=True),
+    "round_robin": SolverInfo("moetuner.solvers.baselines:solve_round_robin", load_only=True, warm_start=True),
+    "contiguous": SolverInfo("moetuner.solvers.baselines:solve_contiguous", load_only=True, warm_start=True),
+    "moetuner": SolverInfo("moetuner.solvers.moetuner_ilp:solve_moetuner", time_budgeted=True),
+    "steptail": SolverInfo("moetuner.solvers.steptail:solve_steptail", time_budgeted=True, per_dispatch=True),
 }
-"""Solver name -> 'module:function' (imported on first use)."""
-LOAD_ONLY_SOLVERS = ("contiguous", "round_robin", "greedy", "eplb")
+"""Solver name -> SolverInfo. The order is the order of `solver_names` (steptail tries its warm starts in
+it and keeps the earlier one of two equally good rows)."""
+
+_ATTRIBUTES = tuple(f.name for f in fields(SolverInfo) if isinstance(f.default, bool))
+
+
+def solver_names(**attributes: bool) -> tuple[str, ...]:
+    """The registered solvers whose attributes equal `attributes`, in registry order.
+
+    solver_names(load_only=True) -> ('eplb', 'greedy', 'round_robin', 'contiguous')"""
+    unknown = sorted(set(attributes) - set(_ATTRIBUTES))
+    assert not unknown, f"unknown solver attribute(s) {unknown}; SolverInfo has {list(_ATTRIBUTES)}"
+    return tuple(name for name, info in SOLVERS.items()
+                 if all(getattr(info, key) == value for key, value in attributes.items()))
+
+LOAD_ONLY_SOLVERS = solver_names(load_only=True)
 """Solvers that need expert loads alone, so can place from a load profile (`PlacementProblem.load_only`).
 The others score co-activation (partition), transitions (exflow, moetuner) or token-level steps (steptail)."""
 
@@ -45,11 +76,16 @@ class UnknownSolverError(ValueError):
     """No solver of that name."""
 
 
-def get_solver(name: str) -> Solver:
-    """The solver function registered under `name`."""
+def solver_info(name: str) -> SolverInfo:
+    """The registry entry of solver `name`."""
     if name not in SOLVERS:
         raise UnknownSolverError(f"unknown solver {name!r}; choose one of {sorted(SOLVERS)}")
-    module, func = SOLVERS[name].split(":")
+    return SOLVERS[name]
+
+
+def get_solver(name: str) -> Solver:
+    """The solver function registered under `name`."""
+    module, func = solver_info(name).target.split(":")
     return getattr(importlib.import_module(module), func)
 
 

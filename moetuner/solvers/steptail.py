@@ -7,8 +7,8 @@ tokens over replicas) and `dataflow`, so every step's tail counts, not the balan
 With several profile domains each domain's own steps are scored and the per-domain step times are
 combined by the problem's `robust` rule: weighted mean, or with robust=worst the largest ratio of a
 domain's time to the contiguous layout's time on that domain (the objective is then that ratio). Steps:
-1. warm start: run each solver in `warm_starts` (default WARM_STARTS; with several domains also on
-   each domain alone), keep per layer the row with the
+1. warm start: run each solver in `warm_starts` (default: the registry's entries marked warm_start, in
+   registry order; with several domains also on each domain alone), keep per layer the row with the
    lowest profile layer time (layers are independent unless the dataflow is expert-to-expert; then
    the best whole map);
 2. per layer, within an equal share of what is left of `time_limit_s`: random moves, kept when the
@@ -19,7 +19,7 @@ Warm starts and moves are scored with `search_dispatch` (default SEARCH_DISPATCH
 dispatch, but dynamic for lp_comm, whose per-step MILP is too slow for thousands of moves and which
 measured better that way); `objective` is then recomputed with the problem's dispatch.
 `time_limit_s` bounds the whole solve except the warm-start solvers themselves and one scoring of
-each (a reserve for the final scoring is kept); the partition warm start gets 20% of it.
+each (a reserve for the final scoring is kept); each time-budgeted warm start (partition) gets 20% of it.
 Bound: the simulator's lower bound (compute and communication; `moetuner.costmodel.bounds.lower_bound`,
 docs/formulation.md section 5) on the profile steps, combined over domains like the objective.
 """
@@ -36,13 +36,13 @@ import numpy as np
 from moetuner.solvers.completion import finish
 from moetuner.placement import Placement, expert_location, logical_replica_count
 from moetuner.solvers.problem import PlacementProblem
-from moetuner.solvers.registry import get_solver
+from moetuner.solvers.registry import get_solver, solver_info, solver_names
 from moetuner.costmodel.cost import CostModel, cost_model
 from moetuner.costmodel.score import score, score_layer
 from moetuner.costmodel.bounds import lower_bound as simulator_bound
 from moetuner.trace import Trace, primary_column
+from moetuner.costmodel.settings import Dispatch
 
-WARM_STARTS = ("eplb", "greedy", "partition", "exflow", "round_robin", "contiguous")
 SEARCH_DISPATCH = {"dynamic": "dynamic", "static": "static", "lp": "lp", "lp_comm": "dynamic"}
 """The dispatch each move (and warm start) is scored with, by the problem's dispatch."""
 
@@ -82,7 +82,7 @@ def profile_steps(problem: PlacementProblem) -> list[Steps]:
 
 
 def step_objective(phy2log: np.ndarray, problem: PlacementProblem, cost: CostModel, steps: list[Steps],
-                   dispatch: str | None = None) -> np.ndarray:
+                   dispatch: Dispatch | None = None) -> np.ndarray:
     """Per domain, the mean over its steps of each layer's time (without lp / lp_comm's decision charge, which
     is the same for every placement with a replica in each layer). phy2log [L, P] -> [D, L]"""
     location = expert_location(phy2log, problem.num_gpus, problem.num_experts)
@@ -109,7 +109,7 @@ class LayerSearch:
     """Mean time of one layer over each domain's profile steps, for a candidate row of slots."""
 
     def __init__(self, problem: PlacementProblem, cost: CostModel, layer: int, steps: list[Steps],
-                 src: list[np.ndarray], dispatch: str) -> None:
+                 src: list[np.ndarray], dispatch: Dispatch) -> None:
         self.problem, self.cost, self.layer, self.dispatch = problem, cost, layer, dispatch
         self.steps, self.src = steps, src  # src: per domain [S, B] GPU each token starts the layer on
         last = layer == problem.num_layers - 1
@@ -175,16 +175,16 @@ def best_rows(candidates: list[np.ndarray], scores: list[np.ndarray], totals: li
 
 def warm_start_maps(problem: PlacementProblem, names: Sequence[str], time_limit_s: float) -> list[np.ndarray]:
     """phy2log [L, P] of each solver in `names` on the problem and, with several domains, also on each domain
-    alone (one domain's placement may serve the others better than one from the mixed statistics); the
-    partition solver's swap search gets 20% of `time_limit_s`."""
+    alone (one domain's placement may serve the others better than one from the mixed statistics); each
+    time-budgeted solver (SolverInfo.time_budgeted: partition's swap search) gets 20% of `time_limit_s`."""
     alone = [replace(problem, profile=d, domains=(d,), weights=()) for d in problem.domains] \
         if len(problem.domains) > 1 else []
-    options = {"partition": {"time_limit_s": 0.2 * time_limit_s}}
-    return [get_solver(name)(p, options.get(name, {})).phy2log for name in names for p in [problem, *alone]]
+    options = lambda name: {"time_limit_s": 0.2 * time_limit_s} if solver_info(name).time_budgeted else {}  # noqa: E731
+    return [get_solver(name)(p, options(name)).phy2log for name in names for p in [problem, *alone]]
 
 
 def search_layers(phy2log: np.ndarray, problem: PlacementProblem, cost: CostModel, steps: list[Steps],
-                  dispatch: str, reference: np.ndarray | None, deadline: float, rng: np.random.Generator) -> int:
+                  dispatch: Dispatch, reference: np.ndarray | None, deadline: float, rng: np.random.Generator) -> int:
     """Local search, layer by layer, each layer within an equal share of the time left until `deadline`
     (time.perf_counter() seconds): `propose` moves kept when the combined objective on `steps` (scored
     with `dispatch`, reference [D] as in PlacementProblem.combine) drops. Improves phy2log [L, P] in
@@ -217,7 +217,7 @@ def search_layers(phy2log: np.ndarray, problem: PlacementProblem, cost: CostMode
 def solve_steptail(problem: PlacementProblem, options: Mapping[str, Any]) -> Placement:
     """Local search on the per-step tail objective of the profile (see module docstring).
 
-    options: time_limit_s (10, the whole solve), warm_starts (WARM_STARTS), search_dispatch (null:
+    options: time_limit_s (10, the whole solve), warm_starts (null: solver_names(warm_start=True)), search_dispatch (null:
     SEARCH_DISPATCH of the problem's dispatch), max_search_steps (8 per domain, evenly spaced),
     seed (0).
     """
@@ -241,7 +241,8 @@ def solve_steptail(problem: PlacementProblem, options: Mapping[str, Any]) -> Pla
 
     full_ref, search_ref = reference(steps, dispatch), reference(search_steps, dispatch)
 
-    warm = warm_start_maps(problem, options.get("warm_starts", WARM_STARTS), limit)
+    names = options.get("warm_starts")
+    warm = warm_start_maps(problem, solver_names(warm_start=True) if names is None else names, limit)
     scoring = time.perf_counter()
     warm_scores = [step_objective(phy, problem, cost, steps, dispatch) for phy in warm]  # [D, L] each
     final_cost = (time.perf_counter() - scoring) / len(warm)  # seconds of one full scoring

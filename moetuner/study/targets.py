@@ -2,8 +2,9 @@
 
 Pure functions of the study config, the names of the traces that are available (an `import` trace
 whose real data is absent is skipped) and the results folder; `workflow/rules/common.smk` binds them
-to the parsed config. The file layout under `results` is defined here once: the rules name their
-outputs with the same path functions, wildcards in braces (`placement_path(results, "{trace}", ...)`).
+to the parsed config. The file layout under `results` is defined here once (LAYOUT): the rules name their
+outputs with the same path functions, wildcards in braces (`placement_path(results, "{trace}", ...)`), and
+the report finds what the study wrote with `find_files`, which reads the same templates.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import re
 import shlex
 from collections.abc import Mapping, Sequence
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -62,33 +64,110 @@ the profile part turned into loads (`moetuner-import format=trace`)."""
 
 # --- the file layout under `results` --------------------------------------------------------------
 
+RUN = "{solver}-r{replicas}"
+"""A placement's name: its solver and replica budget (`eplb-r1`)."""
+
+LAYOUT: dict[str, str] = {
+    "trace": "traces/{trace}.safetensors",
+    "split": "splits/{trace}/{part}.safetensors",  # part: profile | heldout
+    "profile": "profiles/{trace}/summary.json",
+    "placement": f"placements/{{trace}}/{{topology}}/{RUN}.json",  # engine files beside it: .sglang.json, .vllm.json, .pt
+    "simulate": f"simulate/{{trace}}/{{topology}}/{RUN}/{{evaluate_on}}/metrics.json",
+    "per_layer": f"simulate/{{trace}}/{{topology}}/{RUN}/{{evaluate_on}}/per_layer.csv",
+    "serve": f"serve/{{trace}}/{{topology}}/{RUN}/metrics.json",
+    "online": "online/{stream}/{setting}/{policy}/metrics.json",  # setting: <topology>-r<replicas>
+    "regime": "regime/regime.csv",
+    "regime_figure": "regime/regime.png",
+}
+"""What the study writes under `results`: kind -> path template, fields in braces."""
+
+_FIELD = re.compile(r"\{(\w+)\}")
+
+
+class LayoutError(ValueError):
+    """A name or path is not in the study's results layout; the message names the layout."""
+
+
+def layout_path(results: str | Path, kind: str, **fields: Any) -> str:
+    """results/<LAYOUT[kind] with `fields` filled in> (a field may be a Snakemake wildcard, '{trace}')."""
+    return f"{results}/{LAYOUT[kind].format(**fields)}"
+
+
+@cache
+def _layout_regex(template: str) -> re.Pattern[str]:
+    """The template as a regex: `replicas` digits, other fields one path component each."""
+    parts = _FIELD.split(template)  # literal, field, literal, field, ...
+    return re.compile("".join(re.escape(part) if i % 2 == 0 else
+                              (rf"(?P<{part}>\d+)" if part == "replicas" else rf"(?P<{part}>[^/]+)")
+                              for i, part in enumerate(parts)))
+
+
+def parse_layout(template: str, path: str) -> dict[str, str] | None:
+    """The fields of `path` (relative, '/'-separated) laid out as `template`, or None if it is not."""
+    match = _layout_regex(template).fullmatch(path)
+    return None if match is None else match.groupdict()
+
+
+def find_files(results: str | Path, kind: str) -> list[tuple[Path, dict[str, str]]]:
+    """Every file under `results` laid out as LAYOUT[kind], sorted by path, with its fields as strings;
+    files the glob meets that do not parse (a placement's engine files) are left out."""
+    results, template = Path(results), LAYOUT[kind]
+    found = ((path, parse_layout(template, path.relative_to(results).as_posix()))
+             for path in sorted(results.glob(_FIELD.sub("*", template))))
+    return [(path, fields) for path, fields in found if fields is not None]
+
+
+def parse_run(name: str) -> tuple[str, int]:
+    """'eplb-r1' -> ('eplb', 1): a placement's name (RUN) as solver and replica budget."""
+    fields = parse_layout(RUN, name)
+    if fields is None:
+        raise LayoutError(f"{name!r} is not named <solver>-r<replicas> (e.g. eplb-r1); use the study's layout")
+    return fields["solver"], int(fields["replicas"])
+
+
 def trace_path(results: str, trace: str) -> str:
-    return f"{results}/traces/{trace}.safetensors"
+    return layout_path(results, "trace", trace=trace)
 
 
 def split_path(results: str, trace: str, part: str) -> str:
     """One part (`profile` or `heldout`) of a trace's split."""
-    return f"{results}/splits/{trace}/{part}.safetensors"
+    return layout_path(results, "split", trace=trace, part=part)
 
 
 def profile_path(results: str, trace: str) -> str:
-    return f"{results}/profiles/{trace}/summary.json"
+    return layout_path(results, "profile", trace=trace)
 
 
 def placement_path(results: str, trace: str, topology: str, solver: str, replicas: Any) -> str:
-    return f"{results}/placements/{trace}/{topology}/{solver}-r{replicas}.json"
+    return layout_path(results, "placement", trace=trace, topology=topology, solver=solver, replicas=replicas)
 
 
 def simulate_path(results: str, trace: str, topology: str, solver: str, replicas: Any, evaluate_on: str) -> str:
-    return f"{results}/simulate/{trace}/{topology}/{solver}-r{replicas}/{evaluate_on}/metrics.json"
+    return layout_path(results, "simulate", trace=trace, topology=topology, solver=solver, replicas=replicas,
+                       evaluate_on=evaluate_on)
+
+
+def per_layer_path(results: str, trace: str, topology: str, solver: str, replicas: Any, evaluate_on: str) -> str:
+    """The simulator's per-layer table beside a simulate run's metrics."""
+    return layout_path(results, "per_layer", trace=trace, topology=topology, solver=solver, replicas=replicas,
+                       evaluate_on=evaluate_on)
 
 
 def serve_path(results: str, trace: str, topology: str, solver: str, replicas: Any) -> str:
-    return f"{results}/serve/{trace}/{topology}/{solver}-r{replicas}/metrics.json"
+    return layout_path(results, "serve", trace=trace, topology=topology, solver=solver, replicas=replicas)
 
 
 def online_path(results: str, stream: str, setting: str, policy: str) -> str:
-    return f"{results}/online/{stream}/{setting}/{policy}/metrics.json"
+    return layout_path(results, "online", stream=stream, setting=setting, policy=policy)
+
+
+def regime_path(results: str) -> str:
+    """The regime curve's table."""
+    return layout_path(results, "regime")
+
+
+def regime_figure_path(results: str) -> str:
+    return layout_path(results, "regime_figure")
 
 
 def evaluation_path(results: str, trace: str, evaluate_on: str) -> str:

@@ -7,8 +7,8 @@ rule regime:
         placements=REGIME_PLACEMENTS,
         trace=split_path(REGIME_TRACE, "heldout"),
     output:
-        table=report(f"{RESULTS}/regime/regime.csv", caption="../report/regime_table.rst", category="Report"),
-        figure=report(f"{RESULTS}/regime/regime.png", caption="../report/regime.rst", category="Figures"),
+        table=report(targets.regime_path(RESULTS), caption="../report/regime_table.rst", category="Report"),
+        figure=report(targets.regime_figure_path(RESULTS), caption="../report/regime.rst", category="Figures"),
     params:
         app=lambda w: app("regime", w),
         placements=lambda w, input: overrides([f"placements=[{','.join(input.placements)}]"]),
