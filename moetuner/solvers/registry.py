@@ -34,6 +34,7 @@ SOLVERS: dict[str, str] = {
     "moetuner": "moetuner.solvers.moetuner_ilp:solve_moetuner",
     "partition": "moetuner.solvers.partition:solve_partition",
     "steptail": "moetuner.solvers.steptail:solve_steptail",
+    "metro": "moetuner.solvers.metro:solve_metro",
 }
 """Solver name -> 'module:function' (imported on first use)."""
 
