@@ -16,6 +16,7 @@ from moetuner.costmodel.charges import (DispatchCharge, charged_metrics, charged
                                         replicated_layers)
 from moetuner.costmodel.cost import SimulationError, cost_model
 from moetuner.costmodel.intervals import RESAMPLES, SEED, speedup_interval
+from moetuner.costmodel.placement_bound import fixed_placement_bound
 from moetuner.costmodel.settings import check_dispatch
 from moetuner.costmodel.simulator import SimResult, primary_column, simulate
 from moetuner.placement import Placement, check_placement, contiguous_phy2log, routed_experts
@@ -43,8 +44,8 @@ def check_dispatches(dispatches: Sequence[str]) -> None:
 
 def run_simulation(placement: Placement, trace: Trace, topology: Topology, step_tokens: int,
                    dataflow: str, dispatch: str | None = None, dispatches: Sequence[str] = (),
-                   charge: DispatchCharge = DispatchCharge(), resamples: int = RESAMPLES, seed: int = SEED
-                   ) -> tuple[SimResult, SimResult, dict[str, Any]]:
+                   charge: DispatchCharge = DispatchCharge(), resamples: int = RESAMPLES, seed: int = SEED,
+                   bound: bool = False) -> tuple[SimResult, SimResult, dict[str, Any]]:
     """(result, contiguous result, metrics) of `placement` on `trace` under `dispatch`
     (None: the placement's own, see own_dispatch).
 
@@ -72,6 +73,8 @@ def run_simulation(placement: Placement, trace: Trace, topology: Topology, step_
     results: dict[str, SimResult] = {}
     for name in dict.fromkeys([dispatch, *dispatches]):  # without replicas every dispatch routes alike
         results[name] = run(placement.phy2log, name) if layers.any() or not results else next(iter(results.values()))
+    lower = fixed_placement_bound(ids, cost, placement.phy2log.shape[1] // topology.num_gpus, step_tokens,
+                                  dataflow) if bound else None
     by_dispatch = {}
     for name, res in results.items():
         charges = layer_charges(res, name, charge, cost, trace.num_experts, layers)
@@ -81,8 +84,12 @@ def run_simulation(placement: Placement, trace: Trace, topology: Topology, step_
         scalars["speedup_vs_contiguous"] = base_time / scalars["layer_time_s"]
         scalars["speedup_ci95"] = list(speedup_interval(base_steps, steps, resamples, seed))
         scalars["step_times_s"] = steps.tolist()
+        if lower is not None:
+            scalars["gap_to_bound"] = scalars["layer_time_s"] / lower.step_s
         by_dispatch[name] = scalars
     metrics: dict[str, Any] = {**by_dispatch[dispatch], "dispatch": dispatch, "by_dispatch": by_dispatch,
                                "contiguous_step_times_s": base_steps.tolist(), "dispatch_charge": charge.kind,
                                "dispatch_budget_us": charge.budget_us, "bootstrap_resamples": resamples}
+    if lower is not None:
+        metrics.update(bound_step_s=lower.step_s, bound_seconds=lower.seconds)
     return results[dispatch], base, metrics

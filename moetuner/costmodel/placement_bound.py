@@ -55,12 +55,18 @@ class FixedPlacementBound:
     seconds: float  # wall time of building and solving the LPs
 
 
+def check_bound_dataflow(dataflow: str) -> None:
+    """Raise SimulationError unless the bound takes `dataflow` (BOUND_DATAFLOWS)."""
+    if dataflow not in BOUND_DATAFLOWS:
+        raise SimulationError(f"the fixed-placement bound takes dataflow one of {list(BOUND_DATAFLOWS)}, not "
+                              f"{dataflow!r} (expert_to_expert couples the layers); set bound=false or change "
+                              f"the dataflow (bounds.lower_bound covers every dataflow)")
+
+
 def check_bound_inputs(ids: np.ndarray, cost: CostModel, slots_per_gpu: int, step_tokens: int,
                        dataflow: str) -> None:
     """Raise SimulationError naming the first input the bound cannot take. ids [T, L, k]"""
-    if dataflow not in BOUND_DATAFLOWS:
-        raise SimulationError(f"the fixed-placement bound takes dataflow one of {list(BOUND_DATAFLOWS)}, not "
-                              f"{dataflow!r} (expert_to_expert couples the layers); use bounds.lower_bound there")
+    check_bound_dataflow(dataflow)
     if not 1 <= step_tokens <= ids.shape[0]:
         raise SimulationError(f"step_tokens={step_tokens} but the trace has {ids.shape[0]} tokens; "
                               f"choose 1 <= step_tokens <= {ids.shape[0]}")
