@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from moetuner.costmodel.bounds import lower_bound
 from moetuner.costmodel.cost import CostModel, SimulationError
 from moetuner.costmodel.placement_bound import fixed_placement_bound
 from moetuner.costmodel.settings import DISPATCHES
@@ -76,6 +77,7 @@ def test_never_above_the_best_placement_on_tiny_instances(dataflow: str, link_mo
         bound = fixed_placement_bound(ids, cost, slots_per_gpu, 8, dataflow)
         dispatches = DISPATCHES if slots_per_gpu == 1 else ("dynamic", "lp")
         best = best_simulated(ids, cost, 4, slots_per_gpu, 8, dataflow, dispatches, distinct=slots_per_gpu > 1)
+        assert bound.per_step_s == pytest.approx(lower_bound(ids, cost, slots_per_gpu, 8, dataflow))
         assert bound.per_step_s <= bound.step_s + 1e-9 <= best + 2e-9
         print(f"{dataflow} {link_model} S={slots_per_gpu}: bound / best = {bound.step_s / best:.3f} "
               f"(per-step bound {bound.per_step_s / best:.3f})")

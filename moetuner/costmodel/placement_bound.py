@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import pulp
 
-from moetuner.costmodel.bounds import comm_lower_bound, compute_lower_bound, lower_bound
+from moetuner.costmodel.bounds import comm_lower_bound, compute_lower_bound
 from moetuner.costmodel.cost import CostModel, SimulationError
 
 BOUND_DATAFLOWS = ("dispatch_combine", "hierarchical", "low_latency")
@@ -98,21 +98,36 @@ def leave_weights(tokens: np.ndarray, capacity: int, num_experts: int) -> tuple[
     >= max_{e in t} (1 - z[e]) >= mean_{e in t} (1 - z[e]), so the tokens leaving are at least
     forced + sum_e weight[e] (1 - z[e]), weight[e] = sum over such tokens t holding e of 1 / |t|.
     tokens [B, k] -> (float, [E])"""
-    weight = np.zeros(num_experts)
-    forced = 0.0
-    for row in tokens:
-        distinct = np.unique(row)
-        if len(distinct) > capacity:
-            forced += 1.0
-        else:
-            weight[distinct] += 1.0 / len(distinct)
-    return forced, weight
+    ordered = np.sort(tokens, axis=1)  # [B, k]
+    first = np.ones(ordered.shape, dtype=bool)
+    first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]  # first occurrence of each distinct expert
+    distinct = first.sum(1)  # [B]
+    free = distinct <= capacity
+    share = np.where(first & free[:, None], 1.0 / distinct[:, None], 0.0)  # [B, k]
+    weight = np.bincount(ordered.ravel(), weights=share.ravel(), minlength=num_experts)
+    return float((~free).sum()), weight
 
 
-def layer_lp(windows: np.ndarray, cost: CostModel, slots_per_gpu: int, dataflow: str,
-             routed: np.ndarray) -> pulp.LpProblem:
+def leaving(weight: np.ndarray, forced: float, present: dict) -> pulp.LpAffineExpression:
+    """forced + sum_e weight[e] (1 - present[e]) as one affine expression (built directly: PuLP's operators
+    are slow at this size). weight [E]; present: expert -> LP variable"""
+    experts = np.flatnonzero(weight)
+    return pulp.LpAffineExpression([(present[e], -float(weight[e])) for e in experts],
+                                   constant=forced + float(weight[experts].sum()))
+
+
+def per_step_bounds(windows: np.ndarray, cost: CostModel, slots_per_gpu: int, dataflow: str
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(compute, communication) seconds of bounds.py for every step of one layer. windows [S, B, k] -> ([S], [S])"""
+    return (np.array([compute_lower_bound(ids, cost, slots_per_gpu) for ids in windows]),
+            np.array([comm_lower_bound(ids, cost, slots_per_gpu, dataflow) for ids in windows]))
+
+
+def layer_lp(windows: np.ndarray, cost: CostModel, slots_per_gpu: int, dataflow: str, routed: np.ndarray,
+             per_step: tuple[np.ndarray, np.ndarray]) -> pulp.LpProblem:
     """The LP of one layer (module docstring), in microseconds. windows [S, B, k] expert ids of each step
-    (token j of a step on GPU j % G), routed [E] bool the experts that must hold a slot."""
+    (token j of a step on GPU j % G), routed [E] bool the experts that must hold a slot, per_step the
+    per-step (compute [S], communication [S]) bounds (per_step_bounds)."""
     num_steps = windows.shape[0]
     num_gpus, num_experts, per_node = cost.num_gpus, len(routed), cost.gpus_per_node
     multi_node = bool((cost.node != cost.node[0]).any())
@@ -136,8 +151,8 @@ def layer_lp(windows: np.ndarray, cost: CostModel, slots_per_gpu: int, dataflow:
     objective = []
     for s in range(num_steps):
         ids = windows[s]
-        compute_s = compute_lower_bound(ids, cost, slots_per_gpu) * US  # what fractional slots leave of compute
-        comm = pulp.LpVariable(f"A_{s}", comm_lower_bound(ids, cost, slots_per_gpu, dataflow) * US)
+        compute_s = float(per_step[0][s]) * US  # what fractional slots leave of compute
+        comm = pulp.LpVariable(f"A_{s}", float(per_step[1][s]) * US)
         objective += [compute_s, comm]
         for h in gpus:
             fastest, inter, lat, inter_lat = links[h]
@@ -152,9 +167,9 @@ def layer_lp(windows: np.ndarray, cost: CostModel, slots_per_gpu: int, dataflow:
                 forced, weight = leave_weights(mine, slots_per_gpu, num_experts)
                 forced_node, node_weight = leave_weights(mine, slots_per_gpu * per_node, num_experts)
                 total = float(len(mine))
-            copies = forced + pulp.lpSum(float(weight[e]) * (1 - z[e, h]) for e in np.flatnonzero(weight))
-            crossing = (forced_node + pulp.lpSum(float(node_weight[e]) * (1 - y[e, cost.node[h]])
-                                                 for e in np.flatnonzero(node_weight))) if multi_node else 0.0
+            copies = leaving(weight, forced, {e: z[e, h] for e in experts})
+            crossing = leaving(node_weight, forced_node, {e: y[e, cost.node[h]] for e in experts}) if multi_node \
+                else 0.0
             if hier_multi:
                 prob += comm >= both * inter * crossing + 2 * inter_lat * US / total * crossing
                 continue
@@ -192,17 +207,21 @@ def fixed_placement_bound(ids: np.ndarray, cost: CostModel, slots_per_gpu: int, 
     per GPU, the same in every step, beats under any dispatch (module docstring). ids [T, L, k]
 
     Every expert routed anywhere in `ids` must hold a slot (as check_placement asks of a placement scored on
-    it). Also reports bounds.lower_bound on the same steps (the per-step bound), which it never falls below.
+    it). Also reports the per-step bound on the same steps (bounds.lower_bound, summed from the same per-step
+    parts), which it never falls below.
     """
     check_bound_inputs(ids, cost, slots_per_gpu, step_tokens, dataflow)
     start = time.perf_counter()
     ids = ids.astype(np.int64)
     windows = step_windows(ids, step_tokens)
     num_experts = int(ids.max()) + 1
-    per_layer = []
+    per_layer, per_step = [], np.zeros(len(windows))
     for layer in range(ids.shape[1]):
         routed = np.bincount(ids[:, layer].ravel(), minlength=num_experts) > 0
-        per_layer.append(solve_lp(layer_lp(windows[:, :, layer], cost, slots_per_gpu, dataflow, routed)) / US)
-    per_step = lower_bound(ids, cost, slots_per_gpu, step_tokens, dataflow)
-    return FixedPlacementBound(step_s=float(sum(per_layer)), per_layer_s=np.array(per_layer), per_step_s=per_step,
+        steps = per_step_bounds(windows[:, :, layer], cost, slots_per_gpu, dataflow)
+        per_step += steps[0] + steps[1]
+        lp = layer_lp(windows[:, :, layer], cost, slots_per_gpu, dataflow, routed, steps)
+        per_layer.append(solve_lp(lp) / US)
+    return FixedPlacementBound(step_s=float(sum(per_layer)), per_layer_s=np.array(per_layer),
+                               per_step_s=float(per_step.mean()),
                                seconds=time.perf_counter() - start)
