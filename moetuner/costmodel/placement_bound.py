@@ -108,6 +108,18 @@ def leave_weights(tokens: np.ndarray, capacity: int, num_experts: int) -> tuple[
     return float((~free).sum()), weight
 
 
+def destination_weights(tokens: np.ndarray, capacity: int, num_experts: int) -> np.ndarray:
+    """weight[e] = sum over the tokens t holding e of 1 / min(capacity, |t|): a token whose experts outside a
+    GPU (node) are served by GPUs (nodes) holding at most `capacity` of them each reaches at least
+    (its experts outside) / min(capacity, |t|) of them, so its copies are at least sum_e weight[e] (1 - z[e]).
+    tokens [B, k] -> [E]"""
+    ordered = np.sort(tokens, axis=1)  # [B, k]
+    first = np.ones(ordered.shape, dtype=bool)
+    first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    share = np.where(first, 1.0 / np.minimum(first.sum(1), capacity)[:, None], 0.0)  # [B, k]
+    return np.bincount(ordered.ravel(), weights=share.ravel(), minlength=num_experts)
+
+
 def leaving(weight: np.ndarray, forced: float, present: dict) -> pulp.LpAffineExpression:
     """forced + sum_e weight[e] (1 - present[e]) as one affine expression (built directly: PuLP's operators
     are slow at this size). weight [E]; present: expert -> LP variable"""
@@ -159,27 +171,33 @@ def layer_lp(windows: np.ndarray, cost: CostModel, slots_per_gpu: int, dataflow:
             mine = ids[h::num_gpus]  # [B_h, k] tokens at home on h
             if not len(mine):
                 continue
+            on_gpu, on_node = {e: z[e, h] for e in experts}, {e: y.get((e, cost.node[h])) for e in experts}
             if dataflow == "low_latency":  # one copy per pair
-                weight = node_weight = np.bincount(mine.ravel(), minlength=num_experts).astype(float)  # [E]
-                forced = forced_node = 0.0
-                total = float(weight.sum())
-            else:
-                forced, weight = leave_weights(mine, slots_per_gpu, num_experts)
-                forced_node, node_weight = leave_weights(mine, slots_per_gpu * per_node, num_experts)
+                pairs = np.bincount(mine.ravel(), minlength=num_experts).astype(float)  # [E]
+                copies = [leaving(pairs, 0.0, on_gpu)]
+                crossing = [leaving(pairs, 0.0, on_node)] if multi_node else [0.0]
+                total = float(pairs.sum())
+            else:  # indicators (<= 1 per token, also priced for latency), then destinations (<= S experts each)
+                copies = [leaving(*leave_weights(mine, slots_per_gpu, num_experts)[::-1], on_gpu),
+                          leaving(destination_weights(mine, slots_per_gpu, num_experts), 0.0, on_gpu)]
+                node_capacity = slots_per_gpu * per_node if dataflow == "hierarchical" else slots_per_gpu
+                crossing = [leaving(*leave_weights(mine, slots_per_gpu * per_node, num_experts)[::-1], on_node),
+                            leaving(destination_weights(mine, node_capacity, num_experts), 0.0, on_node)] \
+                    if multi_node else [0.0]
                 total = float(len(mine))
-            copies = leaving(weight, forced, {e: z[e, h] for e in experts})
-            crossing = leaving(node_weight, forced_node, {e: y[e, cost.node[h]] for e in experts}) if multi_node \
-                else 0.0
-            if hier_multi:
-                prob += comm >= both * inter * crossing + 2 * inter_lat * US / total * crossing
-                continue
-            latency = 2 * lat * US / total * copies
-            if cost.link_model == "concurrent":
-                prob += comm >= both * fastest * copies + latency
-                if multi_node:
-                    prob += comm >= both * inter * crossing + 2 * inter_lat * US / total * crossing
-            else:
-                prob += comm >= both * (fastest * copies + max(inter - fastest, 0.0) * crossing) + latency
+            latency, inter_latency = 2 * lat * US / total * copies[0], 2 * inter_lat * US / total * crossing[0]
+            for cross in crossing:
+                if hier_multi:
+                    prob += comm >= both * inter * cross + inter_latency
+                elif cost.link_model == "concurrent":
+                    if multi_node:
+                        prob += comm >= both * inter * cross + inter_latency
+                else:
+                    for copy in copies:
+                        prob += comm >= both * (fastest * copy + max(inter - fastest, 0.0) * cross) + latency
+            if cost.link_model == "concurrent" and not hier_multi:
+                for copy in copies:
+                    prob += comm >= both * fastest * copy + latency
     prob += pulp.lpSum(objective) * (1.0 / num_steps)
     return prob
 
