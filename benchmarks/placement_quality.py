@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--dataflows", nargs="*", default=list(DATAFLOWS))
     parser.add_argument("--ilp", action="store_true", help="also the MoETuner ILPs (1 s per MIP; slow)")
     parser.add_argument("--no-fixed-bound", dest="fixed_bound", action="store_false",
-                        help="skip the fixed-placement bound (8-51 s per row on 2 shared cores)")
+                        help="skip the fixed-placement bound (4-33 s per row on 2 shared cores)")
     parser.add_argument("--out", default=str(PROJECT_ROOT / "docs" / "results" / "placement_quality"
                                              / "placement_quality.csv"), help="CSV of the table")
     parser.add_argument("--note", default="", help="what to say about the machine (e.g. 2 shared cores)")

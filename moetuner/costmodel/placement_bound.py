@@ -13,18 +13,20 @@ per layer (a relaxation of the placement problem, solved with HiGHS through PuLP
   pairs, C[s] >= sum_e min_x(f(x) / x) m[s, e] q[s, e, g] per GPU) spreads the work perfectly and is
   never above the per-step bound's mean term (measured equal on the default study, at 100x the solve
   time), so it is left out; the gain of holding the placement fixed is in the communication;
-- communication A[s] (scatter + combine) per home GPU h: a token of h leaves h unless h holds all its
-  experts, so it leaves with indicator >= max_{e in t} (1 - z[e, h]) >= mean_{e in t} (1 - z[e, h]), and
-  surely when it has more distinct experts than S; it crosses to another node >= mean (1 - y[e, N(h)]),
-  surely beyond S n experts. Summed over h's tokens (`leave_weights`; the mean instead of the max needs
-  no per-token variables and gave the same LP value on the default study), these bound the copies h
-  sends in the scatter, which the combine sends back. Serial links: A[s] >= (scatter + combine bytes) x
-  (copies / h's fastest bandwidth + crossing copies x (1 / fastest inter-node bandwidth - 1 / fastest)) +
-  2 x the smallest latency x copies / h's tokens (a phase with any copy pays a latency); concurrent links:
-  copies at the two ports' summed bandwidth, and crossing copies at the inter-node one, separately;
+- communication A[s] (scatter + combine) per home GPU h, two lower bounds on the copies h's tokens send (the
+  combine sends them back): (1) a token leaves h unless h holds all its experts, an indicator
+  >= max_{e in t} (1 - z[e, h]) >= mean_{e in t} (1 - z[e, h]), and surely when it has more distinct
+  experts than S (`leave_weights`; the mean instead of the max needs no per-token variables); (2) its
+  experts outside h are served by GPUs holding at most S of them each, so it reaches at least
+  sum_{e in t} (1 - z[e, h]) / min(S, |t|) other GPUs (`destination_weights`). The inter-node copies
+  likewise with y[e, N(h)]: (1) with S n, (2) with S (one copy per GPU; per node, S n, for
+  `hierarchical`). Serial links: A[s] >= (scatter + combine bytes) x (copies / h's fastest bandwidth +
+  inter-node copies x (1 / fastest inter-node bandwidth - 1 / fastest)) for each pair of the bounds, +
+  2 x the smallest latency x (1) / h's tokens (a phase with any copy pays a latency); concurrent links:
+  copies at the two ports' summed bandwidth, and inter-node copies at the inter-node one, separately;
   `low_latency` sends one copy per pair (pairs instead of tokens). `hierarchical` on several nodes: the
-  inter-node phase alone (crossing copies to the relays); on one node it is `dispatch_combine`. And
-  A[s] >= the per-step communication bound (`bounds.comm_lower_bound`).
+  inter-node phase alone (copies to the relays); on one node it is `dispatch_combine`. And A[s] >= the
+  per-step communication bound (`bounds.comm_lower_bound`).
 - objective: mean over steps of the compute bound + A[s].
 
 `expert_to_expert` is refused: its tokens do not start a layer at home, so layers are not independent.
