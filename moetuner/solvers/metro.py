@@ -108,14 +108,15 @@ def solve_metro(problem: PlacementProblem, options: Mapping[str, Any]) -> Placem
     mip = {"mip_solver": str(options.get("mip_solver", "highs")),
            "time_limit_s": float(options.get("time_limit_s", 10.0)), "gap_rel": float(options.get("gap_rel", 0.0))}
     ids = problem.profile.topk_ids.astype(np.int64)
-    rows, objective, bound, proven = [], 0.0, 0.0, True
+    rows, objective, proven = [], 0.0, True
+    bound: float | None = 0.0  # None once a layer's MIP gives none
     for layer in range(problem.num_layers):
         active = step_activation(ids[:, layer], problem.step_tokens, problem.num_experts)
         start = greedy_activation(active, problem.num_gpus, problem.slots_per_gpu)
         gpu_of, result = activation_mip(active, problem.num_gpus, problem.slots_per_gpu, start, mip)
         value = activated_objective(active, gpu_of, problem.num_gpus) / len(active)
         objective += value
-        bound += (result.bound / len(active)) if result.bound is not None else 0.0
+        bound = None if bound is None or result.bound is None else bound + result.bound / len(active)
         proven &= result.status == "optimal"
         rows.append(phy2log_of(gpu_of, problem.num_gpus, problem.slots_per_gpu))
     return finish(problem, np.stack(rows), "metro", start_time, status="optimal" if proven else "time_limit",
