@@ -14,6 +14,9 @@ registered solver (moetuner.solvers.registry; the MoETuner ILPs only with --ilp)
 dispatch are solved once, the `per_dispatch` ones (steptail) once per dispatch (for the dispatch it is
 scored with). `bound_us` is the
 simulator's lower bound (compute + communication, any placement and dispatch) on the held-out steps.
+`fixed_bound_us` is the lower bound for one placement held fixed over those steps (any dispatch;
+costmodel/placement_bound.py, one LP per layer; `--no-fixed-bound` skips it) and `<solver>_gap_to_bound`
+each solver's time over it (a ratio >= 1; eplb and steptail here, all in benchmarks/placement_bound.py).
 `lp` and `lp_comm` pay their per-batch decision (costmodel/charges.py, the default 100 us budget per
 solve plus the counts all-gather). `steptail_ci_low`/`_high`: the paired bootstrap 95% interval of
 steptail's speedup vs contiguous, `vs_eplb_ci_low`/`_high` of steptail's speedup over eplb
@@ -28,7 +31,7 @@ The aims table, per topology x replicas x dataflow:
   `intent_on_law` and `law_on_intent`: single-domain steptail placements scored on the other domain;
   all as speedups vs the contiguous layout whose hot replicas (replicas=1) follow the two-domain
   profile;
-- `gap`: steptail (dynamic) time / lower bound.
+- `gap`: steptail (dynamic) time / lower bound; `gap_to_bound`: the same over the fixed-placement bound.
 Prints Markdown tables, writes them as CSV (docs/results/placement_quality/, with run.json: command, date,
 wall time; docs/simulator.md renders them with benchmarks/render_tables.py) and logs every number to
 MLflow (experiment `benchmarks`, run `placement_quality`).
@@ -50,6 +53,7 @@ from moetuner.solvers.problem import PlacementProblem
 from moetuner.costmodel.cost import cost_model
 from moetuner.costmodel.settings import DATAFLOWS, DISPATCHES
 from moetuner.costmodel.bounds import lower_bound
+from moetuner.costmodel.placement_bound import fixed_placement_bound
 from moetuner.costmodel.intervals import speedup_interval
 import moetuner.costmodel.score as scoring
 from moetuner.placement import expert_location
@@ -93,6 +97,12 @@ def bound(trace: Trace, topology: Topology, slots_per_gpu: int, step_tokens: int
     return lower_bound(trace.topk_ids, cost, slots_per_gpu, step_tokens, dataflow)
 
 
+def fixed_bound(trace: Trace, topology: Topology, slots_per_gpu: int, step_tokens: int, dataflow: str) -> float:
+    """The fixed-placement lower bound on `trace`'s steps (one placement for all of them, any dispatch)."""
+    cost = cost_model(topology, trace.hidden_size, trace.moe_intermediate_size)
+    return fixed_placement_bound(trace.topk_ids, cost, slots_per_gpu, step_tokens, dataflow).step_s
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--time-limit", type=float, default=5.0, help="steptail seconds per solve (default 5)")
@@ -101,6 +111,8 @@ def main() -> None:
     parser.add_argument("--replicas", nargs="*", type=int, default=[0, 1])
     parser.add_argument("--dataflows", nargs="*", default=list(DEFAULT_DATAFLOWS), choices=DATAFLOWS)
     parser.add_argument("--ilp", action="store_true", help="also the MoETuner ILPs (1 s per MIP; slow)")
+    parser.add_argument("--no-fixed-bound", dest="fixed_bound", action="store_false",
+                        help="skip the fixed-placement bound (4-33 s per row on 2 shared cores)")
     parser.add_argument("--out", default=str(PROJECT_ROOT / "docs" / "results" / "placement_quality"
                                              / "placement_quality.csv"), help="CSV of the table")
     parser.add_argument("--note", default="", help="what to say about the machine (e.g. 2 shared cores)")
@@ -116,9 +128,10 @@ def main() -> None:
     config = {**vars(args), "mlflow": {"experiment": "benchmarks"}}
     columns = ["topology", "replicas", "dataflow", "dispatch", "contiguous_us", *baselines, "steptail",
                "steptail_ci_low", "steptail_ci_high", "steptail_vs_eplb", "vs_eplb_ci_low", "vs_eplb_ci_high",
-               "bound_us", "steptail_vs_bound"]
+               "bound_us", "steptail_vs_bound", "fixed_bound_us", "eplb_gap_to_bound", "steptail_gap_to_bound"]
     aim_columns = ["topology", "replicas", "dataflow", "dyn_vs_eplb", "lp_comm_vs_best_eplb", "robust_intent",
-                   "robust_law", "worst_intent", "worst_law", "intent_on_law", "law_on_intent", "gap"]
+                   "robust_law", "worst_intent", "worst_law", "intent_on_law", "law_on_intent", "gap",
+                   "gap_to_bound"]
     rows, aims = [], []
     grid = [(t, r, f) for t in args.topologies for r in args.replicas for f in args.dataflows
             if not (f == "hierarchical" and topology_from_config(topology_preset(t)).nodes == 1)]
@@ -134,6 +147,8 @@ def main() -> None:
             ours = {d: solve_placement(problem([profile], d), "steptail", options).phy2log for d in DISPATCHES}
             times, steps = {}, {}  # (placement, dispatch) -> held-out intent seconds (mean, per step)
             lb = bound(held, topology, base.slots_per_gpu, args.step_tokens, dataflow)
+            fixed_lb = (fixed_bound(held, topology, base.slots_per_gpu, args.step_tokens, dataflow)
+                        if args.fixed_bound else float("nan"))
             for dispatch in DISPATCHES:
                 run_on = lambda phy: step_times(phy, held, topology, args.step_tokens, dataflow, dispatch)  # noqa: E731
                 for name, phy in fixed.items():
@@ -149,7 +164,9 @@ def main() -> None:
                        "steptail_ci_low": ci[0], "steptail_ci_high": ci[1],
                        "vs_eplb_ci_low": vs_eplb[0], "vs_eplb_ci_high": vs_eplb[1],
                        "steptail_vs_eplb": times["eplb", dispatch] / times["steptail", dispatch],
-                       "bound_us": lb * 1e6, "steptail_vs_bound": times["steptail", dispatch] / lb}
+                       "bound_us": lb * 1e6, "steptail_vs_bound": times["steptail", dispatch] / lb,
+                       "fixed_bound_us": fixed_lb * 1e6, "eplb_gap_to_bound": times["eplb", dispatch] / fixed_lb,
+                       "steptail_gap_to_bound": times["steptail", dispatch] / fixed_lb}
                 rows.append(row)
                 key = f"{topo_name}.r{replicas}.{dataflow}.{dispatch}"
                 run.log_metrics({f"{key}.{c}": row[c] for c in columns[4:]})
@@ -171,7 +188,7 @@ def main() -> None:
                    "worst_intent": ref_intent / on(worst, held), "worst_law": ref_law / on(worst, law_held),
                    "intent_on_law": ref_law / on(ours["dynamic"], law_held),
                    "law_on_intent": ref_intent / on(law_only, held),
-                   "gap": times["steptail", "dynamic"] / lb}
+                   "gap": times["steptail", "dynamic"] / lb, "gap_to_bound": times["steptail", "dynamic"] / fixed_lb}
             aims.append(aim)
             run.log_metrics({f"{topo_name}.r{replicas}.{dataflow}.aim.{c}": aim[c] for c in aim_columns[3:]})
         print(markdown(rows, columns, ".3f"))

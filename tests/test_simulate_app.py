@@ -104,6 +104,19 @@ def test_app_single_run_and_sweep(tmp_path: Path, files: tuple[Path, Path], mlfl
         assert json.loads((tmp_path / "sweep" / dataflow / "metrics.json").read_text())["num_steps"] >= 1
 
 
+def test_bound_and_gap_to_bound() -> None:
+    """bound=True adds the fixed-placement bound on the scored steps; every dispatch's charged time is above it."""
+    trace = random_trace(256, 2, 8, 2, seed=2)
+    placement = solve_placement(PlacementProblem(trace, topology(2, 2), replicas=1), "eplb", {})
+    _, _, metrics = run_simulation(placement, trace, topology(2, 2), 64, "dispatch_combine", "dynamic",
+                                   dispatches=DISPATCHES, bound=True)
+    assert metrics["bound_step_s"] > 0
+    for scalars in metrics["by_dispatch"].values():
+        assert scalars["gap_to_bound"] == pytest.approx(scalars["layer_time_s"] / metrics["bound_step_s"])
+        assert scalars["gap_to_bound"] >= 1.0
+    assert "gap_to_bound" not in run_simulation(placement, trace, topology(2, 2), 64, "dispatch_combine")[2]
+
+
 @pytest.mark.slow
 def test_app_refuses_wrong_topology(tmp_path: Path, files: tuple[Path, Path], mlflow_uri: str) -> None:
     trace, placement = files

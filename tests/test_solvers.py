@@ -21,7 +21,7 @@ from moetuner.profiling.stats import transitions
 from moetuner.topology import Topology, topology_from_config
 from moetuner.trace import Trace
 
-OURS = ["contiguous", "round_robin", "greedy", "eplb", "exflow", "moetuner", "partition"]
+OURS = ["contiguous", "round_robin", "greedy", "eplb", "exflow", "moetuner", "partition", "metro"]
 FAST_MIP = {"time_limit_s": 10, "gap_rel": 0.05}
 
 

@@ -3,10 +3,11 @@
     moetuner-simulate placement=results/eplb.json trace=traces/intent.heldout.safetensors \
         topology=h200_2x8 out=sim/eplb dataflow=dispatch_combine step_tokens=1024 \
         dispatch=null dispatches=[dynamic,static,lp,lp_comm] \
-        dispatch_charge=budget dispatch_budget_us=100 bootstrap_resamples=1000
+        dispatch_charge=budget dispatch_budget_us=100 bootstrap_resamples=1000 bound=false
 writes out/metrics.json (top level: the placement's own dispatch, or `dispatch`; `by_dispatch`: every
 one of `dispatches`; lp and lp_comm charged for their per-batch decision; speedup_ci95 from a paired
-bootstrap over the steps), out/per_layer.csv, out/gpu_load_boxplot.png, out/a2a_tail_per_layer.png.
+bootstrap over the steps; with bound=true the fixed-placement lower bound `bound_step_s` and each
+dispatch's `gap_to_bound`), out/per_layer.csv, out/gpu_load_boxplot.png, out/a2a_tail_per_layer.png.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from moetuner.atomic import atomic_path, write_json_atomic
 from moetuner.costmodel.charges import DispatchCharge
 from moetuner.costmodel.cost import SimulationError
 from moetuner.costmodel.evaluate import check_dispatches, check_inputs, own_dispatch, run_simulation
+from moetuner.costmodel.placement_bound import check_bound_dataflow
 from moetuner.costmodel.simulator import SimResult
 from moetuner.placement import load_placement
 from moetuner.plotting import plt, save_figure
@@ -91,6 +93,8 @@ def main(cfg: DictConfig) -> AppRun:
     check_dispatches(dispatches)
     charge = DispatchCharge(str(cfg.dispatch_charge), float(cfg.dispatch_budget_us))
     charge.check()
+    if cfg.bound:
+        check_bound_dataflow(str(cfg.dataflow))
     if int(cfg.bootstrap_resamples) < 200:
         raise SimulationError(f"bootstrap_resamples={cfg.bootstrap_resamples}; give at least 200 resamples")
     tags = {"model": trace.model, "dataset": trace.extra.get("dataset", trace.source), "solver": placement.solver,
@@ -99,7 +103,7 @@ def main(cfg: DictConfig) -> AppRun:
     def work() -> AppResult:
         result, base, metrics = run_simulation(placement, trace, topology, int(cfg.step_tokens), str(cfg.dataflow),
                                                dispatch, dispatches, charge, int(cfg.bootstrap_resamples),
-                                               int(cfg.bootstrap_seed))
+                                               int(cfg.bootstrap_seed), bool(cfg.bound))
         paths = write_outputs(result, base, metrics, trace.moe_layers, cfg.out)
         by_dispatch = {f"{name}.{key}": value for name, scalars in metrics["by_dispatch"].items()
                        for key, value in {**scalars, **interval_scalars(scalars)}.items()}

@@ -10,9 +10,12 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from moetuner.costmodel.charges import DispatchCharge
 from moetuner.costmodel.cost import SimulationError, cost_model
 from moetuner.costmodel.intervals import RESAMPLES, SEED, speedup_interval
+from moetuner.costmodel.placement_bound import fixed_placement_bound
 from moetuner.costmodel.score import Scored, score
 from moetuner.costmodel.settings import Dataflow, Dispatch, check_dispatch
 from moetuner.costmodel.simulator import SimResult
@@ -41,8 +44,8 @@ def check_dispatches(dispatches: Sequence[str]) -> None:
 
 def run_simulation(placement: Placement, trace: Trace, topology: Topology, step_tokens: int,
                    dataflow: Dataflow, dispatch: Dispatch | None = None, dispatches: Sequence[str] = (),
-                   charge: DispatchCharge = DispatchCharge(), resamples: int = RESAMPLES, seed: int = SEED
-                   ) -> tuple[SimResult, SimResult, dict[str, Any]]:
+                   charge: DispatchCharge = DispatchCharge(), resamples: int = RESAMPLES, seed: int = SEED,
+                   bound: bool = False) -> tuple[SimResult, SimResult, dict[str, Any]]:
     """(result, contiguous result, metrics) of `placement` on `trace` under `dispatch`
     (None: the placement's own, see own_dispatch).
 
@@ -70,6 +73,8 @@ def run_simulation(placement: Placement, trace: Trace, topology: Topology, step_
     results: dict[str, Scored] = {}
     for name in dict.fromkeys([dispatch, *dispatches]):  # without replicas every dispatch routes alike, uncharged
         results[name] = run(placement.phy2log, name) if replicated or not results else next(iter(results.values()))
+    lower = fixed_placement_bound(trace.topk_ids.astype(np.int64), cost, placement.phy2log.shape[1] // topology.num_gpus,
+                                  step_tokens, dataflow) if bound else None
     by_dispatch = {}
     for name, scored in results.items():
         scalars: dict[str, Any] = scored.metrics()
@@ -78,8 +83,12 @@ def run_simulation(placement: Placement, trace: Trace, topology: Topology, step_
         scalars["speedup_vs_contiguous"] = base_time / scalars["layer_time_s"]
         scalars["speedup_ci95"] = list(speedup_interval(base_steps, steps, resamples, seed))
         scalars["step_times_s"] = steps.tolist()
+        if lower is not None:
+            scalars["gap_to_bound"] = scalars["layer_time_s"] / lower.step_s
         by_dispatch[name] = scalars
     metrics: dict[str, Any] = {**by_dispatch[dispatch], "dispatch": dispatch, "by_dispatch": by_dispatch,
                                "contiguous_step_times_s": base_steps.tolist(), "dispatch_charge": charge.kind,
                                "dispatch_budget_us": charge.budget_us, "bootstrap_resamples": resamples}
+    if lower is not None:
+        metrics.update(bound_step_s=lower.step_s, bound_seconds=lower.seconds)
     return results[dispatch].result, base, metrics

@@ -19,6 +19,7 @@ TABLE_COLUMNS = ["trace", "topology", "solver", "solver_label", "replicas", "eva
                  "measured_layer_time_s", "served_predicted_layer_time_s", "serve_links_shaped", "injected_share",
                  "comm_rel_error", "speedup_vs_contiguous", "speedup_ci_low", "speedup_ci_high",
                  "decision_time_s", "compute_tail_s", "compute_tail_ratio", "a2a_tail_s", "solve_seconds", "gap",
+                 "gap_to_bound",
                  "status", "dispatch_charge", "dispatch_budget_us"]
 
 

@@ -51,6 +51,7 @@ SOLVERS: dict[str, SolverInfo] = {
     "contiguous": SolverInfo("moetuner.solvers.baselines:solve_contiguous", load_only=True, warm_start=True),
     "moetuner": SolverInfo("moetuner.solvers.moetuner_ilp:solve_moetuner", time_budgeted=True),
     "steptail": SolverInfo("moetuner.solvers.steptail:solve_steptail", time_budgeted=True, per_dispatch=True),
+    "metro": SolverInfo("moetuner.solvers.metro:solve_metro", time_budgeted=True),
 }
 """Solver name -> SolverInfo. The order is the order of `solver_names` (steptail tries its warm starts in
 it and keeps the earlier one of two equally good rows)."""
