@@ -253,6 +253,20 @@ def test_class_presets_carry_their_fit(name: str) -> None:
     assert own | set(BORROWED[name]) == constants and not own & set(BORROWED[name])
 
 
+@pytest.mark.parametrize("name", ["h100", "h200"])
+def test_h100_class_borrows_h800_inter_node_latency(name: str) -> None:
+    """The h100 class (and h200 through it) fits only the inter-node bandwidth: its rows at 4096 and 8192
+    tokens per rank cannot separate a per-phase latency from a bandwidth, so every latency in its block is
+    the H800 link fit's, and the source of the inter-node latency says so."""
+    results = PROJECT_ROOT / "docs" / "results" / "published_hardware"
+    h800 = OmegaConf.to_container(OmegaConf.load(results / "calibration.yaml"))["calibration"]
+    block = OmegaConf.to_container(OmegaConf.load(results / f"calibration_{name}.yaml"))["calibration"]
+    assert FREE["h100"] == ("inter_node_bw_GBps",)
+    for key in ("intra_node_latency_us", "inter_node_latency_us", "message_us"):
+        assert block[key] == h800[key]
+    assert "H800 link fit" in BORROWED[name]["inter_node_latency_us"]
+
+
 def test_class_split_as_written() -> None:
     """The class rows and their split (moetuner.hardware.classes CLASS_RULES): H100 fits Hybrid-EP's 16-SM
     kernel rows at EP 16/32 and checks EP 64 and DeepEP V2 SM90; B200 fits DeepEP V2 SM100 and checks

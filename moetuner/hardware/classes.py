@@ -2,12 +2,14 @@
 fitted on the class's own published rows where they determine it, and otherwise borrowed from the H800 fit
 by a stated rule (docs/hardware.md, "Presets per GPU class").
 
-The split is fixed before fitting (CLASS_RULES). Rows come from data/published/ (hybrid_ep_h100, deepep_v2,
-hybrid_ep_b200), simulated with moetuner.hardware.fit's workloads: Hybrid-EP routes 4096 tokens per rank
-uniformly to 8 experts per rank; DeepEP V2 8192 tokens per rank to V3's 256 experts. Their "algorithm" or
-"logical" bandwidth is read as DeepEP's: intranode, the tokens a rank receives (its own included);
-internode, the distinct (token, node) pairs a rank sends (its own node included); x bytes / phase time.
-The model has no SM count: only rows at a kernel's largest published SM count are fitted.
+The split is fixed before fitting (CLASS_RULES), with one change made after a first fit: h100's inter-node
+latency is borrowed from the H800 link fit instead of fitted (BORROWED gives the reason). Rows come from
+data/published/ (hybrid_ep_h100, deepep_v2, hybrid_ep_b200), simulated with moetuner.hardware.fit's
+workloads: Hybrid-EP routes 4096 tokens per rank uniformly to 8 experts per rank; DeepEP V2 8192 tokens per
+rank to V3's 256 experts. Their "algorithm" or "logical" bandwidth is read as DeepEP's: intranode, the
+tokens a rank receives (its own included); internode, the distinct (token, node) pairs a rank sends (its own
+node included); x bytes / phase time. The model has no SM count: only rows at a kernel's largest published
+SM count are fitted.
 """
 
 from __future__ import annotations
@@ -29,12 +31,13 @@ VENDOR = {"H800": (1979.0, 3350.0, 200.0), "H100": (1979.0, 3350.0, 450.0), "H20
           "B200": (4500.0, 8000.0, 900.0)}
 CLASS_RULES = {
     "h100": "fit: Hybrid-EP H100 kernel-only at 16 SMs, EP 16 and 32 (dispatch FP8, combine): inter-node "
-            "bandwidth and latency; validation: the same at EP 64, and DeepEP V2 SM90 EP 16 and 32",
+            "bandwidth (inter-node latency borrowed from the H800 link fit, a change made after a first fit); "
+            "validation: the same at EP 64, and DeepEP V2 SM90 EP 16 and 32",
     "b200": "fit: DeepEP V2 SM100 EP 8 at 64 SMs and EP 8x2 (dispatch, combine): intra- and inter-node "
             "bandwidth and latency; validation: Hybrid-EP B200 EP 8 (Hybrid-EP at 16 SMs, kernel only and Torch "
             "API; DeepEP Torch API at 48 SMs)",
 }
-FREE = {"h100": ("inter_node_bw_GBps", "inter_node_latency_us"),
+FREE = {"h100": ("inter_node_bw_GBps",),
         "b200": ("intra_node_bw_GBps", "intra_node_latency_us", "inter_node_bw_GBps", "inter_node_latency_us")}
 CLASS_GPU = {"h100": "H100", "h200": "H200", "b200": "B200"}
 
@@ -102,17 +105,21 @@ class ClassFit:
 
 _SAME_SM90 = "H800 GEMM fit (same SM90 die: 132 SMs, same FP8 rate)"
 _H800_GEMM = "H800 GEMM fit"
+_INTER_LATENCY = ("H800 link fit (same 400 Gb/s CX7 NIC class); changed after seeing a first h100 fit that "
+                  "freed it: at 4096 tokens per rank latency and bandwidth are confounded, and that fit put 257 us "
+                  "per phase on it to absorb how fast bandwidth falls from EP 16 to EP 64")
 _GEMM_KEPT = {k: _H800_GEMM for k in ("gemm_sm_load_GBps", "gemm_overlap_q", "gemm_tile_us", "gemm_kernel_us")}
 BORROWED = {  # calibration key -> where its value comes from, for every constant a class does not fit itself
     "h100": {"gemm_sm_tflops": _SAME_SM90, "gemm_mem_bw_GBps": "H800 GEMM fit (H100 SXM has the H800's HBM, 3350 GB/s)",
              **_GEMM_KEPT,
              "intra_node_bw_GBps": "H800 link fit x vendor NVLink per direction (450 / 200 GB/s)",
-             "intra_node_latency_us": "H800 link fit", "message_us": "H800 link fit"},
+             "intra_node_latency_us": "H800 link fit", "message_us": "H800 link fit",
+             "inter_node_latency_us": _INTER_LATENCY},
     "h200": {"gemm_sm_tflops": _SAME_SM90, "gemm_mem_bw_GBps": "H800 GEMM fit x vendor HBM (4800 / 3350 GB/s)",
              **_GEMM_KEPT, "intra_node_bw_GBps": "H800 link fit x vendor NVLink per direction (450 / 200 GB/s)",
              "intra_node_latency_us": "H800 link fit", "message_us": "H800 link fit",
              "inter_node_bw_GBps": "h100 class fit (same NVLink and CX7 NICs)",
-             "inter_node_latency_us": "h100 class fit (same NVLink and CX7 NICs)"},
+             "inter_node_latency_us": f"as the h100 class: {_INTER_LATENCY}"},
     "b200": {"gemm_sm_tflops": "H800 GEMM fit x vendor dense FP8 per SM ((4500 / 148) / (1979 / 132))",
              "gemm_mem_bw_GBps": "H800 GEMM fit x vendor HBM (8000 / 3350 GB/s)", **_GEMM_KEPT,
              "message_us": "H800 link fit"},
