@@ -419,7 +419,7 @@ def test_app_writes_outputs_and_refuses_bad_spec_first(two_traces: tuple[Path, P
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 8 and metrics["total_time_s"] > 0 and "decision_delay_steps" in metrics
     rows = (out / "timeline.csv").read_text().splitlines()
-    assert rows[0] == "step,segment,trace,step_time_s,placement_version,wait_s,contiguous_step_time_s"
+    assert rows[0] == "step,segment,trace,step_time_s,placement_version,wait_s,contiguous_step_time_s,peak_to_average"
     assert len(rows) == 9 and rows[5].split(",")[2] == "b"
     v0 = load_placement(out / "placements" / "v0.json")
     assert v0.extra["effective_step"] == 0 and v0.phy2log.shape == (2, 8)
