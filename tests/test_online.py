@@ -448,14 +448,21 @@ def test_report_section_reads_every_replay(two_traces: tuple[Path, Path], tmp_pa
     stream, profile = load_stream(spec([(a, 4), (b, 4)], a), 32)
     ctx = make_context(stream, topology(1, 2), 0, "dispatch_combine", "dynamic", MigrationConfig())
     totals = {}
-    for name, cfg in (("static", {"name": "static", "solver": "greedy"}), ("periodic", POLICY_CFGS["periodic"])):
+    for name, cfg in (("static", {"name": "static", "solver": "greedy"}),
+                      ("static_eplb", {"name": "static", "solver": "eplb"}), ("periodic", POLICY_CFGS["periodic"]),
+                      ("oracle", {"name": "oracle", "solvers": ["greedy", "eplb"]})):
         result = replay_stream(stream, profile, make_policy(cfg, stream), ctx)
         totals[name] = result.metrics["total_time_s"]
         write_outputs(result, stream, ctx, name, tmp_path / "results" / "online" / "a-b" / "test_1x2-r0" / name)
-    table = online_runs(tmp_path / "results")
-    assert sorted(table.policy) == ["periodic", "static"]
-    row = table.set_index("policy").loc["periodic"]
-    assert row.vs_static == pytest.approx(totals["periodic"] / totals["static"])
+    table = online_runs(tmp_path / "results").set_index("policy")
+    assert sorted(table.index) == ["oracle", "periodic", "static", "static_eplb"]
+    best = min(totals["static"], totals["static_eplb"])
+    assert table.loc["periodic"].vs_best_static == pytest.approx(totals["periodic"] / best)
+    if best > totals["oracle"]:
+        assert table.loc["periodic"].captured == pytest.approx((best - totals["periodic"]) / (best - totals["oracle"]))
+        assert table.loc["oracle"].captured == pytest.approx(1.0)
+    else:  # the oracle gains nothing over the best static placement: nothing to capture
+        assert np.isnan(table.loc["periodic"].captured)
     section = online_section(tmp_path / "results", tmp_path / "report")
     assert section.title == "Online rebalancing" and "| a-b | test_1x2-r0 | static |" in section.markdown
     assert section.figures[0].path.name == "online_timeline.png" and section.figures[0].path.stat().st_size > 0
