@@ -84,8 +84,9 @@ def run_stream(stream_name: str, setting: str, mode: str, seed: int, args: argpa
     ctx = make_context(stream, topology_from_config(topology_preset(topo_name)), int(replicas), args.dataflow,
                        args.dispatch, MigrationConfig(mode, args.bandwidth_share))
     ctx.step_times.keep = 64  # the static placements, periodic's and the oracle's candidates stay cached
+    options = conf("policy", "oracle").get("solver_options") or {}
     oracle = make_policy({"name": "oracle", "solvers": args.oracle_solvers,
-                          "solver_options": conf("policy", "oracle").get("solver_options") or {}}, stream)
+                          "solver_options": {s: o for s, o in options.items() if s in args.oracle_solvers}}, stream)
     rows, statics = [], {}
     for overhead in args.overheads:
         run_ctx = dataclasses.replace(ctx, migration=dataclasses.replace(ctx.migration, overhead_s=overhead))
