@@ -20,13 +20,16 @@ process CPU time of each decision, measured once (`ctx.clock`), charged as the s
 Writes in --out: `runs.csv` (every replay), `aims.csv` (one row per stream, setting, mode, overhead and
 seed: gains over the best static placement), `summary.csv` (the same over seeds: mean, min and max, and the
 policies ranked by mean total time) and `run.json`; prints them; logs them to MLflow (experiment
-`benchmarks`, run `online_rebalance`). `--jobs` runs (stream, setting, mode, seed) jobs in parallel.
+`benchmarks`, run `online_rebalance`). `--jobs` runs (stream, setting, mode) jobs in parallel; each static
+placement is solved once per job (the profile does not depend on the seed) and is the oracle's static
+candidate. `--scale 0.1` shortens segments and every policy step count tenfold, for a quick check.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -64,11 +67,11 @@ def conf(group: str, name: str) -> dict:
     return OmegaConf.to_container(OmegaConf.load(CONF / group / f"{name}.yaml"))
 
 
-def load(stream_name: str, seed: int, step_tokens: int):
-    """The stream (drawn with `seed`) and its profile, paths made absolute."""
+def load(stream_name: str, seed: int, step_tokens: int, scale: float = 1.0):
+    """The stream (drawn with `seed`, every segment's steps times `scale`) and its profile, paths made absolute."""
     spec = conf("stream", stream_name)
     absolute = lambda p: str(PROJECT_ROOT / p)  # noqa: E731
-    spec["segments"] = [{k: (v if k == "steps" else
+    spec["segments"] = [{k: (scaled(v, scale, k) if k == "steps" else
                              {absolute(p): w for p, w in v.items()} if isinstance(v, dict) else
                              [absolute(p) for p in v] if isinstance(v, list) else absolute(v))
                          for k, v in seg.items()} for seg in spec["segments"]]
@@ -76,40 +79,57 @@ def load(stream_name: str, seed: int, step_tokens: int):
     return load_stream({**spec, "seed": seed}, step_tokens)
 
 
-def run_stream(stream_name: str, setting: str, mode: str, seed: int, args: argparse.Namespace) -> list[dict]:
-    """Every policy on one stream, setting, migration mode and seed, at every overhead (one step-time cache
-    shared by all; the oracle keeps its solved placements across overheads)."""
-    stream, profile = load(stream_name, seed, args.step_tokens)
+SCALED = ("interval_steps", "window_steps", "check_every", "horizon_steps", "phase_offset_steps")
+
+
+def run_stream(stream_name: str, setting: str, mode: str, args: argparse.Namespace) -> list[dict]:
+    """Every policy on one stream, setting and migration mode, at every seed and overhead. Each static
+    placement is solved once (the profile does not depend on the stream's seed) and is also the oracle's
+    static candidate; per seed, one step-time cache is shared by all policies and the oracle keeps its
+    solved placements across overheads."""
     topo_name, replicas = setting.split(":")
-    ctx = make_context(stream, topology_from_config(topology_preset(topo_name)), int(replicas), args.dataflow,
-                       args.dispatch, MigrationConfig(mode, args.bandwidth_share))
-    ctx.step_times.keep = 64  # the static placements, periodic's and the oracle's candidates stay cached
+    topology = topology_from_config(topology_preset(topo_name))
     options = conf("policy", "oracle").get("solver_options") or {}
-    oracle = make_policy({"name": "oracle", "solvers": args.oracle_solvers,
-                          "solver_options": {s: o for s, o in options.items() if s in args.oracle_solvers}}, stream)
-    rows, statics = [], {}
-    for overhead in args.overheads:
-        run_ctx = dataclasses.replace(ctx, migration=dataclasses.replace(ctx.migration, overhead_s=overhead))
-        for label, cfg in policy_configs(args):
-            if label in statics:  # never redeploys: the same replay at every overhead
-                metrics = statics[label]
-            else:
-                policy = oracle if label == "oracle" else make_policy(cfg, stream)
-                metrics = replay_stream(stream, profile, policy, run_ctx).metrics
-                if cfg["name"] == "static":
-                    statics[label] = metrics
-                print(f"{stream_name} {setting} {mode} seed {seed} overhead {overhead * 1e3:g} ms {label}: "
-                      f"{metrics['total_time_s']:.4f} s, {metrics['experts_moved']} moved, "
-                      f"delay {metrics['decision_delay_steps']:.0f} steps, {metrics['replay_wall_s']:.0f} s wall",
-                      flush=True)
-            rows.append({"stream": stream_name, "setting": f"{topo_name} r{replicas}", "mode": mode,
-                         "overhead_s": overhead, "seed": seed, "policy": label, **{c: metrics[c] for c in METRICS}})
+    oracle_cfg = {"name": "oracle", "solvers": args.oracle_solvers,
+                  "solver_options": {s: o for s, o in options.items() if s in args.oracle_solvers}}
+    configs, solved, rows = policy_configs(args), {}, []
+    for seed in args.seeds:
+        stream, profile = load(stream_name, seed, args.step_tokens, args.scale)
+        ctx = make_context(stream, topology, int(replicas), args.dataflow, args.dispatch,
+                           MigrationConfig(mode, args.bandwidth_share))
+        ctx.step_times.keep = 64  # the static placements, periodic's and the oracle's candidates stay cached
+        oracle, statics = make_policy(oracle_cfg, stream), {}
+        for overhead in args.overheads:
+            run_ctx = dataclasses.replace(ctx, migration=dataclasses.replace(ctx.migration, overhead_s=overhead))
+            for label, cfg in configs:
+                if label in statics:  # never redeploys: the same replay at every overhead
+                    metrics = statics[label]
+                else:
+                    policy = oracle if label == "oracle" else make_policy(cfg, stream)
+                    if cfg["name"] == "static":
+                        if label not in solved:
+                            solved[label] = policy.initial(ctx, profile)
+                        policy.initial = lambda *_, d=solved[label]: d  # noqa: E731 (solved once per job)
+                        if cfg["solver"] in args.oracle_solvers:
+                            oracle.adopt_static(ctx, cfg["solver"], solved[label].phy2log)
+                    metrics = replay_stream(stream, profile, policy, run_ctx).metrics
+                    if cfg["name"] == "static":
+                        statics[label] = metrics
+                    print(f"{stream_name} {setting} {mode} seed {seed} overhead {overhead * 1e3:g} ms {label}: "
+                          f"{metrics['total_time_s']:.5f} s, {metrics['experts_moved']} moved, delay "
+                          f"{metrics['decision_delay_steps']:.0f} steps, {metrics['replay_wall_s']:.0f} s wall",
+                          flush=True)
+                rows.append({"stream": stream_name, "setting": f"{topo_name} r{replicas}", "mode": mode,
+                             "overhead_s": overhead, "seed": seed, "policy": label,
+                             **{c: metrics[c] for c in METRICS}})
     return rows
 
 
 def policy_configs(args: argparse.Namespace) -> list[tuple[str, dict]]:
     """(label, policy config) of every policy to run: static per solver, periodic per phase offset, the rest
-    as configured; --ma-grid adds migration_aware at each window:check_every."""
+    as configured; --ma-grid adds migration_aware at each window:check_every. With --scale, every step count
+    of a policy is scaled like the segments (a quick check keeps the policies' clocks and the stream in
+    proportion)."""
     out = []
     for name in args.policies:
         cfg = conf("policy", name)
@@ -117,13 +137,19 @@ def policy_configs(args: argparse.Namespace) -> list[tuple[str, dict]]:
             out += [(f"static[{s}]", {**cfg, "solver": s}) for s in args.static_solvers]
         elif name == "periodic":
             out += [(f"periodic[+{o}]", {**cfg, "phase_offset_steps": o}) for o in args.offsets]
-        else:
+        elif name != "oracle":
             out.append((name, cfg))
     for point in args.ma_grid:
         window, check = (int(x) for x in point.split(":"))
         out.append((f"migration_aware[w{window},c{check}]",
                     {**conf("policy", "migration_aware"), "window_steps": window, "check_every": check}))
-    return out
+    out = [(label, {k: scaled(v, args.scale, k) if k in SCALED else v for k, v in cfg.items()}) for label, cfg in out]
+    return out + [("oracle", {"name": "oracle"})] if "oracle" in args.policies else out
+
+
+def scaled(steps: int, scale: float, key: str) -> int:
+    """A step count times `scale`, at least 1 (an offset at least 0)."""
+    return max(0 if key == "phase_offset_steps" else 1, round(steps * scale))
 
 
 def aims(rows: list[dict]) -> list[dict]:
@@ -193,13 +219,15 @@ def main() -> None:
     parser.add_argument("--step-tokens", type=int, default=512)
     parser.add_argument("--dataflow", default="dispatch_combine")
     parser.add_argument("--dispatch", default="dynamic")
-    parser.add_argument("--jobs", type=int, default=1, help="(stream, setting, mode, seed) runs in parallel")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="segment lengths and every policy step count times this (a quick check: 0.1)")
+    parser.add_argument("--jobs", type=int, default=1, help="(stream, setting, mode) runs in parallel")
     parser.add_argument("--out", default="docs/results/online", help="folder for the CSVs")
     parser.add_argument("--note", default="", help="a note on the run for run.json (machine, wall time)")
     args = parser.parse_args()
     config = {"mlflow": {"experiment": "benchmarks"}, **vars(args)}
     started = time.perf_counter()
-    jobs = [(s, t, m, seed) for s in args.streams for t in args.settings for m in args.modes for seed in args.seeds]
+    jobs = [(s, t, m) for s in args.streams for t in args.settings for m in args.modes]
     with tracked_run("online_rebalance", config, tags={"benchmark": "online_rebalance"}) as run:
         with ProcessPoolExecutor(args.jobs) as pool:
             rows = [row for part in pool.map(run_stream, *zip(*jobs), [args] * len(jobs)) for row in part]
@@ -213,8 +241,8 @@ def main() -> None:
         wall = time.perf_counter() - started
         print(f"\nwall: {wall:.0f} s")
         for row in rows:
-            key = (f"{row['stream']}.{row['setting'].replace(' ', '_')}.{row['mode']}.o{row['overhead_s']:g}."
-                   f"s{row['seed']}.{row['policy']}")
+            key = re.sub(r"[^\w.\-:/]", "_", f"{row['stream']}.{row['setting']}.{row['mode']}.o{row['overhead_s']:g}."
+                                                 f"s{row['seed']}.{row['policy']}")  # MLflow's metric-name characters
             run.log_metrics({f"{key}.{c}": row[c] for c in METRICS})
         out = Path(args.out)
         paths = [write_csv(out / "runs.csv", rows, COLUMNS)]

@@ -56,13 +56,21 @@ class Oracle:
 
     def _solved(self, ctx: Context, solver: str, segment: int, profile: Trace) -> np.ndarray:
         """`solver` on the profile (segment -1) or on segment `segment`'s steps, solved once. [L, P]"""
-        key = (ctx.topology.name, ctx.replicas, ctx.step_times.dispatch, ctx.step_times.dataflow, solver, segment)
+        key = self._key(ctx, solver, segment)
         if key not in self.solved:
             options = dict(self.options.get(solver) or {})
             decision = (ctx.solve(profile, solver, options) if segment < 0 else
                         ctx.solve_steps(self.stream.segment_steps(segment), solver, options))
             self.solved[key] = decision.phy2log
         return self.solved[key]
+
+    def adopt_static(self, ctx: Context, solver: str, phy2log: np.ndarray) -> None:
+        """Use `phy2log` [L, P] as `solver`'s profile placement (a static baseline solved elsewhere), so that
+        the oracle's static candidates are exactly the baselines it is compared with."""
+        self.solved[self._key(ctx, solver, -1)] = phy2log
+
+    def _key(self, ctx: Context, solver: str, segment: int) -> tuple[Any, ...]:
+        return ctx.topology.name, ctx.replicas, ctx.step_times.dispatch, ctx.step_times.dataflow, solver, segment
 
     def switch_s(self, ctx: Context, old: np.ndarray, new: np.ndarray) -> float:
         """What changing placement costs at a segment's first step (0 when it stays)."""
