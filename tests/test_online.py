@@ -537,3 +537,28 @@ def test_bad_oracle_configs_are_refused(two_traces: tuple[Path, Path]) -> None:
         make_policy({"name": "oracle", "solver": "eplb", "solvers": ["eplb"]}, stream)
     with pytest.raises(PolicyError, match=r"\['steptail'\]; oracle's options are per solver"):
         make_policy({"name": "oracle", "solvers": ["eplb"], "solver_options": {"steptail": {}}}, stream)
+
+
+def test_benchmark_aims_measure_from_the_best_static_by_hand() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import online_rebalance as bench
+
+    totals = {"static[eplb]": 10.0, "static[steptail]": 9.0, "periodic[+0]": 11.0, "periodic[+750]": 12.0,
+              "migration_aware": 8.5, "oracle": 8.0}
+    rows = [{"stream": "s", "setting": "t", "mode": "m", "overhead_s": 0.0, "seed": seed, "policy": p,
+             "total_time_s": t + (0.5 * seed if p == "migration_aware" else 0.0), "experts_moved": {"periodic[+0]": 30, "periodic[+750]": 50}.get(p, 10),
+             "migration_share": 0.01, "bytes_moved": 1.0, "peak_to_average_load": 1.2,
+             "slots_changed_per_rebalance": 3.0, "decision_delay_steps": 5.0} for seed in (0, 1)
+            for p, t in totals.items()]
+    table = bench.aims(rows)
+    first = table[0]
+    assert first["best_static"] == "static[steptail]" and first["best_static_s"] == 9.0
+    assert first["oracle_gain"] == pytest.approx(1 / 9) and first["ma_gain"] == pytest.approx(0.5 / 9)
+    assert first["captured"] == pytest.approx(0.5)
+    assert first["ma_vs_periodic_min"] == pytest.approx(1 - 8.5 / 11)  # the nearest periodic offset
+    assert first["moved_vs_periodic"] == pytest.approx(10 / 40)
+    summary = bench.summary(rows, table)[0]
+    assert summary["seeds"] == 2
+    assert (summary["captured_min"], summary["captured_mean"], summary["captured_max"]) == pytest.approx((0.0, 0.25, 0.5))
+    assert summary["ranking"].split(" < ") == ["oracle", "migration_aware", "static[steptail]", "static[eplb]",
+                                               "periodic[+0]", "periodic[+750]"]
