@@ -419,7 +419,7 @@ def test_app_writes_outputs_and_refuses_bad_spec_first(two_traces: tuple[Path, P
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 8 and metrics["total_time_s"] > 0 and "decision_delay_steps" in metrics
     rows = (out / "timeline.csv").read_text().splitlines()
-    assert rows[0] == "step,segment,trace,step_time_s,placement_version,wait_s,contiguous_step_time_s"
+    assert rows[0] == "step,segment,trace,step_time_s,placement_version,wait_s,contiguous_step_time_s,peak_to_average"
     assert len(rows) == 9 and rows[5].split(",")[2] == "b"
     v0 = load_placement(out / "placements" / "v0.json")
     assert v0.extra["effective_step"] == 0 and v0.phy2log.shape == (2, 8)
@@ -448,14 +448,117 @@ def test_report_section_reads_every_replay(two_traces: tuple[Path, Path], tmp_pa
     stream, profile = load_stream(spec([(a, 4), (b, 4)], a), 32)
     ctx = make_context(stream, topology(1, 2), 0, "dispatch_combine", "dynamic", MigrationConfig())
     totals = {}
-    for name, cfg in (("static", {"name": "static", "solver": "greedy"}), ("periodic", POLICY_CFGS["periodic"])):
+    for name, cfg in (("static", {"name": "static", "solver": "greedy"}),
+                      ("static_eplb", {"name": "static", "solver": "eplb"}), ("periodic", POLICY_CFGS["periodic"]),
+                      ("oracle", {"name": "oracle", "solvers": ["greedy", "eplb"]})):
         result = replay_stream(stream, profile, make_policy(cfg, stream), ctx)
         totals[name] = result.metrics["total_time_s"]
         write_outputs(result, stream, ctx, name, tmp_path / "results" / "online" / "a-b" / "test_1x2-r0" / name)
-    table = online_runs(tmp_path / "results")
-    assert sorted(table.policy) == ["periodic", "static"]
-    row = table.set_index("policy").loc["periodic"]
-    assert row.vs_static == pytest.approx(totals["periodic"] / totals["static"])
+    table = online_runs(tmp_path / "results").set_index("policy")
+    assert sorted(table.index) == ["oracle", "periodic", "static", "static_eplb"]
+    best = min(totals["static"], totals["static_eplb"])
+    assert table.loc["periodic"].vs_best_static == pytest.approx(totals["periodic"] / best)
+    if best > totals["oracle"]:
+        assert table.loc["periodic"].captured == pytest.approx((best - totals["periodic"]) / (best - totals["oracle"]))
+        assert table.loc["oracle"].captured == pytest.approx(1.0)
+    else:  # the oracle gains nothing over the best static placement: nothing to capture
+        assert np.isnan(table.loc["periodic"].captured)
     section = online_section(tmp_path / "results", tmp_path / "report")
     assert section.title == "Online rebalancing" and "| a-b | test_1x2-r0 | static |" in section.markdown
     assert section.figures[0].path.name == "online_timeline.png" and section.figures[0].path.stat().st_size > 0
+
+
+@pytest.mark.parametrize("mode", ["stop_the_world", "overlapped"])
+def test_overhead_and_redeployment_metrics_by_hand(two_traces: tuple[Path, Path], mode: str) -> None:
+    a, _ = two_traces
+    stream, profile = load_stream(spec([(a, 12)], a), 32)
+    config = MigrationConfig(mode, 0.25, overhead_s=0.5)
+    ctx = frozen(make_context(stream, topology(1, 2), 0, "dispatch_combine", "dynamic", config))
+    first = np.tile(np.arange(8), (2, 1))
+    new = first.copy()
+    new[0, [1, 4]] = new[0, [4, 1]]
+    result = replay_stream(stream, profile, SwitchAt(first, new, 3), ctx)
+    link_s = ctx.migration_of(first, new).duration_s() if mode == "stop_the_world" else 0.0
+    m = result.metrics
+    assert m["migration_time_s"] == pytest.approx(link_s + 0.5)  # the transfers (stop the world) + the overhead
+    assert m["migration_share"] == pytest.approx(m["migration_time_s"] / m["total_time_s"])
+    assert m["slots_changed_per_rebalance"] == 2 and m["rebalances"] == 1
+    # peak-to-average by hand: GPU 0 holds experts 0-3, GPU 1 experts 4-7 (layer 0: 0,4,2,3 | 1,5,6,7 after the switch)
+    for row in result.rows:
+        layout = first if row["placement_version"] == 0 else new
+        load = stream.loads[row["step"]].astype(float)  # [L, E]
+        per_gpu = np.stack([[load[l, layout[l, :4]].sum(), load[l, layout[l, 4:]].sum()] for l in range(2)])
+        assert row["peak_to_average"] == pytest.approx(float((per_gpu.max(1) / per_gpu.mean(1)).mean()))
+    assert m["peak_to_average_load"] == pytest.approx(np.mean([r["peak_to_average"] for r in result.rows]))
+    with pytest.raises(MigrationError, match="overhead_s=-1.0"):
+        MigrationConfig.from_config({"overhead_s": -1})
+
+
+def test_periodic_phase_offset_is_honoured(two_traces: tuple[Path, Path]) -> None:
+    a, _ = two_traces
+    stream, _ = load_stream(spec([(a, 14)], a), 32)
+    ctx = frozen(make_context(stream, topology(1, 2), 0, "dispatch_combine", "dynamic", MigrationConfig()))
+    current = np.tile(np.arange(8), (2, 1))
+    for offset, expected in ((0, [4, 8, 12]), (1, [1, 5, 9, 13]), (3, [3, 7, 11])):
+        policy = make_policy({**POLICY_CFGS["periodic"], "interval_steps": 4, "phase_offset_steps": offset}, stream)
+        asked = [s for s in range(1, 14) if policy.decide(ctx, s, Served(stream, s), current) is not None]
+        assert asked == expected
+    with pytest.raises(PolicyError, match="phase_offset_steps=4; it must be below interval_steps=4"):
+        make_policy({**POLICY_CFGS["periodic"], "interval_steps": 4, "phase_offset_steps": 4}, stream)
+
+
+ORACLE_SOLVERS = ["eplb", "greedy", "round_robin"]
+
+
+@pytest.mark.parametrize("overhead_s", [0.0, 10.0])
+def test_oracle_is_never_slower_than_any_static_placement(two_traces: tuple[Path, Path], overhead_s: float) -> None:
+    a, b = two_traces
+    for segments in ([(a, 6)], [(b, 6)], [(a, 5), (b, 7)]):  # each domain as one segment, then both
+        stream, profile = load_stream(spec(segments, a), 32)
+        ctx = frozen(make_context(stream, topology(2, 2), 1, "dispatch_combine", "dynamic",
+                                  MigrationConfig(overhead_s=overhead_s)))
+        static = {s: replay_stream(stream, profile, make_policy({"name": "static", "solver": s}, stream), ctx)
+                  for s in ORACLE_SOLVERS}
+        oracle = make_policy({"name": "oracle", "solvers": ORACLE_SOLVERS}, stream)
+        got = replay_stream(stream, profile, oracle, ctx).metrics
+        assert got["total_time_s"] == pytest.approx(oracle.predicted_s)  # the programme prices what the replay charges
+        for s, run in static.items():
+            assert got["total_time_s"] <= run.metrics["total_time_s"] * (1 + 1e-12), s
+        if overhead_s == 10.0:  # no switch can pay for 10 s here: one placement throughout
+            assert got["rebalances"] == 0
+
+
+def test_bad_oracle_configs_are_refused(two_traces: tuple[Path, Path]) -> None:
+    a, _ = two_traces
+    stream, _ = load_stream(spec([(a, 4)], a), 32)
+    with pytest.raises(PolicyError, match="policy.solvers=None; give a non-empty list"):
+        make_policy({"name": "oracle"}, stream)
+    with pytest.raises(PolicyError, match=r"unknown key\(s\) \['solver'\]"):
+        make_policy({"name": "oracle", "solver": "eplb", "solvers": ["eplb"]}, stream)
+    with pytest.raises(PolicyError, match=r"\['steptail'\]; oracle's options are per solver"):
+        make_policy({"name": "oracle", "solvers": ["eplb"], "solver_options": {"steptail": {}}}, stream)
+
+
+def test_benchmark_aims_measure_from_the_best_static_by_hand() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import online_rebalance as bench
+
+    totals = {"static[eplb]": 10.0, "static[steptail]": 9.0, "periodic[+0]": 11.0, "periodic[+750]": 12.0,
+              "migration_aware": 8.5, "oracle": 8.0}
+    rows = [{"stream": "s", "setting": "t", "mode": "m", "overhead_s": 0.0, "seed": seed, "policy": p,
+             "total_time_s": t + (0.5 * seed if p == "migration_aware" else 0.0), "experts_moved": {"periodic[+0]": 30, "periodic[+750]": 50}.get(p, 10),
+             "migration_share": 0.01, "bytes_moved": 1.0, "peak_to_average_load": 1.2,
+             "slots_changed_per_rebalance": 3.0, "decision_delay_steps": 5.0} for seed in (0, 1)
+            for p, t in totals.items()]
+    table = bench.aims(rows)
+    first = table[0]
+    assert first["best_static"] == "static[steptail]" and first["best_static_s"] == 9.0
+    assert first["oracle_gain"] == pytest.approx(1 / 9) and first["ma_gain"] == pytest.approx(0.5 / 9)
+    assert first["captured"] == pytest.approx(0.5)
+    assert first["ma_vs_periodic_min"] == pytest.approx(1 - 8.5 / 11)  # the nearest periodic offset
+    assert first["moved_vs_periodic"] == pytest.approx(10 / 40)
+    summary = bench.summary(rows, table)[0]
+    assert summary["seeds"] == 2
+    assert (summary["captured_min"], summary["captured_mean"], summary["captured_max"]) == pytest.approx((0.0, 0.25, 0.5))
+    assert summary["ranking"].split(" < ") == ["oracle", "migration_aware", "static[steptail]", "static[eplb]",
+                                               "periodic[+0]", "periodic[+750]"]

@@ -13,6 +13,9 @@ Modes (`migration.mode`):
 - `overlapped`: the transfers take `bandwidth_share` of every link, so they last 1 / share as long,
   while serving goes on under the old placement with its all-to-all slowed by 1 / (1 - share); the new
   placement takes effect at the first step after the last round ends.
+
+In both modes every redeployment also stops serving for `overhead_s` (default 0) when the new placement
+takes effect: the engine's fixed cost of a rebalance (map update, weight re-layout, CUDA-graph recapture).
 """
 
 from __future__ import annotations
@@ -36,13 +39,17 @@ class MigrationError(ValueError):
 class MigrationConfig:
     mode: str = "stop_the_world"
     bandwidth_share: float = 0.5  # overlapped only: share of each link the transfers take
+    overhead_s: float = 0.0  # serving stops this long at every redeployment (map update, re-layout, recapture)
 
     @staticmethod
     def from_config(cfg: Mapping[str, Any]) -> "MigrationConfig":
-        unknown = sorted(set(cfg) - {"mode", "bandwidth_share"})
+        unknown = sorted(set(cfg) - {"mode", "bandwidth_share", "overhead_s"})
         if unknown:
-            raise MigrationError(f"migration: unknown key(s) {unknown}; known: mode, bandwidth_share")
-        out = MigrationConfig(str(cfg.get("mode", "stop_the_world")), float(cfg.get("bandwidth_share", 0.5)))
+            raise MigrationError(f"migration: unknown key(s) {unknown}; known: mode, bandwidth_share, overhead_s")
+        out = MigrationConfig(str(cfg.get("mode", "stop_the_world")), float(cfg.get("bandwidth_share", 0.5)),
+                              float(cfg.get("overhead_s", 0.0)))
+        if not out.overhead_s >= 0.0:
+            raise MigrationError(f"migration.overhead_s={out.overhead_s}; seconds per rebalance, it must be >= 0")
         if out.mode not in MODES:
             raise MigrationError(f"migration.mode={out.mode!r}; choose one of {list(MODES)}")
         if not 0.0 < out.bandwidth_share < 1.0:
@@ -137,8 +144,14 @@ def plan_migration(old: np.ndarray, new: np.ndarray, num_gpus: int, cost: CostMo
 
 
 def wait_s(migration: Migration, config: MigrationConfig) -> float:
-    """Seconds serving waits for a migration: all of it when stopping the world, none when overlapped."""
-    return migration.duration_s() if config.mode == "stop_the_world" else 0.0
+    """Seconds serving waits for a redeployment: the transfers when stopping the world (none when
+    overlapped), plus the fixed `overhead_s`."""
+    return (migration.duration_s() if config.mode == "stop_the_world" else 0.0) + config.overhead_s
+
+
+def slots_changed(old: np.ndarray, new: np.ndarray) -> int:
+    """Slots whose expert differs between two placements (a relabelled slot counts). old, new [L, P]"""
+    return int((np.asarray(old) != np.asarray(new)).sum())
 
 
 def overlap_s(migration: Migration, config: MigrationConfig) -> float:

@@ -189,7 +189,7 @@ class MigrationAware(Static):
     3. layers are upgraded greedily by predicted gain per second of moving that layer alone; every prefix
        is priced with the real migration schedule, and the prefix of largest net value is kept:
        stop_the_world: horizon * gain - migration time; overlapped: (horizon - steps the transfers
-       last) * gain - the all-to-all slowdown while they run;
+       last) * gain - the all-to-all slowdown while they run; both minus `migration.overhead_s`;
     4. it migrates when the net value is positive and the gain is at least `min_gain` of a step
        (re-simulated on the window as a whole first).
     """
@@ -206,10 +206,11 @@ class MigrationAware(Static):
         """Net seconds saved over the horizon: gain per step x steps it applies, minus what moving costs."""
         cfg = ctx.migration
         if cfg.mode == "stop_the_world":
-            return self.horizon_steps * gain_s - migration.duration_s()
+            return self.horizon_steps * gain_s - migration.duration_s() - cfg.overhead_s
         during = migration.duration_s(cfg.bandwidth_share) / max(step_s, 1e-12)
         slowdown = a2a_s * (1.0 / (1.0 - cfg.bandwidth_share) - 1.0)
-        return max(self.horizon_steps - during, 0.0) * gain_s - min(during, self.horizon_steps) * slowdown
+        return (max(self.horizon_steps - during, 0.0) * gain_s - min(during, self.horizon_steps) * slowdown
+                - cfg.overhead_s)
 
     def candidates(self, ctx: Context, served: Served, window: np.ndarray, current: np.ndarray
                    ) -> dict[str, np.ndarray]:

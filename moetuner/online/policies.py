@@ -1,13 +1,12 @@
 """Rebalancing policies. A policy sees only the steps already served (`Served`), except `oracle`.
 
 - `static`: `solver` on the profile, once.
-- `periodic` (vLLM / SGLang EPLB): every `interval_steps`, `solver` on the last `window_steps` steps,
-  migrated as solved (no relabelling, like vLLM's rearrangement).
+- `periodic` (vLLM / SGLang EPLB): every `interval_steps` (at steps phase_offset_steps + k x interval_steps),
+  `solver` on the last `window_steps` steps, migrated as solved (no relabelling, like vLLM's rearrangement).
 - `triggered`: every `check_every` steps, re-solve when the current placement's imbalance (max / mean
   tokens per GPU, mean over layers) over the last `window_steps` steps passes `threshold`.
 - `migration_aware` (ours): `moetuner.online.migration_aware`.
-- `oracle` (a hindsight reference, not a bound): each segment's `solver` placement on that segment's
-  own steps, switched in at the segment's first step at no cost.
+- `oracle` (a hindsight reference): `moetuner.online.oracle`, the best placement per segment in hindsight.
 
 Load-only solvers (the registry entries marked `load_only`, moetuner.solvers.registry) get the window's
 tokens per expert from the stream's per-step counters, as an engine's load counters hold them; other
@@ -45,7 +44,7 @@ class Decision:
     phy2log: np.ndarray  # [L, P]
     solver: str
     solve_seconds: float
-    free: bool = False  # switched in at no cost (oracle only)
+    free: bool = False  # decided in hindsight: no decision time charged (oracle only; its migration is charged)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -161,16 +160,18 @@ class Static:
 class Periodic(Static):
     interval_steps: int = 24
     window_steps: int = 8
+    phase_offset_steps: int = 0  # re-solves before steps phase_offset_steps + k * interval_steps (> 0)
     name: str = "periodic"
 
     def decide(self, ctx: Context, step: int, served: Served, current: np.ndarray) -> Decision | None:
-        if step % self.interval_steps:
+        if (step - self.phase_offset_steps) % self.interval_steps:
             return None
         return served.solve(ctx, served.window(self.window_steps), self.solver, self.options)
 
 
 def imbalance(phy2log: np.ndarray, load: np.ndarray, num_gpus: int) -> float:
-    """max / mean tokens per GPU, mean over layers. phy2log [L, P], load [L, E]"""
+    """max / mean tokens per GPU, mean over layers: the peak-to-average GPU load that the MoE
+    load-balancing competitions score. phy2log [L, P], load [L, E]"""
     return float(gpu_imbalance(gpu_loads(phy2log, load, num_gpus)).mean())
 
 
@@ -190,27 +191,6 @@ class Triggered(Static):
             return None
         self.last = step
         return served.solve(ctx, window, self.solver, self.options)
-
-
-@dataclass
-class Oracle(Static):
-    """Reads the stream's segments (future steps included): a hindsight reference, neither a competitor
-    nor a bound (a placement solved on a whole segment need not be the best for each of its steps)."""
-
-    stream: Stream | None = None
-    name: str = "oracle"
-
-    def _segment_decision(self, ctx: Context, index: int) -> Decision:
-        decision = ctx.solve_steps(self.stream.segment_steps(index), self.solver, self.options)
-        return Decision(decision.phy2log, decision.solver, decision.solve_seconds, free=True)
-
-    def initial(self, ctx: Context, profile: Trace) -> Decision:
-        return self._segment_decision(ctx, 0)
-
-    def decide(self, ctx: Context, step: int, served: Served, current: np.ndarray) -> Decision | None:
-        if step not in self.stream.boundaries():
-            return None
-        return self._segment_decision(ctx, self.stream.boundaries().index(step) + 1)
 
 
 # ---------------------------------------------------------------- migration_aware

@@ -13,8 +13,8 @@ import numpy as np
 
 from moetuner.atomic import atomic_path, write_json_atomic
 from moetuner.online.migration import (NO_MIGRATION, Migration, MigrationConfig, expert_bytes, overlap_s,
-                                       slowed_step_s, wait_s)
-from moetuner.online.policies import Context, Decision, Policy, Served
+                                       slots_changed, slowed_step_s, wait_s)
+from moetuner.online.policies import Context, Decision, Policy, Served, imbalance
 from moetuner.online.steptimes import StepTimes
 from moetuner.online.stream import Stream
 from moetuner.placement import Placement, check_placement, contiguous_phy2log, save_placement
@@ -25,7 +25,7 @@ from moetuner.topology import Topology
 from moetuner.trace import Trace, save_trace
 
 TIMELINE_COLUMNS = ("step", "segment", "trace", "step_time_s", "placement_version", "wait_s",
-                    "contiguous_step_time_s")
+                    "contiguous_step_time_s", "peak_to_average")
 
 
 @dataclass
@@ -38,7 +38,7 @@ class Version:
     decided_step: int  # the step before which the policy was asked (it read steps before this one)
     effective_step: int  # the first step served with it
     migration: Migration = NO_MIGRATION
-    wait_s: float = 0.0  # serving waited this long (stop_the_world)
+    wait_s: float = 0.0  # serving waited this long (stop_the_world transfers, and migration.overhead_s)
     delay_steps: int = 0  # steps served while the decision was computed (its charged wall time)
     decision_seconds: float = 0.0  # the decision's wall time, as charged
     extra: dict[str, Any] = field(default_factory=dict)
@@ -73,7 +73,8 @@ def replay_stream(stream: Stream, profile: Trace, policy: Policy, ctx: Context) 
     decision of its own is being computed nor while a migration runs); a decision that read steps up to
     t - 1 and took w seconds of wall time (ctx.clock) takes effect before the first step t + d whose
     predecessors t .. t + d - 1 lasted w in all (d = ceil(w / step time) at a constant step time), then
-    migrates. The oracle's free decisions take effect at once."""
+    migrates. The oracle's free decisions take effect at once (their migrations are charged as any other).
+    Every redeployment also stops serving for `migration.overhead_s`."""
     started = time.perf_counter()
     times, config = ctx.step_times, ctx.migration
     segment_of = stream.segment_of_step()
@@ -105,7 +106,7 @@ def replay_stream(stream: Stream, profile: Trace, policy: Policy, ctx: Context) 
             thinking = None
             if decision is None:
                 continue
-            migration = NO_MIGRATION if decision.free else ctx.migration_of(current, decision.phy2log)
+            migration = ctx.migration_of(current, decision.phy2log)
             adopted = _version(decision, decided, step, migration, 0.0, step - decided, seconds)
             if config.mode == "overlapped" and migration.experts_moved:
                 pending = (adopted, overlap_s(migration, config))
@@ -122,6 +123,8 @@ def replay_stream(stream: Stream, profile: Trace, policy: Policy, ctx: Context) 
             pending = (adopted, left - step_s)
             if left - step_s <= 0 and step + 1 < stream.num_steps:
                 adopted.effective_step = step + 1
+                adopted.wait_s = wait_s(adopted.migration, config)  # the overhead, before step + 1
+                wait += adopted.wait_s
                 versions.append(adopted)
                 current, pending = adopted.phy2log, None
         else:
@@ -131,14 +134,17 @@ def replay_stream(stream: Stream, profile: Trace, policy: Policy, ctx: Context) 
         seg = stream.segments[segment_of[step]]
         rows.append({"step": step, "segment": int(segment_of[step]), "trace": seg.label, "step_time_s": step_s,
                      "placement_version": in_effect, "wait_s": wait,
-                     "contiguous_step_time_s": times.step(contiguous, step)[1]})
+                     "contiguous_step_time_s": times.step(contiguous, step)[1],
+                     "peak_to_average": imbalance(versions[in_effect].phy2log, stream.loads[step],
+                                                  ctx.topology.num_gpus)})
     return ReplayResult(rows, versions, replay_metrics(rows, versions, time.perf_counter() - started,
                                                        times.simulated))
 
 
 def replay_metrics(rows: list[dict[str, Any]], versions: list[Version], wall_s: float,
                    simulated: int) -> dict[str, float]:
-    """metrics.json: totals, migrations, speedup vs contiguous, solve and decision time per rebalance."""
+    """metrics.json: totals, migrations (bytes, share of the total, slots changed per redeployment), peak-to-average
+    GPU load, speedup vs contiguous, solve and decision time per rebalance."""
     serve = float(sum(r["step_time_s"] for r in rows))
     waited = float(sum(r["wait_s"] for r in rows))
     contiguous = float(sum(r["contiguous_step_time_s"] for r in rows))
@@ -152,6 +158,10 @@ def replay_metrics(rows: list[dict[str, Any]], versions: list[Version], wall_s: 
         "rebalances": len(moved),
         "experts_moved": int(sum(v.migration.experts_moved for v in moved)),
         "bytes_moved": float(sum(v.migration.bytes_moved for v in moved)),
+        "migration_share": waited / (serve + waited),
+        "slots_changed_per_rebalance": (float(np.mean([slots_changed(a.phy2log, b.phy2log)
+                                                       for a, b in zip(versions, moved)])) if moved else 0.0),
+        "peak_to_average_load": float(np.mean([r["peak_to_average"] for r in rows])),
         "steps": len(rows),
         "contiguous_time_s": contiguous,
         "speedup_vs_contiguous": contiguous / (serve + waited),
