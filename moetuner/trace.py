@@ -5,7 +5,9 @@ Tensors:
   topk_weights  float16/float32 [T, L, k]  gate weights (optional)
   seq_ids       int32   [T]        sequence (document/request) of each token
 Header metadata (strings): format, model, num_experts, top_k, moe_layers (JSON list of
-decoder-layer indices), source, dtype, hidden_size, moe_intermediate_size.
+decoder-layer indices), source, dtype, hidden_size, moe_intermediate_size. Optional: n_group (the
+model's expert-group count, HF config `n_group`, which EPLB's hierarchical policy packs onto nodes;
+absent means 1, a model without groups).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ REQUIRED_METADATA = (
     "format", "model", "num_experts", "top_k", "moe_layers", "source", "dtype",
     "hidden_size", "moe_intermediate_size",
 )
+N_GROUP = "n_group"  # optional metadata key: the model's expert-group count (absent: 1)
 
 
 class TraceError(ValueError):
@@ -62,6 +65,11 @@ class Trace:
         return int(self.topk_ids.shape[2])
 
     @property
+    def n_group(self) -> int:
+        """The model's expert-group count (metadata `n_group`; 1 when absent: a model without groups)."""
+        return int(self.extra.get(N_GROUP, "1"))
+
+    @property
     def sequences(self) -> np.ndarray:
         """Distinct sequence ids in order of first appearance. [S]"""
         _, first = np.unique(self.seq_ids, return_index=True)
@@ -91,6 +99,10 @@ class Trace:
         if len(self.moe_layers) != ids.shape[1]:
             raise TraceError(f"{name}: moe_layers lists {len(self.moe_layers)} layers but "
                              f"topk_ids has L={ids.shape[1]}")
+        group = self.extra.get(N_GROUP, "1")
+        if not group.isdigit() or int(group) < 1 or self.num_experts % int(group):
+            raise TraceError(f"{name}: metadata n_group={group!r} must be a positive integer dividing "
+                             f"num_experts={self.num_experts} (the model config's n_group; 1 without groups)")
         if ids.shape[2] > self.num_experts:
             raise TraceError(f"{name}: top_k={ids.shape[2]} exceeds num_experts={self.num_experts}")
         if ids.size:

@@ -33,7 +33,7 @@ from moetuner.topology import Topology
 from moetuner.trace import Trace
 
 
-LOAD_SOLVERS = ("eplb", "greedy", "contiguous", "round_robin")  # read only PlacementProblem.load
+LOAD_SOLVERS = ("eplb", "eplb_node_groups", "greedy", "contiguous", "round_robin")  # read only PlacementProblem.load
 
 
 class PolicyError(ValueError):

@@ -13,6 +13,8 @@ replicas (the slots a GPU has per layer), so with replicas=0 and G | E every clu
 units of the fastest link. An ILP that finds no solution in its time limit (or ILP2 too large to
 build) falls back to a heuristic (greedy balance for ILP1, affinity assignment for ILP2) and the
 placement's status says `fallback`.
+Engine setting reproduced: none (MoETuner is a paper's offline placement, not an engine option); a
+placement it computes reaches SGLang through `--init-expert-location` (moetuner/engines.py).
 """
 
 from __future__ import annotations

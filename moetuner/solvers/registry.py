@@ -30,6 +30,7 @@ SOLVERS: dict[str, str] = {
     "round_robin": "moetuner.solvers.baselines:solve_round_robin",
     "greedy": "moetuner.solvers.baselines:solve_greedy",
     "eplb": "moetuner.solvers.eplb:solve_eplb",
+    "eplb_node_groups": "moetuner.solvers.eplb:solve_eplb_node_groups",
     "exflow": "moetuner.solvers.exflow:solve_exflow",
     "moetuner": "moetuner.solvers.moetuner_ilp:solve_moetuner",
     "partition": "moetuner.solvers.partition:solve_partition",
