@@ -86,7 +86,8 @@ local_study() {  # local_study NAME: the study with the local executor, its own 
 
 slurm_study() {  # slurm_study NAME: the same through the slurm profile, tracked on the server
   MLFLOW_TRACKING_URI="$URI" snakemake -s "$repo/Snakefile" -d "$run/$1/slurm" \
-    --workflow-profile "$repo/workflow/profiles/slurm" --configfile "conf/study/$1.yaml" --jobs 2
+    --workflow-profile "$repo/workflow/profiles/slurm" --configfile "conf/study/$1.yaml" --jobs 2 \
+    --resources host_cores=2 serve_jobs=1
 }
 
 sweep() {  # sweep NAME: 2 solvers x 2 replica budgets through the submitit launcher
