@@ -27,6 +27,13 @@ The aims table, per topology x replicas x dataflow:
   all as speedups vs the contiguous layout whose hot replicas (replicas=1) follow the two-domain
   profile;
 - `gap`: steptail (dynamic) time / lower bound.
+The re-split table (`--split-seeds`, default 0-4), per topology x replicas x dataflow, dispatch dynamic:
+intent re-split by sequence with each seed (`split_by_sequence`, half held out, as the study's
+`split.seed`), EPLB and steptail solved on each split's profile and scored on its held-out steps.
+`vs_eplb_min`/`_max`: steptail's speedup over EPLB in the worst and best split; `vs_eplb_split_low`/
+`_high`: the 95% interval over splits (resampling splits, then steps: `split_speedup_interval`);
+`verdict`: `faster` only when steptail beats EPLB in every split, else `not in every split`. Every
+other interval in these tables is conditional on one split and one solve; this one on the trace only.
 Prints Markdown tables, writes them as CSV (docs/results/placement_quality/, with run.json: command, date,
 wall time; docs/simulator.md renders them with benchmarks/render_tables.py) and logs every number to
 MLflow (experiment `benchmarks`, run `placement_quality`).
@@ -48,10 +55,10 @@ from moetuner.solvers.problem import PlacementProblem
 from moetuner.costmodel.charges import DispatchCharge, charged_step_times, layer_charges, replicated_layers
 from moetuner.costmodel.cost import cost_model
 from moetuner.costmodel.bounds import lower_bound
-from moetuner.costmodel.intervals import speedup_interval
+from moetuner.costmodel.intervals import beaten_in_every_split, speedup_interval, split_speedup_interval
 from moetuner.costmodel.simulator import primary_column, simulate
 from moetuner.topology import Topology, topology_from_config, topology_preset
-from moetuner.trace import Trace, load_trace
+from moetuner.trace import Trace, load_trace, split_by_sequence
 from moetuner.tracking import tracked_run
 from table import command_line, markdown, write_csv, write_run_record  # benchmarks/table.py
 
@@ -95,6 +102,27 @@ def bound(trace: Trace, topology: Topology, slots_per_gpu: int, step_tokens: int
     return lower_bound(trace.topk_ids, cost, slots_per_gpu, step_tokens, dataflow)
 
 
+SPLIT_COLUMNS = ["topology", "replicas", "dataflow", "splits", "vs_eplb_min", "vs_eplb_max", "vs_eplb_split_low",
+                 "vs_eplb_split_high", "verdict"]
+
+
+def split_row(trace: Trace, seeds: list[int], topology: Topology, replicas: int, dataflow: str, step_tokens: int,
+              options: dict) -> dict:
+    """steptail vs EPLB (dispatch dynamic) over re-splits of `trace` by sequence, one per seed."""
+    eplb_s, ours_s = [], []
+    for seed in seeds:
+        profile, held = split_by_sequence(trace, 0.5, seed)
+        problem = PlacementProblem(profile, topology, replicas=replicas, step_tokens=step_tokens, dataflow=dataflow)
+        for solver, out in (("eplb", eplb_s), ("steptail", ours_s)):
+            out.append(step_times(solve_placement(problem, solver, options).phy2log, held, topology, step_tokens,
+                                  dataflow, "dynamic"))
+    per_split = [e.mean() / o.mean() for e, o in zip(eplb_s, ours_s)]
+    low, high = split_speedup_interval(eplb_s, ours_s)
+    return {"splits": len(seeds), "vs_eplb_min": min(per_split), "vs_eplb_max": max(per_split),
+            "vs_eplb_split_low": low, "vs_eplb_split_high": high,
+            "verdict": "faster" if beaten_in_every_split(per_split) else "not in every split"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-moves", type=int, default=1200,
@@ -104,6 +132,8 @@ def main() -> None:
     parser.add_argument("--replicas", nargs="*", type=int, default=[0, 1])
     parser.add_argument("--dataflows", nargs="*", default=list(DATAFLOWS))
     parser.add_argument("--ilp", action="store_true", help="also the MoETuner ILPs (1 s per MIP; slow)")
+    parser.add_argument("--split-seeds", nargs="*", type=int, default=[0, 1, 2, 3, 4],
+                        help="re-splits of intent by sequence for the re-split table (default 0-4; none: skip)")
     parser.add_argument("--out", default=str(PROJECT_ROOT / "docs" / "results" / "placement_quality"
                                              / "placement_quality.csv"), help="CSV of the table")
     parser.add_argument("--note", default="", help="what to say about the machine (e.g. 2 shared cores)")
@@ -120,7 +150,7 @@ def main() -> None:
                "bound_us", "steptail_vs_bound"]
     aim_columns = ["topology", "replicas", "dataflow", "dyn_vs_eplb", "lp_comm_vs_best_eplb", "robust_intent",
                    "robust_law", "worst_intent", "worst_law", "intent_on_law", "law_on_intent", "gap"]
-    rows, aims = [], []
+    rows, aims, split_rows = [], [], []
     grid = [(t, r, f) for t in args.topologies for r in args.replicas for f in args.dataflows
             if not (f == "hierarchical" and topology_from_config(topology_preset(t)).nodes == 1)]
     with tracked_run("placement_quality", config, tags={"benchmark": "placement_quality"}) as run:
@@ -174,11 +204,19 @@ def main() -> None:
                    "law_on_intent": ref_intent / on(law_only, held),
                    "gap": times["steptail", "dynamic"] / lb}
             aims.append(aim)
+            if args.split_seeds:
+                split_rows.append({"topology": topo_name, "replicas": replicas, "dataflow": dataflow,
+                                   **split_row(load_trace(DATA / "intent.safetensors"), args.split_seeds, topology,
+                                               replicas, dataflow, args.step_tokens, options)})
             run.log_metrics({f"{topo_name}.r{replicas}.{dataflow}.aim.{c}": aim[c] for c in aim_columns[3:]})
         print(markdown(rows, columns, ".3f"))
         print()
         print(markdown(aims, aim_columns, ".3f"))
+        print()
+        print(markdown(split_rows, SPLIT_COLUMNS, ".4f"))
         out = Path(args.out)
+        if split_rows:
+            write_csv(out.with_name(out.stem + "_splits.csv"), split_rows, SPLIT_COLUMNS)
         write_csv(out, rows, columns)
         write_csv(out.with_name(out.stem + "_aims.csv"), aims, aim_columns)
         write_run_record(out.parent, command_line("placement_quality.py", sys.argv[1:]),
