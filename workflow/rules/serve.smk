@@ -24,7 +24,7 @@ rule serve:
     resources:
         serve_jobs=1,
         # the machine's cores: an emulated run measures wall time, and a job beside it on the same cores
-        # inflates its transfers (docs/serving.md, "Run to run"); with --resources host_cores=<cores>
+        # inflates its transfers (docs/serving.md, "Run to run"); with --resources host_cores=<serve.cores>
         # (local-check.sh's one-machine Slurm cluster) nothing else runs while it does
         host_cores=int(config["serve"]["cores"]),
         **({"nodes": SERVE_NODES, "tasks": SERVE_NODES, "mpi": "srun",
