@@ -25,8 +25,8 @@ from tqdm import tqdm
 from moetuner import PROJECT_ROOT
 from moetuner.costmodel.cost import cost_model
 from moetuner.costmodel.intervals import speedup_interval
-from moetuner.costmodel.simulator import primary_column, simulate
-from moetuner.placement import contiguous_phy2log
+from moetuner.costmodel.score import score
+from moetuner.placement import contiguous_phy2log, expert_location
 from moetuner.solvers.problem import PlacementProblem
 from moetuner.solvers.registry import solve_placement
 from moetuner.topology import topology_from_config, topology_preset
@@ -50,9 +50,10 @@ def main() -> None:
     placements = {"contiguous": contiguous_phy2log(held.num_layers, held.num_experts, topology.num_gpus,
                                                    problem.slots_per_gpu)}
     placements.update({s: solve_placement(problem, s, {}).phy2log for s in ("eplb", "partition")})
-    ids, primary = held.topk_ids.astype(np.int64), primary_column(held.topk_ids, held.topk_weights)
-    steps = lambda phy, rows: simulate(phy, topology.num_gpus, ids[rows], primary[rows], held.num_experts,  # noqa: E731
-                                       cost, args.step_tokens).layer_time_s.sum(1)
+    weights = held.topk_weights
+    steps = lambda phy, rows: score(expert_location(phy, topology.num_gpus, held.num_experts),  # noqa: E731
+                                    held.topk_ids[rows], None if weights is None else weights[rows], cost,
+                                    args.step_tokens).step_s
     whole = np.arange(held.num_tokens)
     per_step = {name: steps(phy, whole) for name, phy in placements.items()}
     tokens_of = [np.flatnonzero(held.seq_ids == s) for s in held.sequences]

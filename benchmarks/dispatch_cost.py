@@ -24,12 +24,12 @@ import numpy as np
 
 from moetuner import PROJECT_ROOT
 from moetuner.solvers.registry import solve_placement
-from moetuner.placement import contiguous_phy2log
+from moetuner.placement import contiguous_phy2log, expert_location
 from moetuner.solvers.problem import PlacementProblem
 from moetuner.costmodel.cost import cost_model
-from moetuner.costmodel.replicas import choose_slots, layer_slots
+from moetuner.costmodel.replicas import choose_slots
 from moetuner.costmodel.settings import DISPATCHES
-from moetuner.costmodel.simulator import primary_column, simulate
+from moetuner.costmodel.score import score
 from moetuner.synth import SynthSpec, synthesize
 from moetuner.topology import topology_from_config, topology_preset
 from moetuner.trace import Trace, load_trace, split_by_sequence
@@ -62,9 +62,10 @@ def main() -> None:
     profile, scored = workload(args)
     topology = topology_from_config(topology_preset(args.topology))
     cost = cost_model(topology, scored.hidden_size, scored.moe_intermediate_size)
-    ids, primary = scored.topk_ids.astype(np.int64), primary_column(scored.topk_ids, scored.topk_weights)
-    simulated = lambda phy, d: simulate(phy, topology.num_gpus, ids, primary, scored.num_experts, cost,  # noqa: E731
-                                        args.tokens, args.dataflow, d).metrics()
+    ids = scored.topk_ids.astype(np.int64)
+    simulated = lambda phy, d: score(expert_location(phy, topology.num_gpus, scored.num_experts),  # noqa: E731
+                                     scored.topk_ids, scored.topk_weights, cost, args.tokens, args.dataflow,
+                                     d).result.metrics()  # free: the decision's cost is the ms columns
     base = simulated(contiguous_phy2log(scored.num_layers, scored.num_experts, topology.num_gpus,
                                         math.ceil(scored.num_experts / topology.num_gpus)), "dynamic")
     token = np.arange(args.tokens)
@@ -73,7 +74,7 @@ def main() -> None:
     for solver in args.solvers:
         problem = PlacementProblem(profile, topology, replicas=args.replicas, step_tokens=args.tokens)
         placement = solve_placement(problem, solver, {})
-        slots = layer_slots(placement.phy2log, topology.num_gpus, scored.num_experts)
+        slots = expert_location(placement.phy2log, topology.num_gpus, scored.num_experts).layers()
         for dispatch in DISPATCHES:
             seconds = []
             for layer in range(min(args.layers, scored.num_layers)):

@@ -25,7 +25,6 @@ from tqdm import tqdm
 from moetuner import PROJECT_ROOT
 from moetuner.atomic import write_atomic
 from moetuner.costmodel.cost import cost_model
-from moetuner.costmodel.simulator import primary_column
 from moetuner.report.regime import regime_table
 from moetuner.solvers.problem import PlacementProblem
 from moetuner.solvers.registry import solve_placement
@@ -73,7 +72,6 @@ def main() -> None:
     args = p.parse_args()
     start = time.perf_counter()
     profile, held = halves(load_trace(args.trace))
-    ids, primary = held.topk_ids.astype(np.int64), primary_column(held.topk_ids, held.topk_weights)
     tables = []
     for preset, model in tqdm(VARIANTS, desc="variants"):
         topo = topology(preset, model)
@@ -86,8 +84,8 @@ def main() -> None:
             scorers = [model] if preset.startswith("h1") or preset.startswith("h2") else ["roofline", "calibrated"]
             for scored in scorers:
                 cost = cost_model(topology(preset, scored), held.hidden_size, held.moe_intermediate_size)
-                t = regime_table(placements, preset, cost, ids, primary, held.num_experts, steps,
-                                 {"dataflow": "dispatch_combine"})
+                t = regime_table(placements, preset, cost, held.topk_ids, held.topk_weights, held.num_experts, steps,
+                                 "dispatch_combine")
                 tables.append(t.assign(solved_under=model, scored_under=scored,
                                        tokens_per_rank=t["step_tokens"] / topo.num_gpus))
     regime = pd.concat(tables, ignore_index=True)

@@ -52,11 +52,11 @@ from tqdm import tqdm
 from moetuner import PROJECT_ROOT
 from moetuner.solvers.registry import solve_placement
 from moetuner.solvers.problem import PlacementProblem
-from moetuner.costmodel.charges import DispatchCharge, charged_step_times, layer_charges, replicated_layers
 from moetuner.costmodel.cost import cost_model
 from moetuner.costmodel.bounds import lower_bound
 from moetuner.costmodel.intervals import beaten_in_every_split, speedup_interval, split_speedup_interval
-from moetuner.costmodel.simulator import primary_column, simulate
+import moetuner.costmodel.score as scoring
+from moetuner.placement import expert_location
 from moetuner.topology import Topology, topology_from_config, topology_preset
 from moetuner.trace import Trace, load_trace, split_by_sequence
 from moetuner.tracking import tracked_run
@@ -82,12 +82,8 @@ def step_times(phy2log: np.ndarray, trace: Trace, topology: Topology, step_token
                dispatch: str) -> np.ndarray:
     """Simulated seconds of every step of `trace` (lp and lp_comm charged for their decision). [S]"""
     cost = cost_model(topology, trace.hidden_size, trace.moe_intermediate_size)
-    ids, primary = trace.topk_ids.astype(np.int64), primary_column(trace.topk_ids, trace.topk_weights)
-    result = simulate(phy2log, topology.num_gpus, ids, primary, trace.num_experts, cost, step_tokens, dataflow,
-                      dispatch)
-    charges = layer_charges(result, dispatch, DispatchCharge(), cost, trace.num_experts,
-                            replicated_layers(phy2log, trace.num_experts))
-    return charged_step_times(result, charges)
+    return scoring.score(expert_location(phy2log, topology.num_gpus, trace.num_experts), trace.topk_ids,
+                         trace.topk_weights, cost, step_tokens, dataflow, dispatch).step_s
 
 
 def score(phy2log: np.ndarray, trace: Trace, topology: Topology, step_tokens: int, dataflow: str,

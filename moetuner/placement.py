@@ -48,7 +48,7 @@ class Placement:
 
     def gpu_of_slot(self) -> np.ndarray:
         """GPU of every physical slot. [P]"""
-        return np.arange(self.phy2log.shape[1]) // self.slots_per_gpu
+        return slot_gpus(self.phy2log.shape[1], self.num_gpus)
 
     def replica_counts(self, num_experts: int) -> np.ndarray:
         """Slots held by each expert in each layer. [L, E]"""
@@ -137,9 +137,9 @@ def check_placement(placement: Placement, num_gpus: int, num_experts: int, num_l
 
 def routed_experts(topk_ids: np.ndarray, num_experts: int) -> np.ndarray:
     """Experts that routing chose at least once per layer. [T, L, k] -> bool [L, E]"""
-    routed = np.zeros((topk_ids.shape[1], num_experts), dtype=bool)
-    routed[np.arange(topk_ids.shape[1])[None, :, None], topk_ids] = True
-    return routed
+    num_layers = topk_ids.shape[1]
+    flat = (np.arange(num_layers)[None, :, None] * num_experts + topk_ids).ravel()
+    return (np.bincount(flat, minlength=num_layers * num_experts) > 0).reshape(num_layers, num_experts)
 
 
 def logical_replica_count(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
@@ -173,6 +173,58 @@ def logical_to_physical_map(phy2log: np.ndarray, num_experts: int) -> np.ndarray
                 log2phy[layer, expert, fill[expert]] = slot
                 fill[expert] += 1
     return log2phy
+
+
+def slot_gpus(num_slots: int, num_gpus: int) -> np.ndarray:
+    """GPU of every physical slot: slot s lives on GPU s // (P / G). -> [P]"""
+    assert num_slots % num_gpus == 0, f"{num_slots} slots do not divide over {num_gpus} GPUs"
+    return np.arange(num_slots) // (num_slots // num_gpus)
+
+
+@dataclass(frozen=True)
+class LayerSlots:
+    """One layer of a placement, indexed for routing."""
+
+    log2phy: np.ndarray  # [E, R] slots of each expert, -1 padded
+    count: np.ndarray  # [E] replicas per expert
+    gpu_of_slot: np.ndarray  # [P]
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.gpu_of_slot)
+
+
+@dataclass(frozen=True)
+class ExpertLocation:
+    """The maps a placement derives, computed once (as SGLang's ExpertLocationMetadata): read by the
+    simulator, the batched cost path, the static dispatch table and the serving replay."""
+
+    phy2log: np.ndarray  # [L, P]
+    log2phy: np.ndarray  # [L, E, R] slots of each expert, -1 padded (vLLM's logical_to_physical_map)
+    count: np.ndarray  # [L, E] replicas per expert (logical_replica_count)
+    gpu_of_slot: np.ndarray  # [P]
+
+    @property
+    def num_gpus(self) -> int:
+        return int(self.gpu_of_slot[-1]) + 1
+
+    @property
+    def slots_per_gpu(self) -> int:
+        return len(self.gpu_of_slot) // self.num_gpus
+
+    def layer(self, layer: int) -> LayerSlots:
+        """The routing tables of one layer."""
+        return LayerSlots(self.log2phy[layer], self.count[layer], self.gpu_of_slot)
+
+    def layers(self) -> list[LayerSlots]:
+        """The routing tables of every layer. [L]"""
+        return [self.layer(layer) for layer in range(self.phy2log.shape[0])]
+
+
+def expert_location(phy2log: np.ndarray, num_gpus: int, num_experts: int) -> ExpertLocation:
+    """log2phy, replica counts and the GPU of every slot of a [L, P] placement."""
+    return ExpertLocation(phy2log, logical_to_physical_map(phy2log, num_experts),
+                          logical_replica_count(phy2log, num_experts), slot_gpus(phy2log.shape[1], num_gpus))
 
 
 def contiguous_phy2log(num_layers: int, num_experts: int, num_gpus: int, slots_per_gpu: int) -> np.ndarray:

@@ -31,14 +31,21 @@ class Source:
     commit: str  # 40 hex digits
     excerpt: str  # file name under SOURCE_DIR
     heading: str  # the markdown heading right above the table
+    gpu: str = "H800"  # the GPU the source names (rows may name their own: DeepEP V2's architecture column)
 
 
 _DEEPEP = dict(repository="deepseek-ai/DeepEP", upstream_repository="deepseek-ai/DeepEP",
                path="docs/legacy.md", commit="3528514a6c3dac39e53d39cf67c7fffd49e23487",
                excerpt="deepseek-ai_DeepEP__docs-legacy.md__3528514a.md")
-_DEEPGEMM = dict(repository="cassiewilliam/DeepGEMM", upstream_repository="deepseek-ai/DeepGEMM",
-                 path="README.md", commit="d7964a5a0d4b20101b548df3a845f6f09f2d7c3f",
-                 excerpt="cassiewilliam_DeepGEMM__README.md__d7964a5a.md")
+_DEEPEP_V2 = dict(repository="deepseek-ai/DeepEP", upstream_repository="deepseek-ai/DeepEP", path="README.md",
+                  commit="af9a0403188392824fc3057452822235873e0612",
+                  excerpt="deepseek-ai_DeepEP__README.md__af9a0403.md")
+_HYBRID_EP = dict(repository="deepseek-ai/DeepEP", upstream_repository="deepseek-ai/DeepEP",
+                  path="docs/README_Hybrid-EP.md", commit="17cfb817bccec3a9c247013360cc550c2bac441e",
+                  excerpt="deepseek-ai_DeepEP__docs-README_Hybrid-EP.md__17cfb817.md")
+_DEEPGEMM = dict(repository="deepseek-ai/DeepGEMM", upstream_repository="deepseek-ai/DeepGEMM",
+                 path="README.md", commit="78cacf70d41d15d688bd493ebc85845f7f2a3d5d",
+                 excerpt="deepseek-ai_DeepGEMM__README.md__78cacf70.md")
 
 TABLES: dict[str, Source] = {
     "deepep_normal": Source(**_DEEPEP, heading="Normal kernels with NVLink and RDMA forwarding"),
@@ -47,7 +54,53 @@ TABLES: dict[str, Source] = {
     "deepgemm_grouped_contiguous": Source(**_DEEPGEMM,
                                           heading="Grouped GEMMs for MoE models (contiguous layout)"),
     "deepgemm_grouped_masked": Source(**_DEEPGEMM, heading="Grouped GEMMs for MoE models (masked layout)"),
+    "deepep_v2": Source(**_DEEPEP_V2, heading="Performance", gpu=""),
+    "hybrid_ep_h100": Source(**_HYBRID_EP, heading="H100 Platform", gpu="H100"),
+    "hybrid_ep_b200": Source(**_HYBRID_EP, heading="B200 Platform", gpu="B200"),
 }
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """The upstream commit that first published a row's numbers (the kernel version that measured it)."""
+
+    commit: str  # 40 hex digits, in the upstream repository
+    date: str  # of that commit, YYYY-MM-DD
+    label: str  # short name of the kernel version
+
+
+_DEEPEP_V1 = Kernel("ebfe47e46fa86a5b41be96c326a92f62ed6721da", "2025-02-24", "DeepEP V1, first release")
+_DEEPEP_INTERNODE = Kernel("3b1045db43ed232691d32dde0517dfed571b0a65", "2025-04-22",
+                           "DeepEP V1, after the internode optimization")
+_DEEPEP_LL = Kernel("de8cfca3cf86464c856f0e393f6a17359ff28c70", "2025-06-05", "DeepEP V1, low-latency update")
+_DEEPEP_V2_KERNEL = Kernel("b306af06afd412c88e51e71802951606e40b7358", "2026-04-30", "DeepEP V2")
+_HYBRID_EP_KERNEL = Kernel("7febc6e25660af0f54d95dd781ecdcd62265ecca", "2026-02-09", "Hybrid-EP")
+_DEEPEP_IN_HYBRID = Kernel("7febc6e25660af0f54d95dd781ecdcd62265ecca", "2026-02-09",
+                           "DeepEP (version not stated), in Hybrid-EP's comparison")
+_DEEPGEMM_V1 = Kernel("a6d97a1c1b48a7a9d7994d0e155ee6f11d0a3f07", "2025-02-25", "DeepGEMM, first release")
+
+
+def measured_by(name: str, row: dict[str, object]) -> Kernel:
+    """The kernel version behind one CSV row of table ``name``, read from the upstream history of the file
+    that holds the table (``git log -p``): DeepEP's README first published every row at ebfe47e; 3b1045d
+    replaced the internode normal rows (EP 16/32/64; EP16 with the same 43/43 GB/s); de8cfca replaced the
+    low-latency rows of EP 8-64 only, so EP 128/256 are still the first release's kernel. DeepGEMM's tables
+    are unchanged from its first commit a6d97a1 to 78cacf7 (55ab91f later raised the M = 4096 and
+    contiguous rows: a newer kernel, not these rows). DeepEP V2's table first appeared at b306af0 (EPv2
+    release), Hybrid-EP's tables at 7febc6e, both unchanged since (``git log -S`` on their numbers)."""
+    if name.startswith("deepgemm"):
+        return _DEEPGEMM_V1
+    if name == "deepep_normal":
+        return _DEEPEP_V1 if row["num_ep"] == 8 else _DEEPEP_INTERNODE
+    if name == "deepep_low_latency":
+        return _DEEPEP_LL if int(row["num_ep"]) <= 64 else _DEEPEP_V1
+    if name == "deepep_v2":
+        return _DEEPEP_V2_KERNEL
+    if name == "hybrid_ep_h100":
+        return _HYBRID_EP_KERNEL
+    if name == "hybrid_ep_b200":
+        return _HYBRID_EP_KERNEL if row["implementation"] == "HybridEP" else _DEEPEP_IN_HYBRID
+    raise KeyError(name)
 
 
 @dataclass(frozen=True)
@@ -104,6 +157,30 @@ def bandwidth_kind(printed: str) -> str:
     return match.group(1)
 
 
+def _filled(rows: tuple[tuple[str, ...], ...], columns: int) -> list[tuple[str, ...]]:
+    """Body rows with their first `columns` cells filled down from the row above where blank (the Hybrid-EP
+    tables print a rank count or an implementation once per group), the bold sub-header row dropped."""
+    out: list[tuple[str, ...]] = []
+    for row in rows:
+        if all(c == "" for c in row[:columns]) and row[columns].startswith("**"):
+            continue  # the second header row: "| | | **Dispatch (FP8)** | ..."
+        out.append(tuple(c or out[-1][i] for i, c in enumerate(row[:columns])) + row[columns:])
+    return out
+
+
+def _plain(printed: str) -> float:
+    """A Hybrid-EP cell: a bare number in GB/s, bold where the source highlights it (``**409.71**``)."""
+    return float(printed.strip("*"))
+
+
+def _ep_size(topology: str) -> int:
+    """DeepEP V2's Topo cell: ``EP 8`` -> 8, ``EP 8 x 2`` -> 16."""
+    match = re.fullmatch(r"EP (\d+)(?: x (\d+))?", topology)
+    if match is None:
+        raise ValueError(f"{topology!r} is no EP topology")
+    return int(match.group(1)) * int(match.group(2) or 1)
+
+
 def _gemm_columns(computation: str, bandwidth: str, speedup: str) -> dict[str, object]:
     return {"computation": computation, "computation_tflops": quantity(computation, "TFLOPS"),
             "memory_bandwidth": bandwidth, "memory_bandwidth_gbps": quantity(bandwidth, "GB/s"),
@@ -129,6 +206,22 @@ def _rows(name: str, table: MarkdownTable) -> list[dict[str, object]]:
                          "combine_latency": c_lat, "combine_latency_us": quantity(c_lat, "us"),
                          "combine_rdma_bandwidth": c_bw, "combine_rdma_bandwidth_gbps": quantity(c_bw, "GB/s")})
         return rows
+    if name == "deepep_v2":
+        return [{"gpu": arch, "nic_type": nic, "topology": topo, "num_ep": _ep_size(topo),
+                 "dispatch_bandwidth": d, "dispatch_bandwidth_gbps": quantity(d, "GB/s"),
+                 "combine_bandwidth": c, "combine_bandwidth_gbps": quantity(c, "GB/s"),
+                 "bandwidth_kind": bandwidth_kind(d), "num_sms": int(sms.split()[0]), "sms_note": sms}
+                for arch, nic, topo, d, c, sms in table.rows]
+    if name == "hybrid_ep_h100":
+        keys = ("torch_dispatch_fp8_gbps", "torch_dispatch_bf16_gbps", "torch_combine_gbps",
+                "kernel_dispatch_fp8_gbps", "kernel_dispatch_bf16_gbps", "kernel_combine_gbps")
+        return [{"num_ep": int(ranks), "num_sms": int(sms), **{k: _plain(v) for k, v in zip(keys, rest, strict=True)}}
+                for ranks, sms, *rest in _filled(table.rows, 2)]
+    if name == "hybrid_ep_b200":
+        keys = ("dispatch_fp8_gbps", "dispatch_bf16_gbps", "combine_gbps")
+        return [{"num_ep": 8, "implementation": impl.strip("*"), "measurement": kind, "num_sms": int(sms),
+                 **{k: _plain(v) for k, v in zip(keys, rest, strict=True)}}
+                for impl, kind, sms, *rest in _filled(table.rows, 2)]
     if name == "deepgemm_dense":
         return [{"m": int(m), "n": int(n), "k": int(k), **_gemm_columns(*rest)} for m, n, k, *rest in table.rows]
     if name in ("deepgemm_grouped_contiguous", "deepgemm_grouped_masked"):
@@ -143,14 +236,21 @@ def table_from_source(name: str) -> pd.DataFrame:
     table = source_table(name)
     provenance = {"repository": source.repository, "upstream_repository": source.upstream_repository,
                   "path": source.path, "commit": source.commit, "table": source.heading}
-    return pd.DataFrame([{**provenance, **row} for row in _rows(name, table)])
+    out = []
+    for row in _rows(name, table):
+        kernel = measured_by(name, row)
+        gpu = row.pop("gpu", source.gpu)
+        out.append({**provenance, "gpu": gpu, "measured_commit": kernel.commit, "measured_date": kernel.date,
+                    "kernel": kernel.label, **row})
+    return pd.DataFrame(out)
 
 
 def load_table(name: str) -> pd.DataFrame:
     """The shipped CSV ``data/published/<name>.csv`` (``name`` is a key of ``TABLES``)."""
     if name not in TABLES:
         raise KeyError(f"unknown published table {name!r}; known: {sorted(TABLES)}")
-    return pd.read_csv(PUBLISHED_DIR / f"{name}.csv", dtype={"commit": str})
+    return pd.read_csv(PUBLISHED_DIR / f"{name}.csv", dtype={"commit": str, "measured_commit": str},
+                       keep_default_na=False, na_values=[""])  # "N/A" is a printed cell (no NIC), not a gap
 
 
 def write_tables(directory: Path = PUBLISHED_DIR) -> None:

@@ -169,5 +169,6 @@ def synthesize(spec: SynthSpec) -> Trace:
     return Trace(topk_ids=ids, seq_ids=seq_ids, model=spec.model, num_experts=E, moe_layers=list(range(L)),
                  source=f"synth:seed={spec.seed}", hidden_size=spec.hidden_size,
                  moe_intermediate_size=spec.moe_intermediate_size,
-                 extra={"dataset": "synthetic", "synth_spec": json.dumps(asdict(spec)), N_GROUP: str(spec.n_group),
+                 extra={"dataset": "synthetic", "num_hidden_layers": str(L), "synth_spec": json.dumps(asdict(spec)),
+                        N_GROUP: str(spec.n_group),
                         "sequence_domains": json.dumps(seq_domain.tolist())})

@@ -5,9 +5,10 @@ Tensors:
   topk_weights  float16/float32 [T, L, k]  gate weights (optional)
   seq_ids       int32   [T]        sequence (document/request) of each token
 Header metadata (strings): format, model, num_experts, top_k, moe_layers (JSON list of
-decoder-layer indices), source, dtype, hidden_size, moe_intermediate_size. Optional: n_group (the
-model's expert-group count, HF config `n_group`, which EPLB's hierarchical policy packs onto nodes;
-absent means 1, a model without groups).
+decoder-layer indices), source, dtype, hidden_size, moe_intermediate_size; optional:
+num_hidden_layers (the model's decoder-layer count, dense layers included; engine files need it,
+see moetuner.model_layout) and n_group (the model's expert-group count, HF config `n_group`, which
+EPLB's hierarchical policy packs onto nodes; absent means 1, a model without groups).
 """
 
 from __future__ import annotations
@@ -99,6 +100,10 @@ class Trace:
         if len(self.moe_layers) != ids.shape[1]:
             raise TraceError(f"{name}: moe_layers lists {len(self.moe_layers)} layers but "
                              f"topk_ids has L={ids.shape[1]}")
+        total = self.extra.get("num_hidden_layers")
+        if total is not None and (not str(total).isdigit() or int(total) <= max(self.moe_layers, default=-1)):
+            raise TraceError(f"{name}: num_hidden_layers={total!r} must be an integer above the last MoE "
+                             f"layer {max(self.moe_layers, default=-1)}")
         group = self.extra.get(N_GROUP, "1")
         if not group.isdigit() or int(group) < 1 or self.num_experts % int(group):
             raise TraceError(f"{name}: metadata n_group={group!r} must be a positive integer dividing "
@@ -148,6 +153,14 @@ class Trace:
     def select_sequences(self, seqs: np.ndarray, source_suffix: str = "") -> "Trace":
         """The sub-trace of the tokens whose sequence id is in `seqs`."""
         return self.select_tokens(np.isin(self.seq_ids, seqs), source_suffix)
+
+
+def primary_column(trace_ids: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+    """Column of each token's primary expert in each layer (where expert_to_expert gathers its partial
+    results): largest gate weight, else 0 (the first listed). [T, L, k] -> [T, L]"""
+    if weights is None:
+        return np.zeros(trace_ids.shape[:2], dtype=np.int64)
+    return np.argmax(weights, axis=-1)
 
 
 def save_trace(trace: Trace, path: str | os.PathLike[str]) -> Path:

@@ -100,6 +100,11 @@ def test_default_config_passes_the_checks() -> None:
      r"traces\.law\.path=data/esft/medical\.safetensors: no such file"),
     (lambda c: c["traces"]["law"].update(kind="download"), r"traces\.law\.kind='download'; choose one of"),
     (lambda c: c["traces"]["law"].pop("path"), r"traces\.law: kind file needs \['path'\]"),
+    (lambda c: c["traces"].update(loads={"kind": "loads", "of": "nosuch"}), r"traces\.loads\.of='nosuch': name a"),
+    (lambda c: (c["traces"].update(loads={"kind": "loads", "of": "intent"}), c["grids"][0]["traces"].append("loads")),
+     r"grids\[0\]: solvers \['moetuner', 'steptail'\] need token-level routing"),
+    (lambda c: (c["traces"].update(loads={"kind": "loads", "of": "intent"}), c["serve"]["traces"].insert(0, "loads")),
+     r"serve\.traces: \['loads'\] are load profiles"),
 ])
 def test_bad_study_config_names_the_setting(edit, message: str) -> None:
     config = copy.deepcopy(default_config())

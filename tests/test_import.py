@@ -107,6 +107,7 @@ def test_sglang_dump_maps_physical_slots_to_logical_experts(tmp_path: Path) -> N
     expected = [[[3, 1], [3, 2]], [[2, 1], [0, 1]], [[2, 0], [0, 3]], [[1, 0], [1, 0]]]
     assert trace.topk_ids.tolist() == expected
     assert trace.moe_layers == [1, 2] and trace.num_experts == 4 and trace.top_k == 2
+    assert trace.extra["num_hidden_layers"] == "3"  # the dump has a row per decoder layer, dense ones included
     assert trace.seq_ids.tolist() == [0, 0, 1, 2]
     assert "n_group" not in trace.extra  # the dump does not record the model's groups
     grouped = import_routing("sglang", sglang_dump(tmp_path / "e.pt"), model="m", hidden_size=8,

@@ -1,4 +1,4 @@
-"""moetuner.placement: validation errors, JSON round trip, vLLM/torch exports against hand maps."""
+"""moetuner.placement: validation errors, JSON round trip, replica maps against hand maps."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from moetuner.engines import export_torch, export_vllm
 from moetuner.placement import (Placement, PlacementError, contiguous_phy2log, load_placement,
                                 logical_replica_count, logical_to_physical_map, save_placement)
 
@@ -85,17 +83,3 @@ def test_load_errors(tmp_path: Path) -> None:
     (tmp_path / "short.json").write_text(json.dumps({"physical_to_logical_map": [[0]]}))
     with pytest.raises(PlacementError, match="missing field 'num_gpus'"):
         load_placement(tmp_path / "short.json")
-
-
-def test_export_vllm(tmp_path: Path) -> None:
-    doc = json.loads(export_vllm(placement(), 4, tmp_path / "p.vllm.json").read_text())
-    assert doc == {"physical_to_logical_map": PHY2LOG.tolist(), "logical_to_physical_map": LOG2PHY,
-                   "logical_replica_count": REPLICA_COUNT}
-
-
-def test_export_torch(tmp_path: Path) -> None:
-    state = torch.load(export_torch(placement(), 4, tmp_path / "p.pt"))
-    assert state["physical_to_logical_map"].dtype == torch.int64
-    assert state["physical_to_logical_map"].tolist() == PHY2LOG.tolist()
-    assert state["logical_to_physical_map"].tolist() == LOG2PHY
-    assert state["logical_replica_count"].tolist() == REPLICA_COUNT

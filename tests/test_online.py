@@ -1,4 +1,4 @@
-"""moetuner-online: migration cost by hand, static replay == moetuner-simulate, fast path == simulator, sampled
+"""moetuner-online: migration cost by hand, static replay == moetuner-simulate, sampled
 out-of-sample steps, charged decision time, no peeking, bad specs."""
 
 from __future__ import annotations
@@ -22,10 +22,8 @@ from moetuner.online.policy_config import make_policy
 from moetuner.online.stream_replay import make_context, replay_stream
 from moetuner.online.stream import StreamError, load_stream
 from moetuner.placement import Placement, load_placement
-from moetuner.costmodel.cost import CostModel, cost_model
-from moetuner.costmodel.simulator import primary_column, simulate
-from moetuner.online.fast_steps import layer_times, slot_tables
-from moetuner.topology import topology_from_config
+from moetuner.costmodel.cost import CostModel
+from moetuner.topology import topology_from_config, topology_preset
 from moetuner.trace import Trace, load_trace, save_trace, split_by_sequence
 from test_solvers import random_trace, topology
 
@@ -162,6 +160,28 @@ def test_static_one_segment_equals_simulate(two_traces: tuple[Path, Path], dataf
     assert result.metrics["rebalances"] == 0 and result.metrics["steps"] == metrics["num_steps"] == 8
     assert result.metrics["serve_time_s"] == pytest.approx(8 * metrics["layer_time_s"], rel=1e-9)
     assert result.metrics["speedup_vs_contiguous"] == pytest.approx(metrics["speedup_vs_contiguous"], rel=1e-9)
+
+
+@pytest.mark.parametrize("preset", ["h800_2x8", "h200_2x8"])
+def test_saved_steps_rescored_by_simulate_match_the_timeline(tmp_path: Path, preset: str) -> None:
+    """save_steps: the static run's step times are moetuner-simulate's on steps.safetensors, step by step
+    (the calibrated h800 preset too: concurrent links, FP8 scatter, the efficiency curve)."""
+    from moetuner.online.stream_replay import write_outputs
+
+    trace = save_trace(random_trace(512, 2, 32, 4, seed=3), tmp_path / "a.safetensors")
+    for dataflow in ("dispatch_combine", "hierarchical"):
+        out = tmp_path / dataflow
+        cfg = {"stream": spec([(trace, 6)], trace), "step_tokens": 48, "policy": {"name": "static", "solver": "greedy"},
+               "topology": topology_preset(preset), "replicas": 1, "dataflow": dataflow, "dispatch": "static",
+               "migration": {"mode": "stop_the_world"}}
+        stream, profile, policy, ctx = prepare(cfg)
+        write_outputs(replay_stream(stream, profile, policy, ctx), stream, ctx, "t", out, save_steps=True)
+        steps = load_trace(out / "steps.safetensors")
+        assert steps.num_tokens == 6 * 48 and steps.extra["step_tokens"] == "48"
+        _, _, metrics = run_simulation(load_placement(out / "placements" / "v0.json"), steps,
+                                       topology_from_config(topology_preset(preset)), 48, dataflow, "static")
+        timeline = np.loadtxt(out / "timeline.csv", delimiter=",", skiprows=1, usecols=3)
+        np.testing.assert_allclose(metrics["step_times_s"], timeline, rtol=1e-6, atol=0)
 
 
 def _topology_cfg(nodes: int) -> dict:
@@ -319,36 +339,6 @@ def test_mix_and_ramp_draw_their_domains(two_traces: tuple[Path, Path]) -> None:
     assert ramp.segments[0].label == "a->b"
 
 
-def test_fast_path_equals_simulator_on_random_cases() -> None:
-    """fast_steps.layer_times against simulate (the reference), empty slots and replicas included."""
-    rng = np.random.default_rng(0)
-    from test_solvers import random_trace as rt
-
-    for trial in range(12):
-        nodes, gpn = [(1, 2), (2, 2), (2, 4), (1, 4), (4, 2), (3, 2)][trial % 6]
-        G, E, L, k = nodes * gpn, int(rng.choice([8, 12, 16])), 3, 2
-        slots = -(-E // G) + int(rng.integers(0, 3))
-        topo = topology_from_config({"name": "t", "nodes": nodes, "gpus_per_node": gpn, "intra_node_bw_GBps": 450.0,
-                                     "inter_node_bw_GBps": 50.0, "gpu_peak_tflops": 1.0, "hbm_bw_GBps": 1.0,
-                                     "intra_node_latency_us": 2, "inter_node_latency_us": 5})
-        cost = cost_model(topo, 64, 32)
-        phy2log = []
-        for _ in range(L):
-            extra = G * slots - E
-            fill = rng.integers(-1, E, extra)  # replicas and empty (-1) slots
-            phy2log.append(rng.permutation(np.r_[rng.permutation(E), fill]))
-        phy2log = np.array(phy2log)
-        B = int(rng.choice([12, 16, 30]))  # 12 and 30: tokens not a whole number of rounds of G
-        ids = rt(B * 3, L, E, k, seed=trial).topk_ids.astype(np.int64)
-        for dataflow in ("dispatch_combine", "hierarchical"):
-            for dispatch in ("dynamic", "static"):
-                ref = simulate(phy2log, G, ids, primary_column(ids, None), E, cost, B, dataflow, dispatch)
-                a2a, compute = layer_times(ids.reshape(3, B, L, k), slot_tables(phy2log, E, cost, dispatch, B),
-                                           cost, dataflow, dispatch)
-                np.testing.assert_allclose(a2a, ref.scatter_s + ref.combine_s, rtol=1e-12, atol=0)
-                np.testing.assert_allclose(compute, ref.compute_tail_s, rtol=1e-12, atol=0)
-
-
 @dataclass
 class Clock:
     now: float = 0.0
@@ -423,7 +413,7 @@ def test_app_writes_outputs_and_refuses_bad_spec_first(two_traces: tuple[Path, P
     out = tmp_path / "run"
     ok = subprocess.run([*APP, f"stream.segments=[{{trace:{a},steps:4}},{{trace:{b},steps:4}}]",
                          f"stream.profile={a}", "step_tokens=32", "policy=migration_aware", "policy.check_every=2",
-                         "policy.window_steps=2", *topo, f"out={out}"],
+                         "policy.window_steps=2", *topo, f"out={out}", "save_steps=true"],
                         capture_output=True, text=True, timeout=300, env=os.environ.copy())
     assert ok.returncode == 0, ok.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -435,6 +425,7 @@ def test_app_writes_outputs_and_refuses_bad_spec_first(two_traces: tuple[Path, P
     assert v0.extra["effective_step"] == 0 and v0.phy2log.shape == (2, 8)
     assert len(list((out / "placements").glob("v*.json"))) == metrics["rebalances"] + 1
     assert (out / "speedup_timeline.png").stat().st_size > 0
+    assert load_trace(out / "steps.safetensors").num_tokens == 8 * 32  # the served steps, in order
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=mlflow_uri)

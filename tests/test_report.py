@@ -180,12 +180,13 @@ def test_regime_sentence() -> None:
 
 def test_tile_tokens_repeats_in_order_only_when_short() -> None:
     ids = np.arange(6).reshape(3, 1, 2)  # [T=3, L=1, k=2]
-    primary = np.array([[0], [1], [0]])
-    same, same_p = tile_tokens(ids, primary, 3)
-    assert same is ids and same_p is primary
-    tiled, tiled_p = tile_tokens(ids, primary, 7)
+    weights = ids[..., ::-1] / 10.0
+    same, same_w = tile_tokens(ids, weights, 3)
+    assert same is ids and same_w is weights
+    tiled, tiled_w = tile_tokens(ids, weights, 7)
     np.testing.assert_array_equal(tiled[:, 0, 0], [0, 2, 4, 0, 2, 4, 0])
-    np.testing.assert_array_equal(tiled_p[:, 0], [0, 1, 0, 0, 1, 0, 0])
+    np.testing.assert_array_equal(tiled_w[:, 0, 1], [0.0, 0.2, 0.4, 0.0, 0.2, 0.4, 0.0])
+    assert tile_tokens(ids, None, 7)[1] is None
 
 
 def test_regime_table_by_hand() -> None:
@@ -195,14 +196,27 @@ def test_regime_table_by_hand() -> None:
     cost = CostModel(per_token_s=1.0, floor_s=0.0, fixed_s=0.0, token_bytes=2.0,
                      bandwidth=np.full((2, 2), np.inf), latency=np.zeros((2, 2)), node=np.zeros(2, dtype=int))
     ids = np.array([0, 1, 0, 1]).reshape(4, 1, 1)
-    table = regime_table({("split", 0): np.array([[0, 2, 1, 3]])}, "g", cost, ids, np.zeros((4, 1), dtype=int),
-                         4, [8, 2, 4], {"dataflow": "dispatch_combine"})
+    table = regime_table({("split", 0): np.array([[0, 2, 1, 3]])}, "g", cost, ids, None, 4, [8, 2, 4],
+                         "dispatch_combine")
     assert list(table["step_tokens"]) == [2, 4, 8]
     assert list(table["num_steps"]) == [2, 1, 1] and list(table["tiled"]) == [False, False, True]
     np.testing.assert_allclose(table["contiguous_layer_time_s"], [2.0, 4.0, 8.0])
     np.testing.assert_allclose(table["layer_time_s"], [1.0, 2.0, 4.0])
     np.testing.assert_allclose(table["speedup_vs_contiguous"], 2.0)
     assert set(table["label"]) == {"split-r0"}
+
+
+def test_regime_charges_lp_as_simulate_does() -> None:
+    # 2 GPUs, 3 experts, expert 0 on both GPUs: [0 1 | 2 0]; steps of 4 tokens [0 1 0 1], 1 s per token, free links.
+    # lp sends both expert-0 pairs to GPU 1 (GPU 0 holds the two expert-1 pairs): tail 2 s, plus the 100 us
+    # decision (the counts all-gather is free on these links); contiguous [0 1 | 2 -] puts all 4 on GPU 0.
+    cost = CostModel(per_token_s=1.0, floor_s=0.0, fixed_s=0.0, token_bytes=2.0,
+                     bandwidth=np.full((2, 2), np.inf), latency=np.zeros((2, 2)), node=np.zeros(2, dtype=int))
+    ids = np.array([0, 1, 0, 1]).reshape(4, 1, 1)
+    table = regime_table({("eplb", 1): np.array([[0, 1, 2, 0]])}, "g", cost, ids, None, 3, [4], "dispatch_combine",
+                         dispatch={("eplb", 1): "lp"})
+    np.testing.assert_allclose(table["layer_time_s"], [2.0 + 100e-6])
+    np.testing.assert_allclose(table["speedup_vs_contiguous"], [4.0 / (2.0 + 100e-6)])
 
 
 def test_regime_memory_bound_floor_hides_placement_at_small_steps() -> None:
@@ -213,8 +227,8 @@ def test_regime_memory_bound_floor_hides_placement_at_small_steps() -> None:
     cost = CostModel(per_token_s=1.0, floor_s=4.0, fixed_s=0.0, token_bytes=2.0,
                      bandwidth=np.full((2, 2), np.inf), latency=np.zeros((2, 2)), node=np.zeros(2, dtype=int))
     ids = np.array([0, 1, 0, 1, 0, 1, 2, 3]).reshape(8, 1, 1)
-    table = regime_table({("split", 0): np.array([[0, 2, 1, 3]])}, "g", cost, ids, np.zeros((8, 1), dtype=int),
-                         4, [8, 64], {"dataflow": "dispatch_combine"})
+    table = regime_table({("split", 0): np.array([[0, 2, 1, 3]])}, "g", cost, ids, None, 4, [8, 64],
+                         "dispatch_combine")
     np.testing.assert_allclose(table["contiguous_layer_time_s"], [8.0, 48.0])
     np.testing.assert_allclose(table["speedup_vs_contiguous"], [1.0, 1.5])
 

@@ -38,7 +38,7 @@ def test_shipped_trace_has_documented_shape(task: str) -> None:
     assert trace.topk_weights.dtype == np.float16
     assert len(trace.sequences) == sequences and trace.num_experts == 64
     assert trace.moe_layers == list(range(1, 27)) and trace.model == "deepseek-ai/DeepSeek-V2-Lite"
-    assert trace.extra["dataset"] == task
+    assert trace.extra["dataset"] == task and trace.extra["num_hidden_layers"] == "27"  # V2-Lite: layer 0 dense
     # top-6 of a softmax over 64 experts: six distinct experts, weights (4 decimals in the dump, so
     # some round to 0) in [0, 1] with a positive sum of at most 1
     assert (np.diff(np.sort(trace.topk_ids, axis=-1), axis=-1) > 0).all()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,13 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from moetuner.engines import write_placement
 from moetuner.solvers.registry import placement_metrics, solve_placement
-from moetuner.placement import load_placement, logical_to_physical_map
+from moetuner.placement import load_placement
 from moetuner.solvers.problem import PlacementProblem
-from moetuner.trace import save_trace
+from moetuner.trace import Trace, save_trace
 from test_solvers import make_trace, random_trace, topology
 
 APP = [sys.executable, "-c", "from moetuner.apps.solve import main; main()"]
@@ -44,21 +44,35 @@ def test_metrics_by_hand(tmp_path: Path) -> None:
     assert metrics["bound"] is None and metrics["gap"] is None
 
 
+def with_layers(trace: Trace, total: int, moe_layers: list[int]) -> Trace:
+    """`trace` of a model with `total` decoder layers whose MoE layers are `moe_layers`."""
+    return dataclasses.replace(trace, moe_layers=moe_layers, extra={**trace.extra, "num_hidden_layers": str(total)})
+
+
 def test_write_placement(tmp_path: Path) -> None:
-    problem = PlacementProblem(random_trace(100, 2, 8, 2), topology(2, 2), replicas=1)
-    placement = solve_placement(problem, "eplb", {})
+    trace = with_layers(random_trace(100, 2, 8, 2), 3, [1, 2])  # layer 0 dense
+    placement = solve_placement(PlacementProblem(trace, topology(2, 2), replicas=1), "eplb", {})
+    assert placement.extra["num_hidden_layers"] == 3 and placement.extra["moe_layers"] == [1, 2]
     paths = write_placement(placement, 8, tmp_path / "eplb.json")
-    assert [p.name for p in paths] == ["eplb.json", "eplb.vllm.json", "eplb.pt", "eplb.sglang.json"]
+    assert [p.name for p in paths] == ["eplb.json", "eplb.sglang.json", "eplb.vllm.jsonl", "eplb.trtllm.yaml",
+                                       "eplb.trtllm-options.yaml"]
     back = load_placement(paths[0]).validate(8)
     assert np.array_equal(back.phy2log, placement.phy2log) and back.extra["replicas"] == 1
-    vllm = json.loads(paths[1].read_text())
-    assert vllm["logical_to_physical_map"] == logical_to_physical_map(placement.phy2log, 8).tolist()
-    assert torch.load(paths[2])["physical_to_logical_map"].tolist() == placement.phy2log.tolist()
+    sglang = json.loads(paths[1].read_text())["physical_to_logical_map"]
+    assert sglang[0] == [i % 8 for i in range(12)] and sglang[1:] == placement.phy2log.tolist()
+    assert back.extra["engines"]["sglang"]["file"] == str(paths[1])
+
+
+def test_write_placement_without_layout_writes_the_placement_only(tmp_path: Path) -> None:
+    placement = solve_placement(PlacementProblem(random_trace(100, 2, 8, 2), topology(2, 2)), "greedy", {})
+    assert "num_hidden_layers" not in placement.extra
+    assert write_placement(placement, 8, tmp_path / "g.json") == [tmp_path / "g.json"]
+    assert "model_config" in load_placement(tmp_path / "g.json").extra["engines"]["missing"]
 
 
 @pytest.fixture
 def trace_file(tmp_path: Path) -> Path:
-    return save_trace(random_trace(160, 3, 8, 2, seed=2), tmp_path / "tiny.safetensors")
+    return save_trace(with_layers(random_trace(160, 3, 8, 2, seed=2), 3, [0, 1, 2]), tmp_path / "tiny.safetensors")
 
 
 @pytest.mark.slow
@@ -68,7 +82,7 @@ def test_app_single_run(tmp_path: Path, trace_file: Path, mlflow_uri: str) -> No
     assert proc.returncode == 0, proc.stderr
     placement = load_placement(out).validate(8)
     assert placement.phy2log.shape == (3, 4 * 3) and placement.solver == "greedy"
-    assert out.with_suffix(".vllm.json").is_file() and out.with_suffix(".pt").is_file()
+    assert all(out.with_suffix(suffix).is_file() for suffix in (".sglang.json", ".vllm.jsonl", ".trtllm.yaml"))
     assert (tmp_path / "res" / ".hydra" / "greedy.json" / "config.yaml").is_file()
     [run] = mlflow_runs(mlflow_uri)
     assert run.info.status == "FINISHED"
@@ -78,7 +92,7 @@ def test_app_single_run(tmp_path: Path, trace_file: Path, mlflow_uri: str) -> No
     assert run.data.params["replicas"] == "1" and run.data.params["topology.name"] == "cpu_2x2"
     from mlflow.tracking import MlflowClient
     logged = {a.path for a in MlflowClient(mlflow_uri).list_artifacts(run.info.run_id)}
-    assert {"greedy.json", "greedy.vllm.json", "greedy.pt"} <= logged
+    assert {"greedy.json", "greedy.sglang.json", "greedy.vllm.jsonl", "greedy.trtllm.yaml"} <= logged
 
 
 @pytest.mark.slow

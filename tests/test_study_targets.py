@@ -156,3 +156,20 @@ def test_job_prefix_wildcards_round_trip() -> None:
     assert job_prefix("results/my study", "solve", wildcards) == (
         "python -m moetuner.study job --results 'results/my study' --rule solve "
         "--wildcards 'trace=intent,topology=h200_2x8,replicas=1' --")
+
+
+# --- a `loads` trace: the load profile of another trace's profile split -----------------------------------
+
+def test_a_loads_trace_is_solved_and_scored_like_its_trace(tmp_path: Path) -> None:
+    traces = {**CONFIG["traces"], "la": {"kind": "loads", "of": "a"}, "lr": {"kind": "loads", "of": "real"}}
+    config = {**CONFIG, "traces": traces, "grids": [
+        {"traces": ["la", "lr"], "topologies": ["t1"], "solvers": ["eplb"], "replicas": [1], "evaluate_on": ["heldout", "b"]}]}
+    available = targets.available_traces(traces, tmp_path)
+    assert available == ["a", "b", "la"]  # `real` is absent, so is its loads trace
+    assert targets.simulation_targets(config, available, "out") == [
+        "out/simulate/b/t1/u-r0/heldout/metrics.json", "out/simulate/b/t1/u-r1/heldout/metrics.json",  # served
+        "out/simulate/la/t1/eplb-r1/b/metrics.json", "out/simulate/la/t1/eplb-r1/heldout/metrics.json"]
+    assert targets.profile_targets(config, available, "out") == ["out/profiles/b/summary.json"]  # no `la`: loads only
+    assert targets.evaluation_path("out", "la", "heldout") == "out/splits/la/heldout.safetensors"
+    assert re.fullmatch(targets.traces_of_kind(traces, *targets.ROUTING_KINDS), "a")
+    assert not re.fullmatch(targets.traces_of_kind(traces, *targets.ROUTING_KINDS), "la")

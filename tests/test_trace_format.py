@@ -137,3 +137,14 @@ def test_with_weights_casts_or_drops_the_gate_weights(tmp_path: Path) -> None:
     np.testing.assert_array_equal(original.with_weights("float32").topk_weights, original.topk_weights)
     with pytest.raises(TraceError, match=r"weights='bfloat16'; choose one of \['float16', 'float32', 'none'\]"):
         original.with_weights("bfloat16")
+
+
+def test_num_hidden_layers_must_exceed_the_last_moe_layer() -> None:
+    ids = np.zeros((2, 2, 1), dtype=np.int16)
+    make = lambda total: Trace(topk_ids=ids, seq_ids=np.zeros(2, np.int32), model="m", num_experts=2,  # noqa: E731
+                               moe_layers=[1, 2], source="s", hidden_size=4, moe_intermediate_size=4,
+                               extra={"num_hidden_layers": total})
+    make("3").validate()  # layers 0 (dense), 1, 2
+    for bad in ("2", "x"):
+        with pytest.raises(TraceError, match=f"num_hidden_layers='{bad}' must be an integer above the last MoE layer 2"):
+            make(bad).validate()

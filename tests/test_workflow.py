@@ -64,6 +64,24 @@ def test_dry_run_plans_every_stage_and_creates_no_run(tmp_path: Path) -> None:
     assert not list(tmp_path.rglob("mlflow_parent.json"))
 
 
+def test_dry_run_of_a_loads_trace_plans_its_split_from_its_trace(tmp_path: Path) -> None:
+    """A `loads` trace: its split is made from its `of` trace's (the profile part as a load profile), then
+    solved and scored like any trace (a run of this config gave eplb the same placement from both)."""
+    import yaml
+
+    config = yaml.safe_load((PROJECT_ROOT / "conf" / "study" / "tiny.yaml").read_text())
+    config["traces"]["loads-a"] = {"kind": "loads", "of": "synth-a", "args": ["step_tokens=128"]}
+    config["grids"].append({"traces": ["loads-a"], "topologies": ["cpu_2x2"], "solvers": ["eplb"], "replicas": [1],
+                            "evaluate_on": ["heldout"]})
+    (tmp_path / "loads.yaml").write_text(yaml.safe_dump(config))
+    done = snakemake(tmp_path, "-n", "-p", "results/tiny/simulate/loads-a/cpu_2x2/eplb-r1/heldout/metrics.json",
+                     study=str(tmp_path / "loads.yaml"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "moetuner-import format=trace path=results/tiny/splits/synth-a/profile.safetensors " \
+           "out=results/tiny/splits/loads-a/profile.safetensors step_tokens=128" in done.stdout
+    assert "trace=results/tiny/splits/loads-a/profile.safetensors" in done.stdout  # moetuner-solve's input
+
+
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, subprocess.CompletedProcess]:
     if MISSING:

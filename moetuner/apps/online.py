@@ -1,7 +1,9 @@
 """moetuner-online: replay a stream of serving steps through a rebalancing policy, migrations counted.
 
     moetuner-online stream=intent_law_intent policy=migration_aware topology=h200_2x8 replicas=1 out=online/ma
-writes out/metrics.json, out/timeline.csv, out/placements/v<k>.json and out/speedup_timeline.png.
+writes out/metrics.json, out/timeline.csv, out/placements/v<k>.json and out/speedup_timeline.png; with
+save_steps=true also out/steps.safetensors, the served steps as a trace (moetuner-simulate
+placement=OUT/placements/v0.json trace=OUT/steps.safetensors step_tokens=N scores them again).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def main(cfg: DictConfig) -> None:
     with tracked_run("online", cfg, tags=tags) as run:
         result = replay_stream(stream, profile, policy, ctx)
         title = f"{policy.name} on {tags['stream']}, {ctx.topology.name} r{ctx.replicas}, {ctx.migration.mode}"
-        paths = write_outputs(result, stream, ctx, title, cfg.out)
+        paths = write_outputs(result, stream, ctx, title, cfg.out, bool(cfg.save_steps))
         run.log_metrics(result.metrics)
         for path in paths:
             run.log_artifact(path, "placements" if path.parent.name == "placements" else None)

@@ -10,15 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import hydra
-import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
 from moetuner.apps.common import CONF_DIR
 from moetuner.atomic import write_atomic
 from moetuner.report.regime import placements_by_topology, regime_figure, regime_table
+from moetuner.costmodel.charges import DispatchCharge
 from moetuner.costmodel.cost import cost_model
-from moetuner.costmodel.simulator import primary_column
 from moetuner.topology import topology_from_config, topology_preset
 from moetuner.trace import load_trace
 from moetuner.tracking import tracked_run
@@ -33,15 +32,16 @@ def main(cfg: DictConfig) -> None:
         raise ValueError("placements=[]: give the placement JSONs to score (placements=[a.json,b.json])")
     if not steps or min(steps) < 1:
         raise ValueError(f"step_tokens={steps}: give one or more positive step sizes")
-    ids, primary = trace.topk_ids.astype(np.int64), primary_column(trace.topk_ids, trace.topk_weights)
+    charge = DispatchCharge(str(cfg.dispatch_charge), float(cfg.dispatch_budget_us))
+    charge.check()
     with tracked_run("regime", cfg, tags={"model": trace.model}) as run:
         tables = []
         for name, placements in groups.items():
             topology = topology_from_config(topology_preset(name))
             cost = cost_model(topology, trace.hidden_size, trace.moe_intermediate_size)
-            tables.append(regime_table({k: v[0] for k, v in placements.items()}, name, cost, ids, primary,
-                                       trace.num_experts, steps, {"dataflow": str(cfg.dataflow)},
-                                       dispatch={k: v[1] for k, v in placements.items()}))
+            tables.append(regime_table({k: v[0] for k, v in placements.items()}, name, cost, trace.topk_ids,
+                                       trace.topk_weights, trace.num_experts, steps, str(cfg.dataflow),
+                                       dispatch={k: v[1] for k, v in placements.items()}, charge=charge))
         table = pd.concat(tables, ignore_index=True)
         out = Path(cfg.out)
         paths = [write_atomic(out / "regime.csv", lambda tmp: table.to_csv(tmp, index=False)),

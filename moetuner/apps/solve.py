@@ -5,7 +5,9 @@
 
 `trace` is one profile trace or a list of them (domains); `trace_weights` (default: equal) weight the
 domains, `robust` combines them (mean | worst); `dispatch` and `dataflow` are the engine's, which the
-solvers optimise for.
+solvers optimise for. `trace` may instead be one load profile (moetuner-import format=<engine dump>),
+which the load-only solvers place from. Engine files (SGLang, vLLM, TensorRT-LLM) are written beside
+`out` where the model's decoder layers are known: from the trace, or from `model_config` (a config.json).
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from moetuner.apps.common import CONF_DIR
 from moetuner.engines import write_placement
+from moetuner.load_profile import LOAD_FORMAT, file_format, load_load_profile
+from moetuner.model_layout import ModelLayout, check_record, read_model_config
 from moetuner.solvers.problem import PlacementProblem, ProblemError
-from moetuner.solvers.registry import get_solver, placement_metrics, solve_placement
+from moetuner.solvers.registry import check_solver_inputs, placement_metrics, solve_placement
 from moetuner.topology import topology_from_config
 from moetuner.trace import Trace, load_trace
 from moetuner.tracking import tracked_run
@@ -38,12 +42,30 @@ def trace_paths(trace: Any) -> list[str]:
 
 def problem_from_config(cfg: DictConfig) -> PlacementProblem:
     """The placement problem of a solve config: traces (one or several domains), topology, engine."""
-    traces: list[Trace] = [load_trace(path) for path in trace_paths(cfg.trace)]
+    paths = trace_paths(cfg.trace)
+    engine = dict(replicas=int(cfg.replicas), step_tokens=int(cfg.step_tokens), dispatch=str(cfg.dispatch),
+                  dataflow=str(cfg.dataflow), robust=str(cfg.robust))
+    loads = [p for p in paths if file_format(p) == LOAD_FORMAT]
+    if loads:
+        if len(paths) != 1:
+            raise ProblemError(f"{loads[0]} is a load profile; solve from one load profile alone, not with "
+                               f"other profiles ({len(paths)} given)")
+        return PlacementProblem.from_load_profile(load_load_profile(loads[0]), topology_from_config(cfg.topology),
+                                                  **engine)
+    traces: list[Trace] = [load_trace(path) for path in paths]
     weights = cfg.get("trace_weights")
-    return PlacementProblem.from_traces(
-        traces, topology_from_config(cfg.topology), weights=None if weights is None else list(weights),
-        replicas=int(cfg.replicas), step_tokens=int(cfg.step_tokens), dispatch=str(cfg.dispatch),
-        dataflow=str(cfg.dataflow), robust=str(cfg.robust))
+    return PlacementProblem.from_traces(traces, topology_from_config(cfg.topology),
+                                        weights=None if weights is None else list(weights), **engine)
+
+
+def config_layout(model_config: str | None, trace: Trace) -> ModelLayout | None:
+    """The layout of `model_config` (None: none given), checked against what the trace records."""
+    if model_config is None:
+        return None
+    config = read_model_config(model_config)
+    check_record(config, {**trace.extra, "moe_layers": trace.moe_layers, "num_experts": trace.num_experts},
+                 f"trace {trace.source}")
+    return config
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="solve")
@@ -52,12 +74,13 @@ def main(cfg: DictConfig) -> None:
     # traces of different models, bad weights, an unknown dispatch / dataflow / robust mode
     problem = problem_from_config(cfg)
     trace = problem.profile
-    get_solver(cfg.solver.name)
+    check_solver_inputs(problem, cfg.solver.name)
+    layout = config_layout(cfg.get("model_config"), trace)
     tags = {"model": trace.model, "dataset": trace.source, "solver": cfg.solver.name,
             "topology": problem.topology.name, "dispatch": problem.dispatch, "dataflow": problem.dataflow}
     with tracked_run("solve", cfg, tags=tags) as run:
         placement = solve_placement(problem, cfg.solver.name, OmegaConf.to_container(cfg.solver, resolve=True))
-        paths = write_placement(placement, trace.num_experts, cfg.out)
+        paths = write_placement(placement, trace.num_experts, cfg.out, layout)
         run.log_metrics(placement_metrics(placement, problem.load))
         run.set_tags({"status": placement.status})
         for path in paths:

@@ -7,7 +7,9 @@
   - `efficiency`: an expert is two grouped GEMMs, gate+up (M=n, N=2i, K=h) and down (M=n, N=h, K=i);
     each costs the smooth roofline ((flops/P)^q + (bytes/W)^q)^(1/q) (GemmCurve), and a GPU that
     serves any token pays each GEMM's K-loop latency k_latency_s * K once (one grouped kernel).
-    The constants are fitted on DeepGEMM's published tables (moetuner.costmodel.hardware_fit).
+    The constants are fitted on DeepGEMM's published tables (moetuner.hardware.fit).
+    Tile form (a block with `gemm_tile_us`, costmodel/tiles.py TILE_KEYS): each GEMM costs its output tiles'
+    share of the SMs against its HBM bytes (TileGemm.slot_time), and a busy GPU pays gemm_kernel_us per GEMM.
 - communication: one copy of a token is `scatter_bytes` on the way out and `combine_bytes` on the way
   back (default h * 2, bf16 both ways). An all-to-all phase costs max over GPUs of max(send, receive),
   where send = the transfer seconds + the largest latency among the peers it sends to (messages leave
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moetuner.costmodel.settings import EXPERT_MODELS, LINK_MODELS, check_choice
+from moetuner.costmodel.tiles import TILE_KEYS, TileGemm, tile_gemm
 from moetuner.topology import GB, Topology
 
 BYTES_PER_VALUE = 2  # bf16 activations and weights
@@ -31,7 +34,8 @@ CALIBRATION_KEYS = ("expert_fixed_s", "expert_per_token_s", "intra_node_bw_GBps"
                     "intra_node_latency_us", "inter_node_latency_us", "expert_model", "gemm_peak_tflops",
                     "gemm_mem_bw_GBps", "gemm_overlap_q", "gemm_k_latency_ns", "gemm_act_bytes",
                     "gemm_weight_bytes", "gemm_out_bytes", "link_model", "message_us",
-                    "scatter_bytes_per_value", "scatter_scale_block", "combine_bytes_per_value")
+                    "scatter_bytes_per_value", "scatter_scale_block", "combine_bytes_per_value", "gemm_sm_tflops",
+                    "gemm_sm_load_GBps", "gemm_tile_us", "gemm_kernel_us", "gemm_num_sms")
 GEMM_KEYS = ("gemm_peak_tflops", "gemm_mem_bw_GBps", "gemm_overlap_q", "gemm_k_latency_ns")
 
 
@@ -92,6 +96,7 @@ class CostModel:
     combine_bytes: float | None = None  # on the way back (None: token_bytes)
     message_s: float = 0.0  # seconds per peer a GPU sends to (receives from) in a phase
     link_model: str = "serial"
+    tiles: TileGemm | None = None  # the efficiency model's tile form (then gemm is None)
 
     @property
     def num_gpus(self) -> int:
@@ -109,7 +114,9 @@ class CostModel:
 
     def expert_time(self, tokens: np.ndarray) -> np.ndarray:
         """Seconds an expert slot needs for `tokens` tokens (0 when idle). [...] -> [...]"""
-        if self.gemm is not None:
+        if self.tiles is not None:
+            busy = sum(self.tiles.slot_time(tokens, n, k) for n, k in self.gemms)
+        elif self.gemm is not None:
             busy = sum(self.gemm.time(tokens, n, k) for n, k in self.gemms)
         else:
             busy = np.maximum(tokens * self.per_token_s, self.floor_s) + self.fixed_s
@@ -117,10 +124,11 @@ class CostModel:
 
     def gpu_compute(self, per_slot: np.ndarray) -> np.ndarray:
         """Seconds each GPU computes one layer: its slots' expert times + kernel_s if any is busy.
-        per_slot [G * S] tokens of each slot (GPU-major) -> [G]"""
-        slots = per_slot.reshape(self.num_gpus, -1)
-        compute = self.expert_time(per_slot).reshape(self.num_gpus, -1).sum(1)
-        return compute + np.where(slots.sum(1) > 0, self.kernel_s, 0.0) if self.kernel_s else compute
+        per_slot [..., G * S] tokens of each slot (GPU-major) -> [..., G]"""
+        lead = per_slot.shape[:-1]
+        slots = per_slot.reshape(*lead, self.num_gpus, -1)
+        compute = self.expert_time(per_slot).reshape(*lead, self.num_gpus, -1).sum(-1)
+        return compute + np.where(slots.sum(-1) > 0, self.kernel_s, 0.0) if self.kernel_s else compute
 
 
 def _calibrated(cal: dict, key: str, default: float, scale: float) -> float:
@@ -153,7 +161,7 @@ def check_calibration(topology: Topology) -> str:
     if model != "calibrated_linear" and ("expert_fixed_s" in cal or "expert_per_token_s" in cal):
         raise SimulationError(f"topology {topology.name}: expert_fixed_s/expert_per_token_s belong to "
                               f"expert_model=calibrated_linear, not {model}; drop them or change the model")
-    missing = [k for k in GEMM_KEYS if k not in cal]
+    missing = [k for k in (TILE_KEYS if "gemm_tile_us" in cal else GEMM_KEYS) if k not in cal]
     if model == "efficiency" and missing:
         raise SimulationError(f"topology {topology.name}: expert_model=efficiency needs {missing} in its "
                               f"calibration (fit them with moetuner-fit-hardware)")
@@ -199,12 +207,16 @@ def cost_model(topology: Topology, hidden_size: int, intermediate_size: int) -> 
     latency = np.where(same, intra_lat, inter_lat)
     np.fill_diagonal(latency, 0.0)
     shape = hidden_size * intermediate_size
-    gemm, gemms, kernel = None, (), 0.0
+    gemm, gemms, kernel, tiles = None, (), 0.0, None
     if model == "calibrated_linear":
         per_token, floor, fixed = float(cal["expert_per_token_s"]), 0.0, float(cal["expert_fixed_s"])
     elif model == "roofline":
         per_token = 6.0 * shape / topology.gpu_peak_flops
         floor, fixed = 3.0 * shape * BYTES_PER_VALUE / topology.hbm_bw, 0.0
+    elif "gemm_tile_us" in cal:
+        tiles, gemms = tile_gemm(cal), expert_gemms(hidden_size, intermediate_size)
+        per_token = sum(2.0 * n * k for n, k in gemms) / (tiles.sm_flops * tiles.num_sms)
+        floor, fixed, kernel = 0.0, 0.0, tiles.kernel_s * len(gemms)
     else:
         gemm, gemms = gemm_curve(cal), expert_gemms(hidden_size, intermediate_size)
         per_token, floor, fixed = sum(2.0 * n * k for n, k in gemms) / gemm.peak_flops, 0.0, 0.0
@@ -212,41 +224,52 @@ def cost_model(topology: Topology, hidden_size: int, intermediate_size: int) -> 
     scatter, combine = phase_token_bytes(cal, hidden_size)
     return CostModel(per_token, floor, fixed, float(hidden_size * BYTES_PER_VALUE), bandwidth, latency, node,
                      gemm=gemm, gemms=gemms, kernel_s=kernel, scatter_bytes=scatter, combine_bytes=combine,
-                     message_s=float(cal.get("message_us", 0.0)) * 1e-6, link_model=str(cal.get("link_model", "serial")))
+                     message_s=float(cal.get("message_us", 0.0)) * 1e-6, link_model=str(cal.get("link_model", "serial")),
+                     tiles=tiles)
 
 
-def a2a_time(copies: np.ndarray, cost: CostModel, token_bytes: float | None = None) -> float:
-    """Seconds of one all-to-all phase: max over GPUs of max(send, receive). copies [G, G] (src, dst);
-    token_bytes: bytes of one copy (None: cost.token_bytes)."""
+def a2a_time(copies: np.ndarray, cost: CostModel, token_bytes: float | None = None) -> np.ndarray | float:
+    """Seconds of all-to-all phases: per phase, max over GPUs of max(send, receive). copies [..., G, G]
+    (src, dst) -> [...] (a float for one phase [G, G]); token_bytes: bytes of one copy (None: cost.token_bytes)."""
     seconds = copies * (cost.token_bytes if token_bytes is None else token_bytes) / cost.bandwidth  # diag 0
     lat = np.where(copies > 0, cost.latency, 0.0)
     if cost.link_model == "concurrent":
         cross = cost.node[:, None] != cost.node[None, :]
         inside, across = np.where(cross, 0.0, seconds), np.where(cross, seconds, 0.0)
-        send = np.maximum(inside.sum(1), across.sum(1)) + lat.max(1)
-        receive = np.maximum(inside.sum(0), across.sum(0)) + lat.max(0)
+        send = np.maximum(inside.sum(-1), across.sum(-1)) + lat.max(-1)
+        receive = np.maximum(inside.sum(-2), across.sum(-2)) + lat.max(-2)
     else:
-        send = seconds.sum(1) + lat.max(1)
-        receive = seconds.sum(0) + lat.max(0)
+        send = seconds.sum(-1) + lat.max(-1)
+        receive = seconds.sum(-2) + lat.max(-2)
     if cost.message_s:
-        peers = (copies > 0) & ~np.eye(len(copies), dtype=bool)
-        send, receive = send + cost.message_s * peers.sum(1), receive + cost.message_s * peers.sum(0)
-    return float(np.maximum(send, receive).max())
+        peers = (copies > 0) & ~np.eye(copies.shape[-1], dtype=bool)
+        send, receive = send + cost.message_s * peers.sum(-1), receive + cost.message_s * peers.sum(-2)
+    worst = np.maximum(send, receive).max(-1)
+    return float(worst) if copies.ndim == 2 else worst
+
+
+def source_totals(src: np.ndarray, per_token: np.ndarray, num_gpus: int) -> np.ndarray:
+    """Sum of per_token over the tokens of each source GPU (a one-hot matrix product; exact for counts).
+    src [..., B], per_token [..., B, N] counts -> [..., G, N] int64"""
+    onehot = (src[..., None] == np.arange(num_gpus)).astype(np.float64)
+    return np.matmul(np.swapaxes(onehot, -1, -2), per_token.astype(np.float64)).astype(np.int64)
+
+
+def off_diagonal(copies: np.ndarray) -> np.ndarray:
+    """copies [..., G, G] with its diagonal (copies to the GPU a token is on) zeroed, in place."""
+    num_gpus = copies.shape[-1]
+    copies[..., np.arange(num_gpus), np.arange(num_gpus)] = 0
+    return copies
 
 
 def copy_matrix(src: np.ndarray, dst_mask: np.ndarray) -> np.ndarray:
-    """Token copies from src[t] to every GPU in dst_mask[t] except src[t]. src [B], dst_mask [B, G] -> [G, G]"""
-    num_gpus = dst_mask.shape[1]
-    mask = dst_mask.copy()
-    mask[np.arange(len(src)), src] = False
-    tok, dst = np.nonzero(mask)
-    return np.bincount(src[tok] * num_gpus + dst, minlength=num_gpus * num_gpus).reshape(num_gpus, num_gpus)
+    """Token copies from src[t] to every GPU in dst_mask[t] except src[t].
+    src [..., B], dst_mask [..., B, G] -> [..., G, G] (src, dst)"""
+    return off_diagonal(source_totals(src, dst_mask, dst_mask.shape[-1]))
 
 
 def pair_copy_matrix(src: np.ndarray, dest: np.ndarray, num_gpus: int) -> np.ndarray:
     """One copy per token-expert pair (low_latency: no dedup per GPU), none to the token's own GPU.
-    src [B], dest [B, k] GPU of each pair -> [G, G] (src, dst)"""
-    pair_src = np.broadcast_to(src[:, None], dest.shape)
-    away = pair_src != dest
-    flat = pair_src[away] * num_gpus + dest[away]
-    return np.bincount(flat, minlength=num_gpus * num_gpus).reshape(num_gpus, num_gpus)
+    src [..., B], dest [..., B, k] GPU of each pair -> [..., G, G] (src, dst)"""
+    per_gpu = (dest[..., None] == np.arange(num_gpus)).sum(-2)  # [..., B, G] pairs of each token per GPU
+    return off_diagonal(source_totals(src, per_gpu, num_gpus))

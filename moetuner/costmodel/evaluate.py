@@ -10,15 +10,13 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
-from moetuner.costmodel.charges import (DispatchCharge, charged_metrics, charged_step_times, layer_charges,
-                                        replicated_layers)
+from moetuner.costmodel.charges import DispatchCharge
 from moetuner.costmodel.cost import SimulationError, cost_model
 from moetuner.costmodel.intervals import RESAMPLES, SEED, speedup_interval
+from moetuner.costmodel.score import Scored, score
 from moetuner.costmodel.settings import check_dispatch
-from moetuner.costmodel.simulator import SimResult, primary_column, simulate
-from moetuner.placement import Placement, check_placement, contiguous_phy2log, routed_experts
+from moetuner.costmodel.simulator import SimResult
+from moetuner.placement import Placement, check_placement, contiguous_phy2log, expert_location, routed_experts
 from moetuner.topology import Topology
 from moetuner.trace import Trace
 
@@ -61,22 +59,21 @@ def run_simulation(placement: Placement, trace: Trace, topology: Topology, step_
     check_dispatches(dispatches)
     charge.check()
     cost = cost_model(topology, trace.hidden_size, trace.moe_intermediate_size)
-    ids, primary = trace.topk_ids.astype(np.int64), primary_column(trace.topk_ids, trace.topk_weights)
-    run = lambda phy, d: simulate(phy, topology.num_gpus, ids, primary, trace.num_experts, cost,  # noqa: E731
-                                  step_tokens, dataflow, d, progress=True)
+    run = lambda phy, d: score(expert_location(phy, topology.num_gpus, trace.num_experts),  # noqa: E731
+                               trace.topk_ids, trace.topk_weights, cost, step_tokens, dataflow, d, charge,
+                               progress=True)
     base = run(contiguous_phy2log(trace.num_layers, trace.num_experts, topology.num_gpus,
-                                  math.ceil(trace.num_experts / topology.num_gpus)), "dynamic")
+                                  math.ceil(trace.num_experts / topology.num_gpus)), "dynamic").result
     base_steps = base.layer_time_s.sum(1)  # [S] dynamic: never charged
     base_time = base.metrics()["layer_time_s"]
-    layers = replicated_layers(placement.phy2log, trace.num_experts)  # [L]
-    results: dict[str, SimResult] = {}
-    for name in dict.fromkeys([dispatch, *dispatches]):  # without replicas every dispatch routes alike
-        results[name] = run(placement.phy2log, name) if layers.any() or not results else next(iter(results.values()))
+    replicated = (placement.replica_counts(trace.num_experts) > 1).any()
+    results: dict[str, Scored] = {}
+    for name in dict.fromkeys([dispatch, *dispatches]):  # without replicas every dispatch routes alike, uncharged
+        results[name] = run(placement.phy2log, name) if replicated or not results else next(iter(results.values()))
     by_dispatch = {}
-    for name, res in results.items():
-        charges = layer_charges(res, name, charge, cost, trace.num_experts, layers)
-        scalars: dict[str, Any] = charged_metrics(res, charges)
-        steps = charged_step_times(res, charges)
+    for name, scored in results.items():
+        scalars: dict[str, Any] = scored.metrics()
+        steps = scored.step_s
         scalars["contiguous_layer_time_s"] = base_time
         scalars["speedup_vs_contiguous"] = base_time / scalars["layer_time_s"]
         scalars["speedup_ci95"] = list(speedup_interval(base_steps, steps, resamples, seed))
@@ -85,4 +82,4 @@ def run_simulation(placement: Placement, trace: Trace, topology: Topology, step_
     metrics: dict[str, Any] = {**by_dispatch[dispatch], "dispatch": dispatch, "by_dispatch": by_dispatch,
                                "contiguous_step_times_s": base_steps.tolist(), "dispatch_charge": charge.kind,
                                "dispatch_budget_us": charge.budget_us, "bootstrap_resamples": resamples}
-    return results[dispatch], base, metrics
+    return results[dispatch].result, base, metrics

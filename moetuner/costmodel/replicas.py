@@ -14,6 +14,7 @@ DISPATCHES (moetuner.costmodel.settings), named after the engines that use them:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import highspy
@@ -22,27 +23,11 @@ from scipy.sparse import coo_matrix, csr_matrix
 from scipy.sparse.csgraph import maximum_flow
 
 from moetuner.costmodel.cost import CostModel, copy_matrix
-from moetuner.placement import logical_replica_count, logical_to_physical_map
-
-@dataclass(frozen=True)
-class LayerSlots:
-    """One layer of a placement, indexed for routing."""
-
-    log2phy: np.ndarray  # [E, R] slots of each expert, -1 padded
-    count: np.ndarray  # [E] replicas per expert
-    gpu_of_slot: np.ndarray  # [P]
-
-    @property
-    def num_slots(self) -> int:
-        return len(self.gpu_of_slot)
-
+from moetuner.placement import LayerSlots, expert_location
 
 def layer_slots(phy2log: np.ndarray, num_gpus: int, num_experts: int) -> list[LayerSlots]:
-    """Per-layer routing tables of a [L, P] placement."""
-    log2phy = logical_to_physical_map(phy2log, num_experts)
-    count = logical_replica_count(phy2log, num_experts)
-    gpu_of_slot = np.arange(phy2log.shape[1]) // (phy2log.shape[1] // num_gpus)
-    return [LayerSlots(log2phy[layer], count[layer], gpu_of_slot) for layer in range(phy2log.shape[0])]
+    """Per-layer routing tables of a [L, P] placement (placement.expert_location, layer by layer)."""
+    return expert_location(phy2log, num_gpus, num_experts).layers()
 
 
 def pick_dynamic(ids: np.ndarray, token: np.ndarray, slots: LayerSlots) -> np.ndarray:
@@ -300,3 +285,21 @@ def choose_slots(ids: np.ndarray, token: np.ndarray, src: np.ndarray, slots: Lay
         return pick_lp(ids, src, slots, cost.num_gpus)
     assert dispatch == "lp_comm", f"unknown dispatch {dispatch}"
     return pick_lp_comm(ids, src, slots, cost)
+
+
+def choose_step_slots(ids: np.ndarray, primary: np.ndarray, slots: list[LayerSlots], cost: CostModel,
+                      dataflow: str, dispatch: str, timings: list[float] | None = None) -> np.ndarray:
+    """The slot of every pair of one step, layer by layer (token j starts on GPU j % G; with
+    expert_to_expert it moves to its primary expert's GPU). ids [B, L, k], primary [B, L] -> [B, L, k]
+
+    timings: when given, the wall seconds of each layer's choose_slots are appended to it."""
+    token = np.arange(ids.shape[0])
+    src, out = token % cost.num_gpus, []
+    for layer in range(ids.shape[1]):
+        start = time.perf_counter()
+        out.append(choose_slots(ids[:, layer], token, src, slots[layer], dispatch, cost))
+        if timings is not None:
+            timings.append(time.perf_counter() - start)
+        if dataflow == "expert_to_expert":
+            src = slots[layer].gpu_of_slot[out[-1][token, primary[:, layer]]]
+    return np.stack(out, 1)

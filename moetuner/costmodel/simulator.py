@@ -32,16 +32,16 @@ layer time), then:
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, replace
 
 import numpy as np
 from tqdm import tqdm
 
-from moetuner.costmodel.cost import CostModel, SimulationError, a2a_time, copy_matrix, pair_copy_matrix
-from moetuner.costmodel.replicas import LayerSlots, choose_slots, layer_slots
+from moetuner.costmodel.cost import (CostModel, SimulationError, a2a_time, copy_matrix, pair_copy_matrix,
+                                     source_totals)
+from moetuner.costmodel.replicas import choose_step_slots
 from moetuner.costmodel.settings import DATAFLOWS, check_dataflow, check_dispatch
-from moetuner.placement import Placement, check_placement, routed_experts
+from moetuner.placement import LayerSlots, Placement, check_placement, expert_location, routed_experts
 
 @dataclass(frozen=True)
 class LayerStep:
@@ -62,44 +62,33 @@ class LayerStep:
 
 
 def relay_copies(src: np.ndarray, on: np.ndarray, cost: CostModel) -> tuple[np.ndarray, np.ndarray]:
-    """Hierarchical scatter copies: (inter-node phase, intra-node phase), each [G, G] (src, dst).
+    """Hierarchical scatter copies: (inter-node phase, intra-node phase), each [..., G, G] (src, dst).
 
     A token on GPU g (local rank g mod n) that needs GPUs on another node b sends one copy to the
     relay b * n + g mod n, which forwards it to b's other GPUs it needs; own-node GPUs get it directly.
-    src [B], on [B, G] bool the GPUs each token needs."""
+    src [..., B], on [..., B, G] bool the GPUs each token needs."""
     num_gpus, per_node = cost.num_gpus, cost.gpus_per_node
-    mask = on.copy()
-    mask[np.arange(len(src)), src] = False
-    tok, dst = np.nonzero(mask)
-    away = cost.node[dst] != cost.node[src[tok]]
-    relay = cost.node[dst] * per_node + src[tok] % per_node
-    flat = lambda a, b: np.bincount(a * num_gpus + b, minlength=num_gpus * num_gpus).reshape(num_gpus, num_gpus)  # noqa: E731
-    # one inter-node copy per (token, node): dedupe (token, relay)
-    hop = np.unique(tok[away] * num_gpus + relay[away])
-    inter = flat(src[hop // num_gpus], hop % num_gpus)
-    forward = away & (relay != dst)
-    intra = flat(src[tok[~away]], dst[~away]) + flat(relay[forward], dst[forward])
+    gpu = np.arange(num_gpus)
+    need = copy_matrix(src, on)  # [..., G, G] tokens of each source that need each GPU
+    node_need = on.reshape(*on.shape[:-1], num_gpus // per_node, per_node).any(-1)  # [..., B, nodes]
+    per_node_need = source_totals(src, node_need, num_gpus)  # [..., G, nodes] one copy per (token, node)
+    inter = np.zeros_like(need)
+    for node in range(num_gpus // per_node):
+        away = gpu[cost.node != node]
+        inter[..., away, node * per_node + away % per_node] = per_node_need[..., away, node]
+    same = cost.node[:, None] == cost.node[None, :]
+    relay = cost.node[None, :] * per_node + gpu[:, None] % per_node  # [G, G] relay of (source, destination)
+    forward = ~same & (relay != gpu[None, :])
+    intra = need * same
+    source, dest = np.nonzero(forward)
+    np.add.at(np.moveaxis(intra, (-2, -1), (0, 1)), (relay[source, dest], dest),
+              np.moveaxis(need, (-2, -1), (0, 1))[source, dest])
     return inter, intra
 
 
-def simulate_layer(ids: np.ndarray, token: np.ndarray, src: np.ndarray, primary: np.ndarray,
-                   combine_to_home: np.ndarray | None, slots: LayerSlots, cost: CostModel,
-                   dispatch: str = "dynamic", dataflow: str = "dispatch_combine") -> LayerStep:
-    """One layer for B tokens at GPUs src [B] with experts ids [B, k], replicas chosen by `dispatch`.
-
-    combine_to_home: [B] home GPUs to combine back to, or None to combine on the GPU of the
-    primary expert (column primary [B] of ids). dataflow hierarchical or low_latency: then
-    combine_to_home must be src.
-    """
-    slot = choose_slots(ids, token, src, slots, dispatch, cost)
-    if combine_to_home is None:
-        combine_to_home = slots.gpu_of_slot[slot[np.arange(len(src)), primary]]
-    return layer_step(slot, src, combine_to_home, slots, cost, dataflow)
-
-
-def phases(first: float, second: float, cost: CostModel) -> float:
-    """Seconds of two phases of one direction of hierarchical: their sum, or pipelined (concurrent links)."""
-    return max(first, second) if cost.link_model == "concurrent" else first + second
+def phases(first: np.ndarray | float, second: np.ndarray | float, cost: CostModel) -> np.ndarray | float:
+    """Seconds of two phases of one direction of hierarchical: their sum, or pipelined (concurrent links). [...]"""
+    return np.maximum(first, second) if cost.link_model == "concurrent" else first + second
 
 
 def layer_step(slot: np.ndarray, src: np.ndarray, target: np.ndarray, slots: LayerSlots, cost: CostModel,
@@ -130,31 +119,6 @@ def layer_step(slot: np.ndarray, src: np.ndarray, target: np.ndarray, slots: Lay
     return LayerStep(scatter_s=scatter_s, combine_s=combine_s, compute_s=cost.gpu_compute(per_slot),
                      tokens=per_slot.reshape(num_gpus, -1).sum(1).astype(float),
                      bytes_intra=moved(~cross), bytes_inter=moved(cross), out_gpu=target)
-
-
-def primary_column(trace_ids: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
-    """Column of each token's primary expert: largest gate weight, else 0. [T, L, k] -> [T, L]"""
-    if weights is None:
-        return np.zeros(trace_ids.shape[:2], dtype=np.int64)
-    return np.argmax(weights, axis=-1)
-
-
-def choose_step_slots(ids: np.ndarray, primary: np.ndarray, slots: list[LayerSlots], cost: CostModel,
-                      dataflow: str, dispatch: str, timings: list[float] | None = None) -> np.ndarray:
-    """The slot of every pair of one step, layer by layer (token j starts on GPU j % G; with
-    expert_to_expert it moves to its primary expert's GPU). ids [B, L, k], primary [B, L] -> [B, L, k]
-
-    timings: when given, the wall seconds of each layer's choose_slots are appended to it."""
-    token = np.arange(ids.shape[0])
-    src, out = token % cost.num_gpus, []
-    for layer in range(ids.shape[1]):
-        start = time.perf_counter()
-        out.append(choose_slots(ids[:, layer], token, src, slots[layer], dispatch, cost))
-        if timings is not None:
-            timings.append(time.perf_counter() - start)
-        if dataflow == "expert_to_expert":
-            src = slots[layer].gpu_of_slot[out[-1][token, primary[:, layer]]]
-    return np.stack(out, 1)
 
 
 def simulate_step(ids: np.ndarray, primary: np.ndarray, slots: list[LayerSlots], cost: CostModel,
@@ -247,7 +211,7 @@ def simulate(phy2log: np.ndarray, num_gpus: int, ids: np.ndarray, primary: np.nd
              dispatch: str = "dynamic", progress: bool = False) -> SimResult:
     """Every full step of `step_tokens` consecutive tokens. phy2log [L, P], ids [T, L, k], primary [T, L]"""
     check_inputs(phy2log, num_gpus, ids, num_experts, cost, step_tokens, dataflow, dispatch)
-    slots = layer_slots(phy2log, num_gpus, num_experts)
+    slots = expert_location(phy2log, num_gpus, num_experts).layers()
     steps = []
     for start in tqdm(range(0, ids.shape[0] - step_tokens + 1, step_tokens), desc=f"simulate {dispatch}",
                       unit="step", disable=not progress):

@@ -101,7 +101,7 @@ def empty_trace(model: torch.nn.Module, name: str, source: str) -> Trace:
                  seq_ids=np.zeros(0, np.int32), model=name, num_experts=shape["num_experts"],
                  moe_layers=shape["moe_layers"], source=source, hidden_size=shape["hidden_size"],
                  moe_intermediate_size=shape["moe_intermediate_size"], dtype=dtype,
-                 extra={N_GROUP: str(shape["n_group"])})
+                 extra={"num_hidden_layers": str(shape["num_hidden_layers"]), N_GROUP: str(shape["n_group"])})
 
 
 @torch.no_grad()

@@ -2,7 +2,8 @@
 
 A folder holds `expert_weights_{l}.txt` for each MoE decoder layer l. Line i of every file is
 sequence i: its token-major expert ids (top_k per token), tab-separated, an empty field, then the
-matching gate weights. The ESFT models are DeepSeek-V2-Lite: 64 routed experts, top-6.
+matching gate weights. The ESFT models are DeepSeek-V2-Lite: 64 routed experts, top-6, 27 decoder layers
+(layer 0 dense, 1..26 MoE), recorded as `num_hidden_layers`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from moetuner.trace import Trace
 
 NUM_EXPERTS = 64
 TOP_K = 6
+NUM_HIDDEN_LAYERS = 27  # DeepSeek-V2-Lite config.json
 # DeepSeek-V2-Lite's config.json: n_group 1 (no expert groups)
 DEFAULT_INFO = ModelInfo(model="deepseek-ai/DeepSeek-V2-Lite", hidden_size=2048, moe_intermediate_size=1408, n_group=1)
 _LAYER_FILE = re.compile(r"expert_weights_(\d+)\.txt")
@@ -67,4 +69,4 @@ def read_esft(folder: Path, info: ModelInfo) -> Trace:
     seq_ids = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)
     return build_trace(info, topk_ids=ids, seq_ids=seq_ids, num_experts=NUM_EXPERTS,
                        moe_layers=list(files), source=f"esft:{folder}", topk_weights=weights,
-                       extra={"dataset": folder.name})
+                       extra={"dataset": folder.name, "num_hidden_layers": str(NUM_HIDDEN_LAYERS)})

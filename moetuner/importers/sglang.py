@@ -7,7 +7,8 @@ with `torch.save` as `expert_distribution_recorder_{time}_{rank}.pt`:
                topk_ids_of_layer int32 [num_layers, num_tokens, 8], misc_objects], ...],
    "last_physical_to_logical_map": int [num_layers, num_physical_experts]}
 The ids are PHYSICAL slots (after `topk_ids_logical_to_physical`), -1 where nothing was written:
-columns past the model's top-k, layers without a router (dense), padded tokens. The dump names no
+columns past the model's top-k, layers without a router (dense), padded tokens. Its rows are the decoder
+layers (dense ones included), so their count is the model's `num_hidden_layers`. The dump names no
 model, so model, hidden_size and moe_intermediate_size must be given.
 """
 
@@ -81,4 +82,5 @@ def read_sglang(path: Path, info: ModelInfo) -> Trace:
     logical = physical_to_logical(ids, phy2log[layers])
     return build_trace(info, topk_ids=logical.transpose(1, 0, 2), seq_ids=np.unique(seq_ids, return_inverse=True)[1],
                        num_experts=int(phy2log.max()) + 1, moe_layers=list(layers), source=f"sglang:{path}",
-                       extra={"dataset": "sglang", "forward_passes": str(len(records))})
+                       extra={"dataset": "sglang", "forward_passes": str(len(records)),
+                              "num_hidden_layers": str(phy2log.shape[0])})

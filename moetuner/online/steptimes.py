@@ -1,9 +1,10 @@
 """Step times of a stream's steps under a placement: computed in chunks, cached per placement.
 
-The settings `moetuner.online.fast_steps` covers are computed a chunk of steps at a time; the others
-step by step with the simulator. `lp` and `lp_comm` decide per batch and pay the decision on every
-replicated layer-step, as `moetuner-simulate` charges them (costmodel/charges.py, `charge`). Each placement keeps its per-step, per-layer times [S, L] for the
-steps asked so far; the least recently used placements are dropped beyond `keep` of them.
+Every chunk is scored by `moetuner.costmodel.score.score` (method `auto`: the batched path for `dynamic`
+and `static`, the simulator step by step for `lp` and `lp_comm`, which pay their decision on every
+replicated layer-step as `moetuner-simulate` charges them, `charge`). Each placement keeps its per-step,
+per-layer times [S, L] for the steps asked so far; the least recently used placements are dropped beyond
+`keep` of them.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from moetuner.costmodel.charges import DispatchCharge, layer_charges, replicated_layers
+from moetuner.costmodel.charges import DispatchCharge
 from moetuner.costmodel.cost import CostModel
-from moetuner.costmodel.simulator import primary_column, simulate
-from moetuner.online.fast_steps import SlotTables, layer_times, slot_tables, supported
+from moetuner.costmodel.score import score
+from moetuner.placement import ExpertLocation, expert_location
 from moetuner.online.stream import Stream
 
 
@@ -52,7 +53,7 @@ class _Cached:
     compute: np.ndarray  # [S, L]
     decision: np.ndarray  # [S, L]
     done: np.ndarray  # [S] bool
-    tables: SlotTables | None = None  # the fast path's routing tables, built on first use
+    location: ExpertLocation  # the placement's maps, built once
 
 
 @dataclass
@@ -75,34 +76,24 @@ class StepTimes:
         key = placement_id(phy2log)
         if key not in self.cache:
             S, L = self.stream.num_steps, phy2log.shape[0]
-            self.cache[key] = _Cached(np.zeros((S, L)), np.zeros((S, L)), np.zeros((S, L)), np.zeros(S, dtype=bool))
+            self.cache[key] = _Cached(np.zeros((S, L)), np.zeros((S, L)), np.zeros((S, L)), np.zeros(S, dtype=bool),
+                                      expert_location(phy2log, self.num_gpus, self.num_experts))
             while len(self.cache) > self.keep:
                 self.cache.popitem(last=False)
         self.cache.move_to_end(key)
         return self.cache[key]
 
-    def _compute(self, phy2log: np.ndarray, entry: _Cached, steps: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(all-to-all, compute tail, decision charge) [n, L] each for steps [n]"""
-        if supported(self.dataflow, self.dispatch):
-            if entry.tables is None:
-                entry.tables = slot_tables(phy2log, self.num_experts, self.cost, self.dispatch, self.stream.step_tokens)
-            tables = entry.tables
-            parts = [layer_times(self.stream.routing(steps[i:i + self.chunk]), tables, self.cost, self.dataflow,
-                                 self.dispatch) for i in range(0, len(steps), self.chunk)]
-            a2a = np.concatenate([p[0] for p in parts])
-            return a2a, np.concatenate([p[1] for p in parts]), np.zeros_like(a2a)  # dynamic, static: no charge
+    def _compute(self, entry: _Cached, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(all-to-all, compute tail, decision charge) [n, L] each for steps [n], `chunk` steps at a time"""
         a2a, compute, decision = [], [], []
-        replicated = replicated_layers(phy2log, self.num_experts)
-        for step in steps:
-            ids, weights = self.stream.step_routing(int(step))
-            result = simulate(phy2log, self.num_gpus, ids, primary_column(ids, weights), self.num_experts, self.cost,
-                              self.stream.step_tokens, dataflow=self.dataflow, dispatch=self.dispatch)
-            a2a.append((result.scatter_s + result.combine_s)[0])
-            compute.append(result.compute_tail_s[0])
-            charges = layer_charges(result, self.dispatch, self.charge, self.cost, self.num_experts, replicated)
-            decision.append(charges.total_s[0])
-        return np.array(a2a), np.array(compute), np.array(decision)
+        for i in range(0, len(steps), self.chunk):
+            ids, weights = self.stream.steps_routing(steps[i:i + self.chunk])
+            got = score(entry.location, ids, weights, self.cost, self.stream.step_tokens, self.dataflow,
+                        self.dispatch, self.charge, method="auto")
+            a2a.append(got.result.scatter_s + got.result.combine_s)
+            compute.append(got.result.compute_tail_s)
+            decision.append(got.charges.total_s)
+        return np.concatenate(a2a), np.concatenate(compute), np.concatenate(decision)
 
     def times(self, phy2log: np.ndarray, steps: np.ndarray, ahead: int = 0) -> StepLayerTimes:
         """Per-layer times of `steps` [n] under phy2log [L, P]; with `ahead`, also the next `ahead` steps
@@ -114,7 +105,7 @@ class StepTimes:
             missing = np.union1d(missing, np.arange(missing.max(), min(missing.max() + ahead, self.stream.num_steps)))
             missing = missing[~entry.done[missing]]
         if len(missing):
-            entry.a2a[missing], entry.compute[missing], entry.decision[missing] = self._compute(phy2log, entry, missing)
+            entry.a2a[missing], entry.compute[missing], entry.decision[missing] = self._compute(entry, missing)
             entry.done[missing] = True
             self.simulated += len(missing)
         return StepLayerTimes(entry.a2a[steps], entry.compute[steps], entry.decision[steps])

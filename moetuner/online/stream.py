@@ -173,9 +173,9 @@ class Stream:
         """topk_ids of steps `steps` [n]. -> [n, B, L, k] (the trace dtype)"""
         return self.topk_ids[self.step_index[steps]]
 
-    def step_routing(self, step: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """(topk_ids [B, L, k] int64, topk_weights [B, L, k] or None) of one step."""
-        index = self.step_index[step]
+    def steps_routing(self, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(topk_ids [n * B, L, k] int64, topk_weights [n * B, L, k] or None) of steps [n], in order."""
+        index = self.step_index[np.asarray(steps, dtype=np.int64)].ravel()
         weights = None if self.topk_weights is None else self.topk_weights[index]
         return self.topk_ids[index].astype(np.int64), weights
 

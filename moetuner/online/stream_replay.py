@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from moetuner.solvers.problem import PlacementProblem
 from moetuner.costmodel.cost import SimulationError, cost_model
 from moetuner.costmodel.settings import check_dataflow, check_dispatch
 from moetuner.topology import Topology
-from moetuner.trace import Trace
+from moetuner.trace import Trace, save_trace
 
 TIMELINE_COLUMNS = ("step", "segment", "trace", "step_time_s", "placement_version", "wait_s",
                     "contiguous_step_time_s")
@@ -213,8 +213,18 @@ def speedup_figure(rows: list[dict[str, Any]], versions: list[Version], boundari
     return save_figure(fig, path)
 
 
-def write_outputs(result: ReplayResult, stream: Stream, ctx: Context, title: str, out: str | Path) -> list[Path]:
-    """metrics.json, timeline.csv, placements/v<k>.json and speedup_timeline.png in folder `out`."""
+def steps_trace(stream: Stream) -> Trace:
+    """The stream's steps in order as one trace in the project's format: token j of step s is token
+    s * step_tokens + j, so `moetuner-simulate ... step_tokens=<step_tokens>` scores the served steps."""
+    trace = stream.tokens_of(np.arange(stream.num_steps))
+    return replace(trace, extra={**trace.extra, "step_tokens": str(stream.step_tokens),
+                                 "stream_steps": str(stream.num_steps)})
+
+
+def write_outputs(result: ReplayResult, stream: Stream, ctx: Context, title: str, out: str | Path,
+                  save_steps: bool = False) -> list[Path]:
+    """metrics.json, timeline.csv, placements/v<k>.json and speedup_timeline.png in folder `out`; with
+    `save_steps` also steps.safetensors (steps_trace)."""
     out = Path(out)
     paths = [write_json_atomic(out / "metrics.json", result.metrics),
              write_timeline(result.rows, out / "timeline.csv")]
@@ -223,6 +233,8 @@ def write_outputs(result: ReplayResult, stream: Stream, ctx: Context, title: str
         paths.append(save_placement(placement, out / "placements" / f"v{k}.json"))
     paths.append(speedup_figure(result.rows, result.versions, stream.boundaries(), title,
                                 out / "speedup_timeline.png"))
+    if save_steps:
+        paths.append(save_trace(steps_trace(stream), out / "steps.safetensors"))
     return paths
 
 

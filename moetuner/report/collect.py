@@ -76,7 +76,7 @@ def read_placements(results: Path) -> pd.DataFrame:
     """One row per placement: KEY, solver_label, solve_seconds, gap, status, problem size (layers, experts, gpus)."""
     rows = []
     for path in sorted((results / "placements").glob("*/*/*.json")):
-        if path.name.endswith((".vllm.json", ".sglang.json")):  # engine files beside each placement
+        if path.name.endswith(".sglang.json"):  # the engine file beside each placement that is JSON
             continue
         doc = json.loads(path.read_text())
         solver, replicas = parse_run_dir(path.stem)

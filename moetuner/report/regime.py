@@ -1,4 +1,4 @@
-"""The regime curve: speedup vs contiguous of each placement against tokens per step (simulator).
+"""The regime curve: speedup vs contiguous of each placement against tokens per step (costmodel.score, charged).
 
 Expert GEMMs are memory-bound at decode-sized steps (a slot costs its weight read, whatever its token
 count), so placement changes little there; at prefill-sized steps compute and all-to-all grow with the
@@ -14,15 +14,15 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from moetuner.costmodel.charges import DispatchCharge
 from moetuner.costmodel.cost import CostModel
 from moetuner.costmodel.evaluate import own_dispatch
-from moetuner.costmodel.simulator import simulate
-from moetuner.placement import contiguous_phy2log, load_placement
+from moetuner.costmodel.score import score
+from moetuner.placement import contiguous_phy2log, expert_location, load_placement
 from moetuner.plotting import plt, save_figure
 from moetuner.report.collect import parse_run_dir
 
@@ -30,39 +30,41 @@ REGIME_COLUMNS = ["topology", "label", "solver", "replicas", "step_tokens", "num
                   "layer_time_s", "contiguous_layer_time_s", "speedup_vs_contiguous"]
 
 
-def tile_tokens(ids: np.ndarray, primary: np.ndarray, step_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+def tile_tokens(ids: np.ndarray, weights: np.ndarray | None, step_tokens: int
+                ) -> tuple[np.ndarray, np.ndarray | None]:
     """Tokens holding at least one step: the trace itself if it has >= step_tokens tokens, else its tokens
-    repeated in order up to exactly one step. ids [T, L, k], primary [T, L] -> [max(T, S), L, k], [max(T, S), L]"""
+    repeated in order up to exactly one step. ids [T, L, k], weights [T, L, k] or None -> [max(T, S), L, k] each"""
     num_tokens = ids.shape[0]
     if num_tokens == 0:
         raise ValueError("the evaluation trace has no tokens; score on a non-empty held-out split")
     if num_tokens >= step_tokens:
-        return ids, primary
+        return ids, weights
     index = np.arange(step_tokens) % num_tokens
-    return ids[index], primary[index]
+    return ids[index], None if weights is None else weights[index]
 
 
 def regime_table(placements: Mapping[tuple[str, int], np.ndarray], topology: str, cost: CostModel, ids: np.ndarray,
-                 primary: np.ndarray, num_experts: int, step_tokens: Sequence[int], simulate_args: Mapping[str, Any],
-                 dispatch: Mapping[tuple[str, int], str] | None = None) -> pd.DataFrame:
+                 weights: np.ndarray | None, num_experts: int, step_tokens: Sequence[int], dataflow: str,
+                 dispatch: Mapping[tuple[str, int], str] | None = None, charge: DispatchCharge = DispatchCharge()
+                 ) -> pd.DataFrame:
     """REGIME_COLUMNS rows: every placement ((solver, replicas) -> phy2log [L, P]) of one topology at every
     step size, with speedup = layer time of the contiguous layout (ceil(E/G) slots per GPU, as in
-    moetuner-simulate) / the placement's. `simulate_args` go to every `simulate` call (e.g. dataflow),
-    `dispatch[key]` to that placement's (the contiguous layout has no replicas: simulator default).
-    ids [T, L, k], primary [T, L]"""
+    moetuner-simulate) / the placement's, both charged as moetuner-simulate charges them (`charge`: lp and
+    lp_comm pay their per-batch decision). `dispatch[key]` is that placement's dispatch (default dynamic;
+    the contiguous layout has no replicas: dynamic). ids [T, L, k], gate weights [T, L, k] or None"""
     num_gpus, num_layers = cost.num_gpus, ids.shape[1]
     baseline = contiguous_phy2log(num_layers, num_experts, num_gpus, math.ceil(num_experts / num_gpus))
     rows = []
     for step in sorted(int(s) for s in step_tokens):
-        tokens, prim = tile_tokens(ids, primary, step)
+        tokens, gates = tile_tokens(ids, weights, step)
 
-        def run(phy2log: np.ndarray, **extra: Any) -> dict[str, float]:
-            return simulate(phy2log=phy2log, num_gpus=num_gpus, ids=tokens, primary=prim, num_experts=num_experts,
-                            cost=cost, step_tokens=step, **simulate_args, **extra).metrics()
+        def run(phy2log: np.ndarray, how: str) -> dict[str, float]:
+            return score(expert_location(phy2log, num_gpus, num_experts), tokens, gates, cost, step, dataflow, how,
+                         charge).metrics()
 
-        base = run(baseline)
+        base = run(baseline, "dynamic")
         for key, phy2log in sorted(placements.items()):
-            metrics = run(phy2log, **({"dispatch": dispatch[key]} if dispatch and key in dispatch else {}))
+            metrics = run(phy2log, dispatch.get(key, "dynamic") if dispatch else "dynamic")
             rows.append({"topology": topology, "label": f"{key[0]}-r{key[1]}", "solver": key[0],
                          "replicas": key[1], "step_tokens": step, "num_steps": metrics["num_steps"],
                          "tiled": tokens.shape[0] > ids.shape[0], "layer_time_s": metrics["layer_time_s"],

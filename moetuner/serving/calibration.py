@@ -5,10 +5,11 @@ Compute, per (step, layer, rank) row (least squares):
 Links, per (step, layer) (every rank waits for the slowest port, so one rank's bytes do not explain
 its exchange time; the phase does): the layer's communication time, the mean over ranks of layer_s
 minus the largest compute_s, is fitted (non-negative least squares on the simulator's own formula,
-`cost.a2a_time`) by the dispatch and the combine phase, each
+`cost.a2a_time`, serial links) by the dispatch and the combine phase, each
   max over ranks of max(send, receive), send = intra bytes / intra_bw + inter bytes / inter_bw +
-  the latency of the farthest peer (inter-node if any bytes cross nodes, else intra-node); receive alike,
-with the bytes of the rank's ports in that phase (the bytes_<phase>_<sent|received>_<level> columns).
+  the largest latency of a level it sends on; receive alike,
+with the bytes of the rank's ports in that phase (the bytes_<phase>_<sent|received>_<level> columns;
+`port_phases` writes them as copies for a2a_time).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import least_squares
 
+from moetuner.costmodel.cost import CostModel, a2a_time
 from moetuner.serving.emulation import shaped_run
 from moetuner.serving.measure import PORT_COLUMNS
 
@@ -61,12 +63,46 @@ def port_bytes(per_layer: pd.DataFrame) -> np.ndarray:
     return table[PORT_COLUMNS].to_numpy(float).reshape(groups, ranks, 2, 2, 2)
 
 
+def port_phases(ports: np.ndarray) -> np.ndarray:
+    """Every (group, phase) exchange as copies of one byte that cost.a2a_time prices from the ranks' port
+    bytes alone: rank r (of R) sends its intra / inter bytes to virtual peers R + r / 2R + r and receives
+    them from 3R + r / 4R + r (a virtual peer's send or receive is one term of its rank's, so never the
+    largest). ports [N, R, 2, 2, 2] (group, rank, phase, sent|received, intra|inter) -> [N, 2, 5R, 5R]"""
+    groups, ranks = ports.shape[:2]
+    copies = np.zeros((groups, 2, 5 * ranks, 5 * ranks))
+    rank = np.arange(ranks)
+    for level in range(2):
+        copies[:, :, rank, (1 + level) * ranks + rank] = ports[:, :, :, 0, level].transpose(0, 2, 1)
+        copies[:, :, (3 + level) * ranks + rank, rank] = ports[:, :, :, 1, level].transpose(0, 2, 1)
+    return copies
+
+
+def port_cost(ranks: int, seconds_per_byte: np.ndarray, latency: np.ndarray) -> CostModel:
+    """The serial-link cost model of port_phases' 5R peers: level l's links (intra, inter) at
+    1 / seconds_per_byte[l] B/s with latency[l]."""
+    size, rank = 5 * ranks, np.arange(ranks)
+    level = -np.ones((size, size), dtype=np.int64)
+    for lvl in range(2):
+        level[rank, (1 + lvl) * ranks + rank] = lvl
+        level[(3 + lvl) * ranks + rank, rank] = lvl
+    rate = [np.inf if spb <= 0 else 1.0 / spb for spb in seconds_per_byte]
+    bandwidth = np.where(level == 0, rate[0], np.where(level == 1, rate[1], np.inf))
+    lat = np.where(level == 0, latency[0], np.where(level == 1, latency[1], 0.0))
+    return CostModel(per_token_s=0.0, floor_s=0.0, fixed_s=0.0, token_bytes=1.0, bandwidth=bandwidth, latency=lat,
+                     node=np.zeros(size, dtype=np.int64))
+
+
+def priced_phases(copies: np.ndarray, seconds_per_byte: np.ndarray, latency: np.ndarray) -> np.ndarray:
+    """cost.a2a_time of port_phases' copies [N, 2, 5R, 5R] under those links. -> [N, 2]"""
+    return a2a_time(copies, port_cost(copies.shape[-1] // 5, seconds_per_byte, latency))
+
+
 def phase_times(ports: np.ndarray, seconds_per_byte: np.ndarray, latency: np.ndarray) -> np.ndarray:
-    """The simulator's a2a_time of every phase from the ports' bytes. ports [N, R, 2, 2, 2] (group, rank,
-    phase, sent|received, intra|inter), seconds_per_byte and latency [2] (intra, inter) -> [N, 2]"""
-    busy = (ports * seconds_per_byte).sum(-1)
-    wait = np.where(ports[..., 1] > 0, latency[1], np.where(ports[..., 0] > 0, latency[0], 0.0))
-    return (busy + wait).max(axis=(1, 3))
+    """The simulator's a2a_time of every phase from the ports' bytes (serial links: a rank's send is its
+    intra bytes / intra bandwidth + inter bytes / inter bandwidth + the largest latency of a level it
+    sends on; receive alike). ports [N, R, 2, 2, 2] (group, rank, phase, sent|received, intra|inter),
+    seconds_per_byte and latency [2] (intra, inter) -> [N, 2]"""
+    return priced_phases(port_phases(ports), seconds_per_byte, latency)
 
 
 def fit_links(ports: np.ndarray, comm_s: np.ndarray) -> np.ndarray:
@@ -76,21 +112,22 @@ def fit_links(ports: np.ndarray, comm_s: np.ndarray) -> np.ndarray:
     nodes) is NaN."""
     scale_t = max(float(np.median(comm_s)), 1e-12)
     scale_b = max(float(ports.sum(axis=(1, 2, 3)).max(axis=-1).mean()), 1.0)
+    copies = port_phases(ports)
 
     def residual(x: np.ndarray) -> np.ndarray:
-        return (phase_times(ports, x[:2] * scale_t / scale_b, x[2:] * scale_t).sum(1) - comm_s) / scale_t
+        return (priced_phases(copies, x[:2] * scale_t / scale_b, x[2:] * scale_t).sum(1) - comm_s) / scale_t
 
     best = None
     for start in ([1.0, 1.0, 0.1, 0.1], [0.1, 1.0, 0.05, 0.2], [1.0, 0.1, 0.2, 0.05]):
         sol = least_squares(residual, np.array(start), bounds=(0, np.inf), x_scale=1.0)
         best = sol if best is None or sol.cost < best.cost else best
     links = np.concatenate([best.x[:2] * scale_t / scale_b, best.x[2:] * scale_t])
-    fitted = phase_times(ports, links[:2], links[2:])
+    fitted = priced_phases(copies, links[:2], links[2:])
     undecided = []
     for i in range(4):  # a constant that decides no phase is not determined by these runs
         moved = links.copy()
         moved[i] = 0.0
-        undecided.append(np.allclose(phase_times(ports, moved[:2], moved[2:]), fitted, rtol=1e-6, atol=0.0))
+        undecided.append(np.allclose(priced_phases(copies, moved[:2], moved[2:]), fitted, rtol=1e-6, atol=0.0))
     return np.where(undecided, np.nan, links)
 
 

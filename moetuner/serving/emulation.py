@@ -31,7 +31,9 @@ import torch
 
 from moetuner.serving.replay import ReplaySettings, step_ranges
 from moetuner.costmodel.cost import CostModel, cost_model
-from moetuner.costmodel.simulator import SimResult, primary_column, simulate
+from moetuner.costmodel.score import score
+from moetuner.costmodel.simulator import SimResult
+from moetuner.placement import expert_location
 from moetuner.topology import Topology
 from moetuner.trace import Trace
 
@@ -156,12 +158,13 @@ def served_window(num_tokens: int, settings: ReplaySettings) -> slice:
 
 
 def predict_served(trace: Trace, phy2log: np.ndarray, cost: CostModel, settings: ReplaySettings) -> SimResult:
-    """The simulator on exactly the measured steps of a replay (same dataflow and dispatch)."""
+    """The cost model (costmodel.score) on exactly the measured steps of a replay (same dataflow and dispatch).
+    The replay makes lp / lp_comm's decision on this CPU, undilated, so the prediction is the free time
+    (no decision charge)."""
     window = served_window(trace.num_tokens, settings)
-    ids = trace.topk_ids[window].astype(np.int64)
-    primary = primary_column(trace.topk_ids, trace.topk_weights)[window]
-    return simulate(phy2log, cost.num_gpus, ids, primary, trace.num_experts, cost, settings.step_tokens,
-                    settings.dataflow, settings.dispatch)
+    weights = None if trace.topk_weights is None else trace.topk_weights[window]
+    return score(expert_location(phy2log, cost.num_gpus, trace.num_experts), trace.topk_ids[window], weights, cost,
+                 settings.step_tokens, settings.dataflow, settings.dispatch).result
 
 
 def add_predictions(table: pd.DataFrame, sim: SimResult, warmup_steps: int, dilation: float) -> pd.DataFrame:

@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from moetuner.placement import logical_replica_count, logical_to_physical_map
+from moetuner.placement import expert_location
 from moetuner.serving.ep_moe import LayerTimes, choose_slots, ep_layer
 from moetuner.serving.experts import LocalExperts
 from moetuner.serving.measure import Cluster, layer_row
@@ -66,8 +66,8 @@ class EPExperts(nn.Module):
         held = torch.from_numpy(np.where(mine >= 0, mine, 0))  # empty slots: never addressed
         self.local = LocalExperts(experts.gate_up_proj.detach()[held].clone(),
                                   experts.down_proj.detach()[held].clone(), experts.act_fn)
-        self.log2phy = torch.from_numpy(logical_to_physical_map(phy2log_row[None], num_experts)[0])
-        self.counts = torch.from_numpy(logical_replica_count(phy2log_row[None], num_experts)[0])
+        location = expert_location(phy2log_row[None], cluster.world, num_experts)
+        self.log2phy, self.counts = torch.from_numpy(location.log2phy[0]), torch.from_numpy(location.count[0])
         self.cluster, self.rank, self.record = cluster, rank, record
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:

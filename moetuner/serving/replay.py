@@ -24,14 +24,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from moetuner.costmodel.cost import CostModel
-from moetuner.costmodel.replicas import layer_slots
+from moetuner.costmodel.replicas import choose_step_slots
 from moetuner.costmodel.settings import check_dataflow, check_dispatch
-from moetuner.placement import logical_replica_count, logical_to_physical_map
+from moetuner.placement import expert_location
 from moetuner.serving.ep_moe import ExpertFn, choose_slots, ep_layer
 from moetuner.serving.experts import random_experts
 from moetuner.serving.measure import Cluster, layer_row
-from moetuner.costmodel.simulator import choose_step_slots, primary_column
-from moetuner.trace import Trace
+from moetuner.trace import Trace, primary_column
 
 class ReplayError(ValueError):
     """The replay settings do not fit the trace or placement."""
@@ -102,13 +101,13 @@ def replay(trace: Trace, phy2log: np.ndarray, settings: ReplaySettings, cluster:
     inter = max(1, trace.moe_intermediate_size // settings.shape_scale)
     experts = [expert_fn or random_experts(spr, hidden, inter, settings.seed + 1000 * layer + rank)
                for layer in range(num_layers)]
-    log2phy = torch.from_numpy(logical_to_physical_map(phy2log, trace.num_experts))
-    counts = torch.from_numpy(logical_replica_count(phy2log, trace.num_experts))
+    location = expert_location(phy2log, world, trace.num_experts)
+    log2phy, counts = torch.from_numpy(location.log2phy), torch.from_numpy(location.count)
     ids = torch.from_numpy(trace.topk_ids.astype(np.int64))  # [T, L, k]
     weights = torch.ones(ids.shape) if trace.topk_weights is None else \
         torch.from_numpy(trace.topk_weights.astype(np.float32))
     primary = torch.from_numpy(primary_column(trace.topk_ids, trace.topk_weights))
-    routing = layer_slots(phy2log, world, trace.num_experts)
+    routing = location.layers()
     relay = cluster.ranks_per_node if settings.dataflow == "hierarchical" else None
     gen = torch.Generator().manual_seed(settings.seed)
     rows: list[dict] = []

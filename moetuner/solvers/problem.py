@@ -6,6 +6,10 @@ scaled to the total token count (weights equal to the token shares give exactly 
 the concatenated trace). Solvers that score steps (steptail) evaluate each domain's own steps and
 combine them with `robust`: `mean` (weighted mean) or `worst` (the domain slowest relative to its
 contiguous layout, i.e. the smallest speedup).
+
+A problem can also be built from a load profile (`from_load_profile`: loads per expert read from an
+engine's load dump, `moetuner.load_profile`): `load` is then the profile's, and `transitions` and
+`coactivation`, which need token-level routing, raise ProblemError.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import numpy as np
 from moetuner.profiling.stats import coactivation, expert_load, transitions
 from moetuner.costmodel.settings import check_choice, check_dataflow, check_dispatch
 from moetuner.topology import Topology, TopologyError
+from moetuner.load_profile import LoadProfile
 from moetuner.trace import Trace
 
 ROBUST = ("mean", "worst")
@@ -84,6 +89,7 @@ class PlacementProblem:
     domains: tuple[Trace, ...] = ()
     weights: tuple[float, ...] = ()
     robust: str = "mean"
+    load_counts: np.ndarray | None = None  # float [L, E] of a load profile (then `profile` has no tokens)
 
     def __post_init__(self) -> None:
         if not self.domains:
@@ -103,6 +109,22 @@ class PlacementProblem:
         if not traces:
             raise ProblemError("no profile trace given; pass trace=PATH or trace=[PATH,PATH,...]")
         return cls(concat_traces(traces), topology, domains=traces, weights=tuple(weights or ()), **kwargs)
+
+    @classmethod
+    def from_load_profile(cls, profile: LoadProfile, topology: Topology, **kwargs: Any) -> "PlacementProblem":
+        """A problem over a load profile's loads (summed over its steps); no token-level statistics."""
+        return cls(profile.shape_trace(), topology, load_counts=profile.load.astype(float), **kwargs)
+
+    @property
+    def load_only(self) -> bool:
+        """True for a problem from a load profile: loads per expert, no co-activation or transitions."""
+        return self.load_counts is not None
+
+    def _needs_tokens(self, what: str) -> None:
+        if self.load_only:
+            raise ProblemError(f"{what} needs token-level routing (which experts each token chose), and the "
+                               f"profile {self.profile.source!r} is a load profile with expert loads only; "
+                               f"solve it with a load-only solver or give a routing trace")
 
     @property
     def num_layers(self) -> int:
@@ -137,16 +159,20 @@ class PlacementProblem:
     @cached_property
     def load(self) -> np.ndarray:
         """Tokens routed to each expert (weighted over domains). float [L, E]"""
+        if self.load_counts is not None:
+            return self.load_counts
         return self.weighted(lambda t: expert_load(t.topk_ids, self.num_experts))
 
     @cached_property
     def transitions(self) -> np.ndarray:
         """Inter-layer transition counts over the k x k product (weighted over domains). float [L-1, E, E]"""
+        self._needs_tokens("the transition statistic")
         return self.weighted(lambda t: transitions(t.topk_ids, self.num_experts))
 
     @cached_property
     def coactivation(self) -> np.ndarray:
         """Tokens choosing both e1 and e2 in a layer (weighted over domains). float [L, E, E]"""
+        self._needs_tokens("the co-activation statistic")
         return self.weighted(lambda t: coactivation(t.topk_ids, self.num_experts))
 
     def combine(self, per_domain: np.ndarray, reference: np.ndarray | None = None) -> float:

@@ -21,7 +21,7 @@ import numpy as np
 from moetuner.placement import Placement, gpu_loads
 from moetuner.profiling.stats import imbalance
 from moetuner.solvers.mip import relative_gap
-from moetuner.solvers.problem import PlacementProblem
+from moetuner.solvers.problem import PlacementProblem, ProblemError
 
 Solver = Callable[[PlacementProblem, Mapping[str, Any]], Placement]
 
@@ -37,6 +37,9 @@ SOLVERS: dict[str, str] = {
     "steptail": "moetuner.solvers.steptail:solve_steptail",
 }
 """Solver name -> 'module:function' (imported on first use)."""
+LOAD_ONLY_SOLVERS = ("contiguous", "round_robin", "greedy", "eplb")
+"""Solvers that need expert loads alone, so can place from a load profile (`PlacementProblem.load_only`).
+The others score co-activation (partition), transitions (exflow, moetuner) or token-level steps (steptail)."""
 
 
 class UnknownSolverError(ValueError):
@@ -51,10 +54,25 @@ def get_solver(name: str) -> Solver:
     return getattr(importlib.import_module(module), func)
 
 
+def check_solver_inputs(problem: PlacementProblem, solver: str) -> Solver:
+    """The solver registered as `solver`, after checking the problem has the statistics it needs."""
+    solver_fn = get_solver(solver)
+    if problem.load_only and solver not in LOAD_ONLY_SOLVERS:
+        raise ProblemError(f"solver {solver!r} needs token-level routing (co-activation, transitions or step "
+                           f"scoring) and {problem.profile.source!r} is a load profile with expert loads only "
+                           f"(no co-activation data); use one of {list(LOAD_ONLY_SOLVERS)}, or a routing trace")
+    return solver_fn
+
+
 def solve_placement(problem: PlacementProblem, solver: str, options: Mapping[str, Any]) -> Placement:
-    """Run solver `solver` on `problem`; record the model, topology and replicas in the placement."""
-    placement = get_solver(solver)(problem, options)
+    """Run solver `solver` on `problem`; record the model (and its decoder layers, where the profile knows
+    them), topology and replicas in the placement."""
+    placement = check_solver_inputs(problem, solver)(problem, options)
+    total = problem.profile.extra.get("num_hidden_layers")
+    if total is not None:
+        placement.extra.update(num_hidden_layers=int(total))
     placement.extra.update(num_experts=problem.num_experts, replicas=problem.replicas,
+                           moe_layers=[int(x) for x in problem.profile.moe_layers],
                            topology=problem.topology.name, model=problem.profile.model,
                            source=problem.profile.source, dispatch=problem.dispatch, dataflow=problem.dataflow)
     if len(problem.domains) > 1:

@@ -37,14 +37,13 @@ from typing import Any
 import numpy as np
 
 from moetuner.solvers.completion import finish
-from moetuner.placement import Placement, logical_replica_count
+from moetuner.placement import Placement, expert_location, logical_replica_count
 from moetuner.solvers.problem import PlacementProblem
 from moetuner.solvers.registry import get_solver
 from moetuner.costmodel.cost import CostModel, cost_model
-from moetuner.costmodel.replicas import layer_slots
-from moetuner.costmodel.simulator import primary_column, simulate, simulate_layer
+from moetuner.costmodel.score import score, score_layer
 from moetuner.costmodel.bounds import lower_bound as simulator_bound
-from moetuner.trace import Trace
+from moetuner.trace import Trace, primary_column
 
 WARM_STARTS = ("eplb", "greedy", "partition", "exflow", "round_robin", "contiguous")
 MAX_MOVES = 3000
@@ -91,13 +90,15 @@ def profile_steps(problem: PlacementProblem) -> list[Steps]:
 
 def step_objective(phy2log: np.ndarray, problem: PlacementProblem, cost: CostModel, steps: list[Steps],
                    dispatch: str | None = None) -> np.ndarray:
-    """Per domain, the mean over its steps of each layer's time. phy2log [L, P] -> [D, L]"""
+    """Per domain, the mean over its steps of each layer's time (without lp / lp_comm's decision charge, which
+    is the same for every placement with a replica in each layer). phy2log [L, P] -> [D, L]"""
+    location = expert_location(phy2log, problem.num_gpus, problem.num_experts)
     out = []
     for domain in steps:
         ids, primary = domain.flat
-        result = simulate(phy2log, problem.num_gpus, ids, primary, problem.num_experts, cost, domain.ids.shape[1],
-                          problem.dataflow, dispatch or problem.dispatch)
-        out.append(result.layer_time_s.mean(0))
+        scored = score(location, ids, None, cost, domain.ids.shape[1], problem.dataflow, dispatch or problem.dispatch,
+                       primary=primary)
+        out.append(scored.free_layer_s.mean(0))
     return np.stack(out)
 
 
@@ -123,14 +124,14 @@ class LayerSearch:
 
     def evaluate(self, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(per-domain mean layer time [D], per-GPU compute summed over all steps [G]) of a row [P]."""
-        slots = layer_slots(row[None], self.problem.num_gpus, self.problem.num_experts)[0]
+        slots = expert_location(row[None], self.problem.num_gpus, self.problem.num_experts).layer(0)
         times, busy = [], np.zeros(self.problem.num_gpus)
         for domain, src in zip(self.steps, self.src):
             token = np.arange(domain.ids.shape[1])
             home = token % self.problem.num_gpus
             total = 0.0
             for s in range(len(domain.ids)):
-                step = simulate_layer(domain.ids[s, :, self.layer], token, src[s], domain.primary[s, :, self.layer],
+                step = score_layer(domain.ids[s, :, self.layer], token, src[s], domain.primary[s, :, self.layer],
                                       home if self.to_home else None, slots, self.cost, self.dispatch,
                                       dataflow=self.problem.dataflow)
                 total += step.time_s
@@ -141,7 +142,7 @@ class LayerSearch:
     def next_src(self, row: np.ndarray) -> list[np.ndarray]:
         """Expert-to-expert: where each token's activation is after this layer (its primary expert's
         first replica). -> per domain [S, B]"""
-        slots = layer_slots(row[None], self.problem.num_gpus, self.problem.num_experts)[0]
+        slots = expert_location(row[None], self.problem.num_gpus, self.problem.num_experts).layer(0)
         out = []
         for domain in self.steps:
             gpu = slots.gpu_of_slot[slots.log2phy[domain.ids[:, :, self.layer], 0]]  # [S, B, k]

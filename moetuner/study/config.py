@@ -25,6 +25,7 @@ TRACE_KINDS: dict[str, tuple[str, ...]] = {
     "file": ("path",),  # a trace file in the repository (path relative to the project root)
     "import": ("real",),  # real routing under shared_data (skipped and reported when absent)
     "synth": (),
+    "loads": ("of",),  # the load profile of trace `of` (per-step expert loads, as an engine dumps them)
 }
 GRID_KEYS = ("traces", "topologies", "solvers", "replicas", "evaluate_on")
 
@@ -43,6 +44,23 @@ def _check_names(setting: str, names: list[str], known: list[str], what: str) ->
         raise StudyConfigError(f"{setting}: unknown {what} {unknown}; choose from {known}")
 
 
+def _check_token_traces(setting: str, names: list[str], traces: Mapping[str, Any]) -> None:
+    loads = [n for n in names if traces[n]["kind"] == "loads"]
+    if loads:
+        raise StudyConfigError(f"{setting}: {loads} are load profiles, which have no token-level routing to "
+                               f"serve or profile; name routing traces here")
+
+
+def check_load_only(setting: str, names: list[str], solvers: list[str], traces: Mapping[str, Any]) -> None:
+    """A grid over a `loads` trace may only use solvers that need loads alone (LOAD_ONLY_SOLVERS)."""
+    from moetuner.solvers.registry import LOAD_ONLY_SOLVERS
+
+    bad = [s for s in solvers if s not in LOAD_ONLY_SOLVERS]
+    if bad and any(traces[n]["kind"] == "loads" for n in names):
+        raise StudyConfigError(f"{setting}: solvers {bad} need token-level routing and the grid has a loads trace; "
+                               f"put loads traces in a grid of {list(LOAD_ONLY_SOLVERS)}")
+
+
 def check_traces(traces: Mapping[str, Any], project: Path) -> None:
     """Every trace spec has a known kind and its keys; every `file` trace exists under `project`."""
     if not traces:
@@ -54,6 +72,9 @@ def check_traces(traces: Mapping[str, Any], project: Path) -> None:
         missing = [k for k in TRACE_KINDS[kind] if k not in spec]
         if missing:
             raise StudyConfigError(f"traces.{name}: kind {kind} needs {missing}")
+        if kind == "loads" and traces.get(spec["of"], {}).get("kind") in (None, "loads"):
+            raise StudyConfigError(f"traces.{name}.of={spec['of']!r}: name a routing trace of this config (not "
+                                   f"a loads trace); its profile split's loads are what the load-only solvers see")
         if kind == "file" and not (project / spec["path"]).is_file():
             raise StudyConfigError(f"traces.{name}.path={spec['path']}: no such file under {project}; "
                                    f"the path is relative to the project root (see data/README.md)")
@@ -76,12 +97,14 @@ def check_study_config(config: Mapping[str, Any], project: Path) -> None:
         _check_names(f"grids[{i}].evaluate_on", list(grid["evaluate_on"]), ["heldout", *traces], "evaluation(s)")
         _check_names(f"grids[{i}].topologies", list(grid["topologies"]), topologies, "topology")
         _check_names(f"grids[{i}].solvers", list(grid["solvers"]), solvers, "solver(s)")
+        check_load_only(f"grids[{i}]", grid["traces"], grid["solvers"], traces)
         bad = [r for r in grid["replicas"] if not isinstance(r, int) or r < 0]
         if bad:
             raise StudyConfigError(f"grids[{i}].replicas: {bad}; replicas are integers >= 0")
     regime = config.get("regime")
     if regime:
         _check_names("regime.traces", list(regime["traces"]), list(traces), "trace(s)")
+        _check_token_traces("regime.traces", regime["traces"], traces)
         _check_names("regime.topologies", list(regime["topologies"]), topologies, "topology")
     online = config.get("online")
     if online:
@@ -89,5 +112,6 @@ def check_study_config(config: Mapping[str, Any], project: Path) -> None:
     serve = config.get("serve")
     if serve:
         _check_names("serve.traces", list(serve["traces"]), list(traces), "trace(s)")
+        _check_token_traces("serve.traces", serve["traces"], traces)
         _check_names("serve.topology", [serve["topology"]], topologies, "topology")
         _check_names("serve.solvers", list(serve["solvers"]), solvers, "solver(s)")

@@ -39,8 +39,9 @@ def real_data_present(spec: Mapping[str, Any], shared: Path) -> bool:
 
 
 def available_traces(traces: Mapping[str, Mapping[str, Any]], shared: Path) -> list[str]:
-    """Names of the traces that can be made, in config order."""
-    return [name for name, spec in traces.items() if real_data_present(spec, shared)]
+    """Names of the traces that can be made, in config order (a `loads` trace when the trace it is of can)."""
+    made = {name for name, spec in traces.items() if spec["kind"] != "loads" and real_data_present(spec, shared)}
+    return [name for name, spec in traces.items() if name in made or (spec["kind"] == "loads" and spec["of"] in made)]
 
 
 def skipped_traces(traces: Mapping[str, Mapping[str, Any]], shared: Path) -> list[str]:
@@ -49,9 +50,14 @@ def skipped_traces(traces: Mapping[str, Mapping[str, Any]], shared: Path) -> lis
             if not real_data_present(spec, shared)]
 
 
-def traces_of_kind(traces: Mapping[str, Mapping[str, Any]], kind: str) -> str:
-    """Wildcard constraint (a regex) matching exactly the trace names of `kind` ('^$' when none)."""
-    return "|".join(re.escape(n) for n, s in traces.items() if s["kind"] == kind) or "^$"
+def traces_of_kind(traces: Mapping[str, Mapping[str, Any]], *kinds: str) -> str:
+    """Wildcard constraint (a regex) matching exactly the trace names of the `kinds` ('^$' when none)."""
+    return "|".join(re.escape(n) for n, s in traces.items() if s["kind"] in kinds) or "^$"
+
+
+ROUTING_KINDS = ("extract", "file", "import", "synth")
+"""Trace kinds with token-level routing: split by `moetuner-split`; a `loads` trace's split is its `of` trace's,
+the profile part turned into loads (`moetuner-import format=trace`)."""
 
 
 # --- the file layout under `results` --------------------------------------------------------------
@@ -146,8 +152,8 @@ def serve_targets(config: StudyConfig, available: Sequence[str], results: str) -
 
 
 def profile_targets(config: StudyConfig, available: Sequence[str], results: str) -> list[str]:
-    """Profiles of the traces placements are solved from (grids and serving), sorted by trace."""
-    solved = {point[0] for point in grid_points(config, available)} | \
+    """Profiles of the routing traces placements are solved from (grids and serving), sorted by trace."""
+    solved = {point[0] for point in grid_points(config, available) if config["traces"][point[0]]["kind"] != "loads"} | \
         {point[0] for point in serve_points(config, available)}
     return [profile_path(results, trace) for trace in sorted(solved)]
 

@@ -49,8 +49,8 @@ def shipped_trace_file(wildcards):
     return str(PROJECT / TRACES[wildcards.trace]["path"])
 
 
-def traces_of_kind(kind):
-    return targets.traces_of_kind(TRACES, kind)
+def traces_of_kind(*kinds):
+    return targets.traces_of_kind(TRACES, *kinds)
 
 
 def extract_model(wildcards):

@@ -1,5 +1,6 @@
 # Traces: tiny preset models extract routing from text; real routing shipped in data/ is copied, or
-# imported from shared_data; synthetic traces.
+# imported from shared_data; synthetic traces. A `loads` trace's split is its `of` trace's, the profile
+# part turned into per-step expert loads (a load profile, as an engine dumps them).
 
 
 rule build_model:
@@ -95,6 +96,8 @@ rule split:
     output:
         profile=split_path("{trace}", "profile"),
         heldout=split_path("{trace}", "heldout"),
+    wildcard_constraints:
+        trace=traces_of_kind(*targets.ROUTING_KINDS),
     params:
         app=lambda w: app("split", w),
         args=overrides(config["split"]),
@@ -107,3 +110,26 @@ rule split:
         "../envs/moetuner.yaml"
     shell:
         "{params.app} moetuner-split trace={input.trace} out={params.out} {params.args} > {log} 2>&1"
+
+
+rule loads_split:
+    input:
+        profile=lambda w: split_path(TRACES[w.trace]["of"], "profile"),
+        heldout=lambda w: split_path(TRACES[w.trace]["of"], "heldout"),
+    output:
+        profile=split_path("{trace}", "profile"),
+        heldout=split_path("{trace}", "heldout"),
+    wildcard_constraints:
+        trace=traces_of_kind("loads"),
+    params:
+        app=lambda w: app("import_trace", w),
+        args=lambda w: overrides(TRACES[w.trace].get("args", [])),
+    log:
+        log_path("loads_split", "{trace}"),
+    benchmark:
+        bench_path("loads_split", "{trace}")
+    conda:
+        "../envs/moetuner.yaml"
+    shell:
+        "{params.app} moetuner-import format=trace path={input.profile} out={output.profile} {params.args} "
+        "> {log} 2>&1 && cp {input.heldout} {output.heldout}"

@@ -3,8 +3,9 @@
 Each published number is reproduced by simulating the benchmark's own workload and deriving the quantity
 the table reports, with the benchmark's own byte conventions:
 
-- DeepGEMM FP8 GEMMs (dense, grouped contiguous, grouped masked): the GemmCurve of the `efficiency` expert
-  model times one kernel of `groups` GEMMs of M = m_per_group rows (kernel_s(K) + groups * time(m, N, K));
+- DeepGEMM FP8 GEMMs (dense, grouped contiguous, grouped masked): the tile form of the `efficiency` expert
+  model (costmodel/tiles.py) times one kernel of `groups` GEMMs of M = m_per_group rows on the GPU's SMs,
+  with DeepGEMM's own block shapes, tiles and waves;
   TFLOPS = 2 * groups * m * N * K / t, GB/s = groups * (m*K + N*K + 2*m*N) / t (FP8 in, BF16 out; the
   README's numbers satisfy this byte count to 0.2%).
 - DeepEP normal kernels (4096 tokens per rank, top-8 of 256 experts spread EP-wise contiguously, groups =
@@ -13,13 +14,15 @@ the table reports, with the benchmark's own byte conventions:
   bandwidth" is DeepEP's logical bandwidth: intranode, the tokens a rank receives (distinct token-GPU pairs,
   its own included) x bytes / phase time; internode, the distinct (token, node) pairs a rank sends, its own
   node included, x bytes / phase time. Bytes: FP8 dispatch h + h/128*4 (scales), BF16 combine 2h.
-- DeepEP low-latency kernels (128 tokens per rank, top-8 of 256, no group limit): one layer of the
+- DeepEP low-latency kernels (128 tokens per rank, top-8 of 288 experts at EP 8-32 as DeepEP's test runs
+  them, of 256 at EP 64-256 where 288 does not divide, no group limit): one layer of the
   `low_latency` dataflow; latency = phase time, bandwidth = the rank's token-expert pairs x (h + h/128*4 + 16)
   for dispatch (tests/test_low_latency.py's count) or x 2h for combine, / phase time.
 
-The fit/validation split is fixed before fitting (FIT_RULES): GEMMs are fitted on the two expert shapes of
-DeepSeek-V3 (N, K) = (4096, 7168) and (7168, 2048) at M >= 128 and checked on M = 64 and on the other
-dense shapes; communication is fitted on EP <= 32 and checked on EP 64, 128 and 256.
+The fit/validation split is fixed before fitting (FIT_RULES): GEMMs are fitted on every shape and layout at
+M >= 128 (DeepGEMM's BLOCK_M = 128) and checked on M = 64 (BLOCK_M = 64), the four non-expert dense shapes
+included; communication is fitted on EP <= 32 and checked on EP 64; the low-latency rows of EP 128 and 256,
+which DeepEP's older kernel measured, are reported as their own group.
 """
 
 from __future__ import annotations
@@ -34,21 +37,24 @@ import pandas as pd
 from scipy.optimize import least_squares
 
 from moetuner.atomic import write_atomic, write_text_atomic
-from moetuner.costmodel.cost import SCALE_BYTES, CostModel, GemmCurve, a2a_time, copy_matrix, pair_copy_matrix
+from moetuner.costmodel.cost import SCALE_BYTES, CostModel, a2a_time, copy_matrix, pair_copy_matrix
+from moetuner.costmodel.tiles import TileGemm, block_shape, cdiv, tile_count, tile_gemm
 from moetuner.costmodel.simulator import phases, relay_copies
 from moetuner.published import TABLES, load_table
 from moetuner.topology import GB
 
 HIDDEN = 7168  # DeepSeek-V3/R1
 EXPERTS, TOP_K, GPUS_PER_NODE = 256, 8, 8
-EXPERT_SHAPES = ((4096, 7168), (7168, 2048))  # (N, K) of V3's fused gate+up and down GEMMs
+LL_TEST_EXPERTS = 288  # DeepEP's tests/test_low_latency.py: num_experts = 288 (it asserts 288 % EP == 0)
 FP8_TOKEN_BYTES = HIDDEN + HIDDEN // 128 * SCALE_BYTES  # FP8 values + one float32 scale per 128
 LL_DISPATCH_BYTES = FP8_TOKEN_BYTES + 16  # tests/test_low_latency.py counts 16 more bytes per pair
 BF16_TOKEN_BYTES = 2 * HIDDEN
-ROW_COLUMNS = ["source", "table", "kind", "ep", "tokens", "m", "n", "k", "unit", "published", "simulated",
-               "rel_error", "used_in_fit"]
-FIT_RULES = {"gemm": "expert shapes (N, K) in {(4096, 7168), (7168, 2048)} at M >= 128",
-             "comm": "EP <= 32"}
+ROW_COLUMNS = ["source", "table", "gpu", "kernel", "measured_commit", "kind", "ep", "tokens", "m", "n", "k",
+               "block_m", "block_n", "tiles", "waves", "unit", "preset", "published", "simulated", "rel_error", "used_in_fit", "split"]
+PROVENANCE = ["gpu", "kernel", "measured_commit"]
+OLDER_KERNEL = "DeepEP V1, first release"  # low-latency EP 128/256: not re-measured by de8cfca
+FIT_RULES = {"gemm": "M >= 128 (BLOCK_M 128), every shape and layout; M = 64 (BLOCK_M 64) is validation",
+             "comm": "EP <= 32; low-latency rows of the older kernel (EP 128/256) form their own group"}
 
 
 @dataclass(frozen=True)
@@ -76,23 +82,41 @@ class Links:
 
 @dataclass(frozen=True)
 class Gemm:
-    """GEMM constants of the `efficiency` expert model (TFLOP/s, GB/s, ns per unit of K)."""
+    """Fitted constants of the tile form of the `efficiency` expert model (costmodel/tiles.py), in the units of
+    the calibration keys: TFLOP/s and GB/s per SM, GB/s of HBM, overlap exponent, us per tile and per kernel."""
 
-    gemm_peak_tflops: float
+    gemm_sm_tflops: float
+    gemm_sm_load_GBps: float
     gemm_mem_bw_GBps: float
     gemm_overlap_q: float
-    gemm_k_latency_ns: float
+    gemm_tile_us: float
+    gemm_kernel_us: float
 
-    def curve(self) -> GemmCurve:
-        return GemmCurve(self.gemm_peak_tflops * 1e12, self.gemm_mem_bw_GBps * GB, self.gemm_overlap_q,
-                         self.gemm_k_latency_ns * 1e-9)
+    def tiles(self, num_sms: int) -> TileGemm:
+        return tile_gemm({**asdict(self), "gemm_num_sms": num_sms})
 
 
-def gemm_seconds(gemm: Gemm, groups: np.ndarray, m: np.ndarray, n: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """Seconds of one grouped FP8 GEMM kernel: kernel_s(K) + groups * time(m, N, K). Each [R] -> [R]"""
-    curve = gemm.curve()
-    body = np.array([curve.time(mi, int(ni), int(ki)) for mi, ni, ki in zip(m, n, k)], dtype=float)
-    return curve.k_latency_s * k + groups * body
+LAYOUT_OF = {"deepgemm_dense": "dense", "deepgemm_grouped_contiguous": "contiguous",
+             "deepgemm_grouped_masked": "masked"}
+SMS = {"H800": 132, "H100": 132, "H200": 132, "B200": 148}  # streaming multiprocessors per GPU
+
+
+def gemm_seconds(gemm: Gemm, rows: pd.DataFrame) -> np.ndarray:
+    """Seconds of each row's kernel on its GPU's SMs (rows as gemm_rows()). -> [R]"""
+    return np.array([gemm.tiles(SMS[r.gpu]).kernel_time(int(r.m), int(r.n), int(r.k), int(r.groups),
+                                                        LAYOUT_OF[r.table]) for r in rows.itertuples()])
+
+
+def gemm_tiles(rows: pd.DataFrame) -> pd.DataFrame:
+    """DeepGEMM's block shape, output tiles and waves of each row (rows as gemm_rows()):
+    columns block_m, block_n, tiles, waves. [R]"""
+    out = []
+    for r in rows.itertuples():
+        layout, sms = LAYOUT_OF[r.table], SMS[r.gpu]
+        block = block_shape(int(r.m), int(r.n), int(r.groups), sms, layout)
+        tiles = tile_count(int(r.m), int(r.n), int(r.groups), block, layout)
+        out.append({"block_m": block[0], "block_n": block[1], "tiles": tiles, "waves": int(cdiv(tiles, sms))})
+    return pd.DataFrame(out, index=rows.index)
 
 
 def gemm_rows() -> pd.DataFrame:
@@ -104,12 +128,9 @@ def gemm_rows() -> pd.DataFrame:
         m = t["m_per_group"] if "m_per_group" in t else t["m"]
         parts.append(pd.DataFrame({"source": TABLES[name].upstream_repository, "table": name, "groups": groups,
                                    "m": m, "n": t["n"], "k": t["k"], "tflops": t["computation_tflops"],
-                                   "gbps": t["memory_bandwidth_gbps"]}))
+                                   "gbps": t["memory_bandwidth_gbps"], **{c: t[c] for c in PROVENANCE}}))
     rows = pd.concat(parts, ignore_index=True)
-    expert = np.zeros(len(rows), bool)
-    for n, k in EXPERT_SHAPES:
-        expert |= (rows["n"] == n).to_numpy() & (rows["k"] == k).to_numpy()
-    rows["used_in_fit"] = expert & (rows["m"] >= 128).to_numpy()
+    rows["used_in_fit"] = rows["m"] >= 128
     return rows
 
 
@@ -122,20 +143,27 @@ def gemm_flops_bytes(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 # ---- communication workloads -------------------------------------------------------------------------------
 
 
-def route(num_ranks: int, tokens: int, topk_groups: int | None, seed: int) -> np.ndarray:
-    """Uniform random top-8 of 256 experts for `tokens` tokens on each of num_ranks ranks; with topk_groups,
+def route(num_ranks: int, tokens: int, topk_groups: int | None, seed: int, experts: int = EXPERTS) -> np.ndarray:
+    """Uniform random top-8 of `experts` experts for `tokens` tokens on each of num_ranks ranks; with topk_groups,
     groups = nodes (256 / nodes experts each) and only the topk_groups groups with the largest max score
     compete (DeepEP's tests). -> [num_ranks * tokens, 8] expert ids; token j lives on rank j % num_ranks."""
     rng = np.random.default_rng(seed)
-    scores = rng.random((num_ranks * tokens, EXPERTS))
+    total, chunk = num_ranks * tokens, max(1, 2 ** 22 // experts)  # the same draws as one matrix, in slices
+    return np.concatenate([top_k(rng.random((min(chunk, total - start), experts)), num_ranks, topk_groups)
+                           for start in range(0, total, chunk)])
+
+
+def top_k(scores: np.ndarray, num_ranks: int, topk_groups: int | None) -> np.ndarray:
+    """The TOP_K experts of each token's scores (in no particular order), within its topk_groups best node
+    groups when given. scores [B, E] -> [B, TOP_K]"""
     if topk_groups is not None:
         nodes = num_ranks // GPUS_PER_NODE
         group_max = scores.reshape(len(scores), nodes, -1).max(-1)
         keep = np.argsort(-group_max, axis=1)[:, :topk_groups]
         allowed = np.zeros((len(scores), nodes), bool)
         np.put_along_axis(allowed, keep, True, axis=1)
-        scores = np.where(np.repeat(allowed, EXPERTS // nodes, axis=1), scores, -1.0)
-    return np.argsort(-scores, axis=1)[:, :TOP_K]
+        scores = np.where(np.repeat(allowed, scores.shape[1] // nodes, axis=1), scores, -1.0)
+    return np.argpartition(-scores, TOP_K - 1, axis=1)[:, :TOP_K]
 
 
 @dataclass(frozen=True)
@@ -150,14 +178,29 @@ class CommBench:
     counted: float  # the benchmark's count per rank: received pairs, (token, node) pairs, or token-expert pairs
 
 
-def comm_bench(table: str, ep: int, seed: int = 0) -> CommBench:
-    """The workload behind one EP size of `deepep_normal` or `deepep_low_latency`."""
+def bench_experts(table: str, ep: int) -> int:
+    """Experts of the benchmark at this EP size. DeepEP's low-latency test runs 288 (where EP divides it: 8,
+    16, 32); at EP 64-256, where 288 does not divide, the published setup names none and 256 (V3's) is used.
+    Hybrid-EP states "Local Experts: 8" (8 per rank); DeepEP V2 states V3's configuration (256)."""
+    if table == "deepep_low_latency" and LL_TEST_EXPERTS % ep == 0:
+        return LL_TEST_EXPERTS
+    return 8 * ep if table.startswith("hybrid_ep") else EXPERTS
+
+
+BENCH_TOKENS = {"deepep_low_latency": 128, "deepep_normal": 4096, "deepep_v2": 8192, "hybrid_ep_h100": 4096,
+                "hybrid_ep_b200": 4096}  # tokens per rank, as each source states its setup
+
+
+def comm_bench(table: str, ep: int, seed: int = 0, experts: int | None = None) -> CommBench:
+    """The workload behind one EP size of a communication table (experts: bench_experts). Only DeepEP V1's
+    normal test limits each token to its top min(nodes, 4) node groups; the others route uniformly."""
     low_latency = table == "deepep_low_latency"
-    tokens = 128 if low_latency else 4096
+    experts = bench_experts(table, ep) if experts is None else experts
+    tokens = BENCH_TOKENS[table]
     nodes = ep // GPUS_PER_NODE
-    ids = route(ep, tokens, None if low_latency or nodes == 1 else min(nodes, 4), seed)
+    ids = route(ep, tokens, min(nodes, 4) if table == "deepep_normal" and nodes > 1 else None, seed, experts)
     src = np.arange(len(ids)) % ep
-    dest = ids // (EXPERTS // ep)  # [T, k] GPU of each pair (EP-wise contiguous)
+    dest = ids // (experts // ep)  # [T, k] GPU of each pair (EP-wise contiguous)
     on = np.zeros((len(ids), ep), bool)
     on[np.arange(len(ids))[:, None], dest] = True
     if low_latency:
@@ -196,16 +239,20 @@ def comm_rows() -> pd.DataFrame:
     rows = []
     for r in load_table("deepep_normal").itertuples():
         rows.append({"table": "deepep_normal", "kind": f"{r.operation}_bandwidth", "ep": r.num_ep, "tokens": 4096,
-                     "unit": "GB/s", "published": float(r.bottleneck_bandwidth_gbps)})
+                     "unit": "GB/s", "published": float(r.bottleneck_bandwidth_gbps),
+                     **{c: getattr(r, c) for c in PROVENANCE}})
     for r in load_table("deepep_low_latency").itertuples():
         for op in ("dispatch", "combine"):
-            rows.append({"table": "deepep_low_latency", "kind": f"{op}_latency", "ep": r.num_ep, "tokens": 128,
-                         "unit": "us", "published": float(getattr(r, f"{op}_latency_us"))})
-            rows.append({"table": "deepep_low_latency", "kind": f"{op}_bandwidth", "ep": r.num_ep, "tokens": 128,
-                         "unit": "GB/s", "published": float(getattr(r, f"{op}_rdma_bandwidth_gbps"))})
+            for what, unit, column in (("latency", "us", f"{op}_latency_us"),
+                                       ("bandwidth", "GB/s", f"{op}_rdma_bandwidth_gbps")):
+                rows.append({"table": "deepep_low_latency", "kind": f"{op}_{what}", "ep": r.num_ep, "tokens": 128,
+                             "unit": unit, "published": float(getattr(r, column)),
+                             **{c: getattr(r, c) for c in PROVENANCE}})
     out = pd.DataFrame(rows)
     out.insert(0, "source", TABLES["deepep_normal"].upstream_repository)
     out["used_in_fit"] = out["ep"] <= 32
+    out["split"] = np.where(out["used_in_fit"], "fit",
+                            np.where(out["kernel"] == OLDER_KERNEL, "older_kernel", "validation"))
     return out
 
 
@@ -231,15 +278,14 @@ def simulate_comm(rows: pd.DataFrame, links: Links, benches: Sequence[CommBench]
 
 def simulate_gemm(rows: pd.DataFrame, gemm: Gemm) -> tuple[np.ndarray, np.ndarray]:
     """(TFLOPS, GB/s) of every GEMM row (rows as gemm_rows()). -> [R], [R]"""
-    seconds = gemm_seconds(gemm, rows["groups"].to_numpy(float), rows["m"].to_numpy(float),
-                           rows["n"].to_numpy(float), rows["k"].to_numpy(float))
+    seconds = gemm_seconds(gemm, rows)
     flops, nbytes = gemm_flops_bytes(rows)
     return flops / seconds / 1e12, nbytes / seconds / GB
 
 
 # ---- fitting -----------------------------------------------------------------------------------------------
 
-GEMM_START = Gemm(1000.0, 3000.0, 2.0, 1.0)
+GEMM_START = Gemm(10.0, 100.0, 3000.0, 3.0, 0.1, 2.0)
 LINKS_START = Links(150.0, 45.0, 10.0, 30.0, 0.05)
 
 
@@ -257,11 +303,19 @@ def fit_gemm(rows: pd.DataFrame, published: np.ndarray, start: Gemm = GEMM_START
 
 
 def fit_links(rows: pd.DataFrame, published: np.ndarray, benches: Sequence[CommBench],
-              start: Links = LINKS_START) -> Links:
-    """Links minimising the squared log ratio simulated / published over `rows` (comm_rows() rows). [R]"""
+              start: Links = LINKS_START, free: Sequence[str] | None = None) -> Links:
+    """Links minimising the squared log ratio simulated / published over `rows` (comm_rows() rows) [R].
+    Only the fields named in `free` (default: all) move from `start`; the others stay as given."""
+    base = asdict(start)
+    names = list(base) if free is None else list(free)
+    assert set(names) <= set(base), names
+
+    def links(p: np.ndarray) -> Links:
+        return Links(**{**base, **dict(zip(names, map(float, p)))})
+
     def residuals(p: np.ndarray) -> np.ndarray:
-        return np.log(simulate_comm(rows, Links(*p), benches) / published)
-    return Links(*map(float, fit_positive(residuals, np.array(list(asdict(start).values())))))
+        return np.log(simulate_comm(rows, links(p), benches) / published)
+    return links(fit_positive(residuals, np.array([base[n] for n in names])))
 
 
 @dataclass(frozen=True)
@@ -273,12 +327,17 @@ class HardwareFit:
     rows: pd.DataFrame
 
     def calibration(self) -> dict[str, object]:
-        """The topology `calibration` block of the fitted constants (expert_model efficiency, concurrent links,
-        FP8 dispatch with 128-value scale blocks, BF16 combine)."""
-        rounded = lambda d: {k: float(f"{v:.4g}") for k, v in d.items()}  # noqa: E731
-        return {"expert_model": "efficiency", **rounded(asdict(self.gemm)), "link_model": "concurrent",
-                **rounded(asdict(self.links)), "scatter_bytes_per_value": 1, "scatter_scale_block": 128,
-                "combine_bytes_per_value": 2}
+        """The topology `calibration` block of the fitted constants."""
+        return calibration_block(self.gemm, self.links, SMS["H800"])
+
+
+def calibration_block(gemm: Gemm, links: Links, num_sms: int) -> dict[str, object]:
+    """A topology `calibration` block (expert_model efficiency in its tile form, concurrent links, FP8 dispatch
+    with 128-value scale blocks, BF16 combine), constants to 4 significant digits."""
+    rounded = lambda d: {k: float(f"{v:.4g}") for k, v in d.items()}  # noqa: E731
+    return {"expert_model": "efficiency", **rounded(asdict(gemm)), "gemm_num_sms": num_sms,
+            "link_model": "concurrent", **rounded(asdict(links)), "scatter_bytes_per_value": 1,
+            "scatter_scale_block": 128, "combine_bytes_per_value": 2}
 
 
 def row_table(gemm: Gemm, links: Links, benches: Sequence[CommBench]) -> pd.DataFrame:
@@ -290,11 +349,14 @@ def row_table(gemm: Gemm, links: Links, benches: Sequence[CommBench]) -> pd.Data
         gemm_part.append(pd.DataFrame({"source": g["source"], "table": g["table"], "kind": kind, "ep": np.nan,
                                        "tokens": g["groups"] * g["m"], "m": g["m"], "n": g["n"], "k": g["k"],
                                        "unit": unit, "published": g[col].astype(float), "simulated": sim,
-                                       "used_in_fit": g["used_in_fit"]}))
+                                       "used_in_fit": g["used_in_fit"], **gemm_tiles(g),
+                                       "split": np.where(g["used_in_fit"], "fit", "validation"),
+                                       **{c: g[c] for c in PROVENANCE}}))
     c = comm_rows()
     c["simulated"] = simulate_comm(c, links, benches)
     rows = pd.concat([*gemm_part, c], ignore_index=True)
     rows["rel_error"] = rows["simulated"] / rows["published"] - 1
+    rows["preset"] = "h800"
     return rows[ROW_COLUMNS]
 
 
@@ -310,6 +372,22 @@ def fit_published(seed: int = 0) -> HardwareFit:
     return HardwareFit(gemm, links, row_table(gemm, links, benches))
 
 
+def expert_count_effect(links: Links, seed: int = 0) -> pd.DataFrame:
+    """The low-latency rows where DeepEP's test runs 288 experts (EP 8, 16, 32), simulated under `links` with
+    288 and with 256 experts: columns ep, operation, seconds_288, seconds_256, rel_difference (256 vs 288)."""
+    rows = []
+    for ep in sorted(load_table("deepep_low_latency")["num_ep"]):
+        if LL_TEST_EXPERTS % ep:
+            continue
+        times = {e: comm_seconds(comm_bench("deepep_low_latency", ep, seed, e), links.cost(ep))
+                 for e in (LL_TEST_EXPERTS, EXPERTS)}
+        for i, op in enumerate(("dispatch", "combine")):
+            rows.append({"ep": ep, "operation": op, "seconds_288": times[LL_TEST_EXPERTS][i],
+                         "seconds_256": times[EXPERTS][i],
+                         "rel_difference": times[EXPERTS][i] / times[LL_TEST_EXPERTS][i] - 1})
+    return pd.DataFrame(rows)
+
+
 def write_fit(fit: HardwareFit, out: Path, command: str) -> list[Path]:
     """out/rows.csv, out/summary.csv and out/calibration.yaml (the `calibration` block, headed by `command`)."""
     from omegaconf import OmegaConf
@@ -319,12 +397,27 @@ def write_fit(fit: HardwareFit, out: Path, command: str) -> list[Path]:
               f"communication {FIT_RULES['comm']})\n")
     return [write_atomic(out / "rows.csv", lambda tmp: fit.rows.to_csv(tmp, index=False)),
             write_atomic(out / "summary.csv", lambda tmp: error_summary(fit.rows).to_csv(tmp, index=False)),
-            write_text_atomic(out / "calibration.yaml", header + block)]
+            write_text_atomic(out / "calibration.yaml", header + block),
+            write_atomic(out / "experts_288_vs_256.csv",
+                         lambda tmp: expert_count_effect(fit.links).to_csv(tmp, index=False))]
+
+
+def measurement(rows: pd.DataFrame) -> pd.Series:
+    """One key per independent measurement: a GEMM's TFLOPS and GB/s are one timing, and so are a DeepEP
+    operation's latency and bandwidth at one EP size, and Hybrid-EP's kernel-only and Torch API times of one
+    run (rows as ROW_COLUMNS). -> [R]"""
+    op = rows["kind"].str.split("_").str[0].where(rows["ep"].notna(), "gemm")
+    columns = [rows[c] for c in ("table", "gpu", "kernel", "ep", "tokens", "m", "n", "k")] + [op]
+    return pd.Series(["|".join(map(str, key)) for key in zip(*columns)], index=rows.index)
 
 
 def error_summary(rows: pd.DataFrame) -> pd.DataFrame:
-    """Max and median |rel_error| and counts, by table and fit/validation."""
-    rows = rows.assign(abs_error=rows["rel_error"].abs(),
-                       split=np.where(rows["used_in_fit"].astype(bool), "fit", "validation"))
-    return rows.groupby(["table", "split"])["abs_error"].agg(["count", "median", "max"]).reset_index()
+    """By preset class, gpu, table and split: the count of numbers, of independent measurements, and the
+    median and max |rel_error|."""
+    rows = rows.assign(abs_error=rows["rel_error"].abs(), measurement=measurement(rows))
+    grouped = rows.groupby(["preset", "gpu", "table", "split"])
+    return pd.concat([grouped["abs_error"].count().rename("numbers"),
+                      grouped["measurement"].nunique().rename("independent"),
+                      grouped["abs_error"].median().rename("median"),
+                      grouped["abs_error"].max().rename("max")], axis=1).reset_index()
 
