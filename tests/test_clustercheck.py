@@ -68,3 +68,18 @@ def test_serve_traffic_must_match(tmp_path: Path) -> None:
                                                             "moe_layer_time_s": sent}))
     with pytest.raises(CheckFailed, match="bytes_inter_per_step"):
         compare_serve(tmp_path / "local", tmp_path / "slurm")
+
+
+def test_a_plain_cpu_serve_timing_is_not_compared(tmp_path: Path) -> None:
+    """No injected_share: the run was not emulated, its time is the host's wall clock (like solve_seconds)."""
+    local = results(tmp_path / "local", [[1, 0]], measured=0.077)
+    slurm = results(tmp_path / "slurm", [[1, 0]], measured=0.042)
+    for root in (local, slurm):
+        table = pd.read_csv(root / "report" / "summary.csv").assign(injected_share=float("nan"))
+        table.to_csv(root / "report" / "summary.csv", index=False)
+    assert "3 plain CPU serve timings not compared" in compare_summaries(local, slurm)
+    for root, share in ((local, 0.53), (slurm, 0.53)):  # emulated: the same gap fails
+        table = pd.read_csv(root / "report" / "summary.csv").assign(injected_share=share)
+        table.to_csv(root / "report" / "summary.csv", index=False)
+    with pytest.raises(CheckFailed, match="measured_layer_time_s differs"):
+        compare_summaries(local, slurm)
