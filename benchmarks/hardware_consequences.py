@@ -1,6 +1,6 @@
 """What changes when the cost model answers to measured kernels: roofline vs calibrated (CPU only).
 
-    .venv/bin/python benchmarks/hardware_consequences.py --out docs/results/hardware --time-limit 5
+    .venv/bin/python benchmarks/hardware_consequences.py --out docs/results/hardware --max-moves 1200
 
 Placements (EPLB, steptail; steptail optimises the cost model of the topology it is given) are solved on the
 profile half of ESFT `intent` (DeepSeek-V2-Lite routing, first half of its sequences) and scored on the other
@@ -67,7 +67,7 @@ def floor_table() -> pd.DataFrame:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=PROJECT_ROOT / "results" / "hardware")
-    p.add_argument("--time-limit", type=float, default=5.0, help="steptail seconds per solve")
+    p.add_argument("--max-moves", type=int, default=1200, help="steptail's work budget per solve")
     p.add_argument("--trace", type=Path, default=PROJECT_ROOT / "data" / "esft" / "intent.safetensors")
     args = p.parse_args()
     start = time.perf_counter()
@@ -77,7 +77,7 @@ def main() -> None:
         topo = topology(preset, model)
         for replicas in ((0,) if topo.nodes == 1 else (0, 1)):
             problem = PlacementProblem.from_traces([profile], topo, replicas=replicas, step_tokens=512)
-            placements = {(s, replicas): solve_placement(problem, s, {"time_limit_s": args.time_limit}
+            placements = {(s, replicas): solve_placement(problem, s, {"max_moves": args.max_moves}
                                                          if s == "steptail" else {}).phy2log
                           for s in ("eplb", "steptail")}
             steps = [128 * topo.num_gpus, 512, 4096 * topo.num_gpus]

@@ -1,7 +1,7 @@
 """Predicted step time of every solver's placement on routing it was not computed from (ESFT traces),
 under every engine dispatch, and the aims of issue 9.
 
-    .venv/bin/python benchmarks/placement_quality.py --time-limit 5
+    .venv/bin/python benchmarks/placement_quality.py --max-moves 1200
 
 Traces: ESFT DeepSeek-V2-Lite `intent` and `law` (shipped in data/esft/, data/README.md). Each is split
 by sequence order: the first half of the sequences is the profile, the rest is held out (512-token
@@ -32,6 +32,13 @@ The aims table, per topology x replicas x dataflow:
   all as speedups vs the contiguous layout whose hot replicas (replicas=1) follow the two-domain
   profile;
 - `gap`: steptail (dynamic) time / lower bound; `gap_to_bound`: the same over the fixed-placement bound.
+The re-split table (`--split-seeds`, default 0-4), per topology x replicas x dataflow, dispatch dynamic:
+intent re-split by sequence with each seed (`split_by_sequence`, half held out, as the study's
+`split.seed`), EPLB and steptail solved on each split's profile and scored on its held-out steps.
+`vs_eplb_min`/`_max`: steptail's speedup over EPLB in the worst and best split; `vs_eplb_split_low`/
+`_high`: the 95% interval over splits (resampling splits, then steps: `split_speedup_interval`);
+`verdict`: `faster` only when steptail beats EPLB in every split, else `not in every split`. Every
+other interval in these tables is conditional on one split and one solve; this one on the trace only.
 Prints Markdown tables, writes them as CSV (docs/results/placement_quality/, with run.json: command, date,
 wall time; docs/simulator.md renders them with benchmarks/render_tables.py) and logs every number to
 MLflow (experiment `benchmarks`, run `placement_quality`).
@@ -54,11 +61,11 @@ from moetuner.costmodel.cost import cost_model
 from moetuner.costmodel.settings import DATAFLOWS, DISPATCHES
 from moetuner.costmodel.bounds import lower_bound
 from moetuner.costmodel.placement_bound import fixed_placement_bound
-from moetuner.costmodel.intervals import speedup_interval
+from moetuner.costmodel.intervals import beaten_in_every_split, speedup_interval, split_speedup_interval
 import moetuner.costmodel.score as scoring
 from moetuner.placement import expert_location
 from moetuner.topology import Topology, topology_from_config, topology_preset
-from moetuner.trace import Trace, load_trace
+from moetuner.trace import Trace, load_trace, split_by_sequence
 from moetuner.tracking import tracked_run
 from table import command_line, markdown, write_csv, write_run_record  # benchmarks/table.py
 
@@ -67,7 +74,7 @@ DOMAINS = ("intent", "law")
 TOPOLOGIES = ("h100_1x8", "h200_2x8", "h100_4x8")
 DEFAULT_DATAFLOWS = ("dispatch_combine", "hierarchical")
 ENGINE_DISPATCHES = ("dynamic", "static", "lp")  # what engines ship (lp_comm is ours)
-SLOW_SOLVERS = ("moetuner",)  # only with --ilp
+SLOW_SOLVERS = ("moetuner", "metro")  # only with --ilp (MIPs per layer)
 
 
 def first_part(trace: Trace, fraction: float = 0.5) -> tuple[Trace, Trace]:
@@ -103,9 +110,31 @@ def fixed_bound(trace: Trace, topology: Topology, slots_per_gpu: int, step_token
     return fixed_placement_bound(trace.topk_ids, cost, slots_per_gpu, step_tokens, dataflow).step_s
 
 
+SPLIT_COLUMNS = ["topology", "replicas", "dataflow", "splits", "vs_eplb_min", "vs_eplb_max", "vs_eplb_split_low",
+                 "vs_eplb_split_high", "verdict"]
+
+
+def split_row(trace: Trace, seeds: list[int], topology: Topology, replicas: int, dataflow: str, step_tokens: int,
+              options: dict) -> dict:
+    """steptail vs EPLB (dispatch dynamic) over re-splits of `trace` by sequence, one per seed."""
+    eplb_s, ours_s = [], []
+    for seed in seeds:
+        profile, held = split_by_sequence(trace, 0.5, seed)
+        problem = PlacementProblem(profile, topology, replicas=replicas, step_tokens=step_tokens, dataflow=dataflow)
+        for solver, out in (("eplb", eplb_s), ("steptail", ours_s)):
+            out.append(step_times(solve_placement(problem, solver, options).phy2log, held, topology, step_tokens,
+                                  dataflow, "dynamic"))
+    per_split = [e.mean() / o.mean() for e, o in zip(eplb_s, ours_s)]
+    low, high = split_speedup_interval(eplb_s, ours_s)
+    return {"splits": len(seeds), "vs_eplb_min": min(per_split), "vs_eplb_max": max(per_split),
+            "vs_eplb_split_low": low, "vs_eplb_split_high": high,
+            "verdict": "faster" if beaten_in_every_split(per_split) else "not in every split"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--time-limit", type=float, default=5.0, help="steptail seconds per solve (default 5)")
+    parser.add_argument("--max-moves", type=int, default=1200,
+                        help="steptail's work budget per solve (default 1200, the default study's)")
     parser.add_argument("--step-tokens", type=int, default=512, help="tokens per step (default 512)")
     parser.add_argument("--topologies", nargs="*", default=list(TOPOLOGIES))
     parser.add_argument("--replicas", nargs="*", type=int, default=[0, 1])
@@ -113,6 +142,8 @@ def main() -> None:
     parser.add_argument("--ilp", action="store_true", help="also the MoETuner ILPs (1 s per MIP; slow)")
     parser.add_argument("--no-fixed-bound", dest="fixed_bound", action="store_false",
                         help="skip the fixed-placement bound (4-33 s per row on 2 shared cores)")
+    parser.add_argument("--split-seeds", nargs="*", type=int, default=[0, 1, 2, 3, 4],
+                        help="re-splits of intent by sequence for the re-split table (default 0-4; none: skip)")
     parser.add_argument("--out", default=str(PROJECT_ROOT / "docs" / "results" / "placement_quality"
                                              / "placement_quality.csv"), help="CSV of the table")
     parser.add_argument("--note", default="", help="what to say about the machine (e.g. 2 shared cores)")
@@ -123,8 +154,8 @@ def main() -> None:
     fixed_solvers = [s for s in solver_names(per_dispatch=False) if args.ilp or s not in SLOW_SOLVERS]
     baselines = [s for s in fixed_solvers if s != "contiguous"]  # contiguous is the reference
     assert solver_names(per_dispatch=True) == ("steptail",), "the rows below solve only steptail per dispatch"
-    options = {"time_limit_s": args.time_limit, "mip_solver": "highs", "gap_rel": 0.025}
-    mip_options = {**options, "time_limit_s": 1.0}
+    options = {"max_moves": args.max_moves, "mip_solver": "highs", "gap_rel": 0.025}
+    mip_options = {**options, "max_nodes": 0}  # what the former 1 s per MIP reached: no node past the root
     config = {**vars(args), "mlflow": {"experiment": "benchmarks"}}
     columns = ["topology", "replicas", "dataflow", "dispatch", "contiguous_us", *baselines, "steptail",
                "steptail_ci_low", "steptail_ci_high", "steptail_vs_eplb", "vs_eplb_ci_low", "vs_eplb_ci_high",
@@ -132,7 +163,7 @@ def main() -> None:
     aim_columns = ["topology", "replicas", "dataflow", "dyn_vs_eplb", "lp_comm_vs_best_eplb", "robust_intent",
                    "robust_law", "worst_intent", "worst_law", "intent_on_law", "law_on_intent", "gap",
                    "gap_to_bound"]
-    rows, aims = [], []
+    rows, aims, split_rows = [], [], []
     grid = [(t, r, f) for t in args.topologies for r in args.replicas for f in args.dataflows
             if not (f == "hierarchical" and topology_from_config(topology_preset(t)).nodes == 1)]
     with tracked_run("placement_quality", config, tags={"benchmark": "placement_quality"}) as run:
@@ -190,11 +221,19 @@ def main() -> None:
                    "law_on_intent": ref_intent / on(law_only, held),
                    "gap": times["steptail", "dynamic"] / lb, "gap_to_bound": times["steptail", "dynamic"] / fixed_lb}
             aims.append(aim)
+            if args.split_seeds:
+                split_rows.append({"topology": topo_name, "replicas": replicas, "dataflow": dataflow,
+                                   **split_row(load_trace(DATA / "intent.safetensors"), args.split_seeds, topology,
+                                               replicas, dataflow, args.step_tokens, options)})
             run.log_metrics({f"{topo_name}.r{replicas}.{dataflow}.aim.{c}": aim[c] for c in aim_columns[3:]})
         print(markdown(rows, columns, ".3f"))
         print()
         print(markdown(aims, aim_columns, ".3f"))
+        print()
+        print(markdown(split_rows, SPLIT_COLUMNS, ".4f"))
         out = Path(args.out)
+        if split_rows:
+            write_csv(out.with_name(out.stem + "_splits.csv"), split_rows, SPLIT_COLUMNS)
         write_csv(out, rows, columns)
         write_csv(out.with_name(out.stem + "_aims.csv"), aims, aim_columns)
         write_run_record(out.parent, command_line("placement_quality.py", sys.argv[1:]),

@@ -62,7 +62,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--shape-scale", type=int, default=64)
     p.add_argument("--dataflow", default="dispatch_combine")
     p.add_argument("--holdout", type=float, default=0.3)
-    p.add_argument("--steptail-seconds", type=float, default=5.0)
+    p.add_argument("--steptail-moves", type=int, default=1200, help="steptail's work budget (the default study's)")
     p.add_argument("--hot-receiver-check", action="store_true", help="only the synthetic hot-port check")
     return p.parse_args()
 
@@ -75,8 +75,8 @@ def routing():
 def solve(name: str, replicas: int, profile, topo_cfg: dict, args: argparse.Namespace):
     problem = PlacementProblem(profile, topology_from_config(topo_cfg), replicas=replicas, step_tokens=args.step_tokens,
                                dataflow=args.dataflow)
-    options = {"steptail": {"time_limit_s": args.steptail_seconds, "dataflow": args.dataflow},
-               "moetuner": {"time_limit_s": 0.5, "gap_rel": 0.1}}.get(name, {})
+    options = {"steptail": {"max_moves": args.steptail_moves, "dataflow": args.dataflow},
+               "moetuner": {"max_nodes": 0, "gap_rel": 0.1}}.get(name, {})
     return get_solver(name)(problem, options)
 
 

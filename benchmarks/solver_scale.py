@@ -116,11 +116,13 @@ def esft_rows(folder: Path, time_limit: float) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--time-limit", type=float, default=2.0, help="seconds per MIP (default 2)")
+    parser.add_argument("--time-limit", type=float, default=2.0, help="safety cap in seconds per MIP (default 2; the work budget is the "
+                        "solver's default max_nodes, and the placement's budget_bound_by says which bound)")
     parser.add_argument("--tokens", type=int, default=4096, help="profile tokens per trace (default 4096)")
     parser.add_argument("--replicas", type=int, default=0, help="extra slots per GPU (default 0)")
     parser.add_argument("--steptail-time-limit", type=float, default=None,
-                        help="steptail's whole-solve limit in seconds (default: --time-limit)")
+                        help="steptail's safety cap on its search in seconds (default: --time-limit; its "
+                             "budget is the default max_moves)")
     parser.add_argument("--solvers", nargs="*", default=None,
                         help="solver names (default greedy eplb moetuner steptail)")
     parser.add_argument("--cases", nargs="*", default=None, help="case names (default all), e.g. mixtral-g4")

@@ -24,7 +24,7 @@ from safetensors.numpy import save_file
 
 from moetuner.atomic import atomic_path
 from moetuner.profiling.stats import expert_load
-from moetuner.trace import Trace, TraceError
+from moetuner.trace import N_GROUP, Trace, TraceError
 
 LOAD_FORMAT = "moetuner-load/1"
 REQUIRED_METADATA = ("format", "model", "num_experts", "moe_layers", "source")
@@ -128,6 +128,6 @@ def load_profile_of_trace(trace: Trace, step_tokens: int) -> LoadProfile:
     assert step_tokens > 0, "step_tokens must be positive"
     steps = [trace.topk_ids[start:start + step_tokens] for start in range(0, trace.num_tokens, step_tokens)]
     counts = np.stack([expert_load(ids, trace.num_experts) for ids in steps]).astype(np.int64)
-    extra = {k: v for k, v in trace.extra.items() if k in ("num_hidden_layers", "dataset")}
+    extra = {k: v for k, v in trace.extra.items() if k in ("num_hidden_layers", "dataset", N_GROUP)}
     return LoadProfile(counts=counts, model=trace.model, moe_layers=list(trace.moe_layers),
                        source=f"loads:{trace.source}", extra={**extra, "step_tokens": str(step_tokens)})

@@ -31,7 +31,7 @@ class Placement:
     objective: float | None = None  # the solver's own objective value
     bound: float | None = None  # a proven lower bound on that objective, if any
     solve_seconds: float = 0.0
-    status: str = "heuristic"  # optimal | time_limit | heuristic | fallback
+    status: str = "heuristic"  # optimal | feasible (a MIP limit stopped it) | heuristic | fallback
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from tqdm import tqdm
 
-from moetuner.trace import Trace
+from moetuner.trace import N_GROUP, Trace
 
 
 class SynthError(ValueError):
@@ -43,6 +43,7 @@ class SynthSpec:
     model: str = "synthetic"
     hidden_size: int = 2048
     moe_intermediate_size: int = 1408
+    n_group: int = 1  # the model's expert groups (trace metadata n_group; EPLB packs them onto nodes)
 
     def check(self) -> "SynthSpec":
         """Raise SynthError naming the first knob out of range; return self."""
@@ -59,6 +60,8 @@ class SynthSpec:
             (self.num_domains >= 1, "num_domains must be >= 1"),
             (0 <= self.domain_shift <= 1, "domain_shift must be in [0, 1]"),
             (self.num_experts <= np.iinfo(np.int16).max, "num_experts must fit int16"),
+            (self.n_group >= 1 and self.num_experts % self.n_group == 0,
+             "n_group (the model's expert groups) must be >= 1 and divide num_experts"),
         ]
         for ok, message in rules:
             if not ok:
@@ -167,4 +170,5 @@ def synthesize(spec: SynthSpec) -> Trace:
                  source=f"synth:seed={spec.seed}", hidden_size=spec.hidden_size,
                  moe_intermediate_size=spec.moe_intermediate_size,
                  extra={"dataset": "synthetic", "num_hidden_layers": str(L), "synth_spec": json.dumps(asdict(spec)),
+                        N_GROUP: str(spec.n_group),
                         "sequence_domains": json.dumps(seq_domain.tolist())})

@@ -7,7 +7,8 @@ Tensors:
 Header metadata (strings): format, model, num_experts, top_k, moe_layers (JSON list of
 decoder-layer indices), source, dtype, hidden_size, moe_intermediate_size; optional:
 num_hidden_layers (the model's decoder-layer count, dense layers included; engine files need it,
-see moetuner.model_layout).
+see moetuner.model_layout) and n_group (the model's expert-group count, HF config `n_group`, which
+EPLB's hierarchical policy packs onto nodes; absent means 1, a model without groups).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ REQUIRED_METADATA = (
     "format", "model", "num_experts", "top_k", "moe_layers", "source", "dtype",
     "hidden_size", "moe_intermediate_size",
 )
+N_GROUP = "n_group"  # optional metadata key: the model's expert-group count (absent: 1)
 
 
 class TraceError(ValueError):
@@ -64,6 +66,11 @@ class Trace:
         return int(self.topk_ids.shape[2])
 
     @property
+    def n_group(self) -> int:
+        """The model's expert-group count (metadata `n_group`; 1 when absent: a model without groups)."""
+        return int(self.extra.get(N_GROUP, "1"))
+
+    @property
     def sequences(self) -> np.ndarray:
         """Distinct sequence ids in order of first appearance. [S]"""
         _, first = np.unique(self.seq_ids, return_index=True)
@@ -97,6 +104,10 @@ class Trace:
         if total is not None and (not str(total).isdigit() or int(total) <= max(self.moe_layers, default=-1)):
             raise TraceError(f"{name}: num_hidden_layers={total!r} must be an integer above the last MoE "
                              f"layer {max(self.moe_layers, default=-1)}")
+        group = self.extra.get(N_GROUP, "1")
+        if not group.isdigit() or int(group) < 1 or self.num_experts % int(group):
+            raise TraceError(f"{name}: metadata n_group={group!r} must be a positive integer dividing "
+                             f"num_experts={self.num_experts} (the model config's n_group; 1 without groups)")
         if ids.shape[2] > self.num_experts:
             raise TraceError(f"{name}: top_k={ids.shape[2]} exceeds num_experts={self.num_experts}")
         if ids.size:

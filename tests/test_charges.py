@@ -9,7 +9,8 @@ import pytest
 from moetuner.costmodel.charges import (DispatchCharge, counts_exchange_s, layer_charges, replicated_layers)
 from moetuner.costmodel.cost import SimulationError
 from moetuner.costmodel.evaluate import run_simulation
-from moetuner.costmodel.intervals import bootstrap_speedups, distinguishable, speedup_interval
+from moetuner.costmodel.intervals import (beaten_in_every_split, bootstrap_speedups, distinguishable,
+                                           speedup_interval, split_speedup_interval)
 from moetuner.costmodel.settings import DISPATCHES
 from moetuner.solvers.problem import PlacementProblem
 from moetuner.solvers.registry import solve_placement
@@ -134,3 +135,16 @@ def test_interval_by_hand() -> None:
 def test_distinguishable_only_when_one_is_outside() -> None:
     assert distinguishable((1.01, 1.2)) and distinguishable([0.8, 0.99])
     assert not distinguishable((0.98, 1.05)) and not distinguishable((1.0, 1.0))
+
+
+def test_split_interval_by_hand() -> None:
+    """Split A: every step 1.5x faster; split B: 0.8x (slower). A resample of both splits' draws is AA
+    (1.5), BB (0.8) or mixed (between): the 95% interval runs from 0.8 to 1.5, since each pure draw has
+    probability 1/4 > 2.5%. A placement against itself, or a constant speedup, gives a point."""
+    base = [np.array([3.0, 3.0, 6.0]), np.array([2.0, 4.0])]
+    faster_then_slower = [base[0] / 1.5, base[1] / 0.8]
+    assert split_speedup_interval(base, faster_then_slower) == pytest.approx((0.8, 1.5))
+    assert split_speedup_interval(base, base) == (1.0, 1.0)
+    assert split_speedup_interval(base, [b / 1.2 for b in base]) == pytest.approx((1.2, 1.2))
+    assert not beaten_in_every_split([1.5, 0.8]) and beaten_in_every_split([1.01, 1.2])
+    assert not beaten_in_every_split([1.2, 1.0])  # a tie is not a win

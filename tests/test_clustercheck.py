@@ -13,13 +13,14 @@ from moetuner.study.cluster_check import CheckFailed, compare_serve, compare_sum
 ROWS = [("contiguous", 1.0, 0.5), ("eplb", 1.1, 0.4), ("steptail", 1.2, 0.3)]
 
 
-def results(root: Path, steptail_map: list, eplb_speedup: float = 1.1, measured: float = 0.7) -> Path:
+def results(root: Path, steptail_map: list, eplb_speedup: float = 1.1, measured: float = 0.7,
+            comm_error: float = 0.08) -> Path:
     rows = []
     for solver, speedup, predicted in ROWS:
         speedup = eplb_speedup if solver == "eplb" else speedup
         rows.append({"trace": "t", "topology": "cpu_2x2", "solver": solver, "replicas": 0, "eval": "heldout",
                      "predicted_layer_time_s": predicted, "speedup_vs_contiguous": speedup,
-                     "measured_layer_time_s": measured, "solve_seconds": measured})
+                     "measured_layer_time_s": measured, "comm_rel_error": comm_error, "solve_seconds": measured})
         placement = root / "placements" / "t" / "cpu_2x2" / f"{solver}-r0.json"
         placement.parent.mkdir(parents=True, exist_ok=True)
         placement.write_text(json.dumps({"physical_to_logical_map": steptail_map if solver == "steptail" else [[0, 1]]}))
@@ -28,11 +29,27 @@ def results(root: Path, steptail_map: list, eplb_speedup: float = 1.1, measured:
     return root
 
 
-def test_rows_with_the_same_placement_are_compared_and_timings_ignored(tmp_path: Path) -> None:
-    local = results(tmp_path / "local", [[1, 0]])
-    slurm = results(tmp_path / "slurm", [[0, 1]], measured=9.9)  # a time-limited search found another map
+def test_every_row_is_compared_timings_ignored_measured_within_tolerance(tmp_path: Path) -> None:
+    local = results(tmp_path / "local", [[1, 0]], measured=0.70, comm_error=0.08)
+    slurm = results(tmp_path / "slurm", [[1, 0]], measured=0.72, comm_error=0.10)  # 2.8% and 0.02 apart
     line = compare_summaries(local, slurm)
-    assert line.startswith("summary.csv: 2 of 3 rows equal") and "steptail-r0" in line
+    assert line.startswith("summary.csv: all 3 rows") and "measured_layer_time_s within 0.05 (relative)" in line
+
+
+@pytest.mark.parametrize("change,column", [({"measured": 0.8}, "measured_layer_time_s"),
+                                           ({"comm_error": 0.33}, "comm_rel_error")])
+def test_a_measured_column_beyond_its_tolerance_fails(tmp_path: Path, change: dict, column: str) -> None:
+    local = results(tmp_path / "local", [[1, 0]], measured=0.7, comm_error=0.08)
+    slurm = results(tmp_path / "slurm", [[1, 0]], **change)
+    with pytest.raises(CheckFailed, match=f"{column} differs .* \\(tolerance: "):
+        compare_summaries(local, slurm)
+
+
+def test_a_placement_that_differs_fails(tmp_path: Path) -> None:
+    local = results(tmp_path / "local", [[1, 0]])
+    slurm = results(tmp_path / "slurm", [[0, 1]])  # steptail found another map: not deterministic
+    with pytest.raises(CheckFailed, match="placement t/cpu_2x2/steptail-r0 differs"):
+        compare_summaries(local, slurm)
 
 
 def test_a_different_value_is_named_with_its_row(tmp_path: Path) -> None:
@@ -51,3 +68,18 @@ def test_serve_traffic_must_match(tmp_path: Path) -> None:
                                                             "moe_layer_time_s": sent}))
     with pytest.raises(CheckFailed, match="bytes_inter_per_step"):
         compare_serve(tmp_path / "local", tmp_path / "slurm")
+
+
+def test_a_plain_cpu_serve_timing_is_not_compared(tmp_path: Path) -> None:
+    """No injected_share: the run was not emulated, its time is the host's wall clock (like solve_seconds)."""
+    local = results(tmp_path / "local", [[1, 0]], measured=0.077)
+    slurm = results(tmp_path / "slurm", [[1, 0]], measured=0.042)
+    for root in (local, slurm):
+        table = pd.read_csv(root / "report" / "summary.csv").assign(injected_share=float("nan"))
+        table.to_csv(root / "report" / "summary.csv", index=False)
+    assert "3 plain CPU serve timings not compared" in compare_summaries(local, slurm)
+    for root, share in ((local, 0.53), (slurm, 0.53)):  # emulated: the same gap fails
+        table = pd.read_csv(root / "report" / "summary.csv").assign(injected_share=share)
+        table.to_csv(root / "report" / "summary.csv", index=False)
+    with pytest.raises(CheckFailed, match="measured_layer_time_s differs"):
+        compare_summaries(local, slurm)

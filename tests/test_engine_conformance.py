@@ -192,18 +192,63 @@ def exported(tmp_path: Path, model: str) -> tuple[ModelLayout, Placement, dict[s
 
 
 def sglang_loader(num_layers: int, num_experts: int, num_redundant: int, ep_size: int,
-                  init_expert_location: str) -> dict[str, Any]:
-    """srt/eplb/expert_location.py, with server args as the engines block's flags set them."""
+                  init_expert_location: str, nnodes: int = 1, num_groups: int | None = None) -> dict[str, Any]:
+    """srt/eplb/expert_location.py, with server args as the engines block's flags set them (EPLB's
+    `--eplb-algorithm` at its default, auto) and a model of `num_groups` expert groups (config n_group)."""
     moe = types.SimpleNamespace(init_expert_location=init_expert_location, ep_num_redundant_experts=num_redundant,
-                                ep_dispatch_algorithm="dynamic", moe_a2a_backend="none", ep_join_mode="none")
-    parallel = types.SimpleNamespace(ep_size=ep_size, elastic_ep_initial_size=None, nnodes=1)
+                                ep_dispatch_algorithm="dynamic", moe_a2a_backend="none", ep_join_mode="none",
+                                eplb_algorithm="auto")
+    parallel = types.SimpleNamespace(ep_size=ep_size, elastic_ep_initial_size=None, nnodes=nnodes)
     scope = sglang_module("srt/eplb/expert_location.py", drop_imports_from="sglang",
                           get_device=lambda: types.SimpleNamespace(device="cpu"),
                           get_exec=lambda: types.SimpleNamespace(moe=moe),
                           get_parallel=lambda: parallel, get_resources=lambda: None)
     model = scope["ModelConfigForExpertLocation"]  # the model lookup needs SGLang's model registry
-    model.from_model_config = staticmethod(lambda _: model(num_layers=num_layers, num_logical_experts=num_experts))
+    model.from_model_config = staticmethod(lambda _: model(num_layers=num_layers, num_logical_experts=num_experts,
+                                                           num_groups=num_groups))
     return scope
+
+
+@pytest.fixture
+def sglang_eplb_package(sglang_eplb: types.SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """SGLang's `srt/eplb/eplb_algorithms/__init__.py` (compute_algorithm, rebalance_experts) over its
+    deepseek.py, importable as `sglang.srt.eplb.eplb_algorithms` (what init_by_eplb imports) without
+    running the package's __init__; the other algorithm modules are not used by `auto`."""
+    unused = types.SimpleNamespace()
+    scope = sglang_module("srt/eplb/eplb_algorithms/__init__.py", drop_imports_from="sglang",
+                          deepseek=sglang_eplb, deepseek_vec=unused, elasticity_aware=unused)
+    package = types.ModuleType("sglang.srt.eplb.eplb_algorithms")
+    package.__dict__.update(scope)
+    for name in ("sglang", "sglang.srt", "sglang.srt.eplb"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setattr(sys.modules["sglang.srt.eplb"], "eplb_algorithms", package, raising=False)
+    monkeypatch.setitem(sys.modules, "sglang.srt.eplb.eplb_algorithms", package)
+    return scope
+
+
+@needs_sglang
+@pytest.mark.parametrize("n_group,nodes,gpus_per_node,replicas", [
+    (1, 2, 4, 0), (1, 2, 4, 1), (8, 2, 4, 1), (8, 4, 2, 0), (4, 8, 1, 0), (None, 2, 4, 1), (2, 1, 8, 1)])
+def test_eplb_solver_is_sglangs_init_by_eplb(tmp_path: Path, sglang_eplb_package: dict[str, Any],
+                                             n_group: int | None, nodes: int, gpus_per_node: int,
+                                             replicas: int) -> None:
+    """`solver=eplb` on a trace recording n_group equals what SGLang computes when started with the
+    profile's logical count (`--init-expert-location` {"logical_count": ...}, `--eplb-algorithm auto`) on
+    `nodes` nodes for a model whose config has that n_group (None: a model without groups, e.g. Qwen3-MoE,
+    whose trace records none): SGLang's own compute_algorithm picks hierarchical or global."""
+    trace = random_trace(600, 3, 32, 4, seed=11)
+    if n_group is not None:
+        trace = dataclasses.replace(trace, extra={"n_group": str(n_group)}).validate()
+    problem = PlacementProblem(trace, topology(nodes, gpus_per_node), replicas=replicas)
+    ours = solve_placement(problem, "eplb", {})
+    path = tmp_path / "count.json"
+    path.write_text(json.dumps({"logical_count": problem.load.astype(int).tolist()}))
+    gpus = nodes * gpus_per_node
+    scope = sglang_loader(3, 32, replicas * gpus, gpus, str(path), nnodes=nodes, num_groups=n_group)
+    theirs = scope["compute_initial_expert_location_metadata"](object(), moe_ep_rank=0)
+    assert theirs.physical_to_logical_map.tolist() == ours.phy2log.tolist()
+    algorithm = sglang_eplb_package["compute_algorithm"]("auto", n_group, nodes).name
+    assert ours.extra["eplb_policy"] == ("hierarchical" if algorithm == "deepseek_hierarchical" else "global")
 
 
 def sglang_metadata(path: Path, num_layers: int, num_experts: int, ep_size: int = EP) -> Any:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
-from moetuner.solvers.eplb import (EplbError, balanced_packing, rebalance_experts, replicate_experts)
+from moetuner.solvers.eplb import EplbError, balanced_packing, hierarchical, rebalance_experts, replicate_experts
+from moetuner.solvers.problem import PlacementProblem
+from moetuner.solvers.registry import get_solver
+from moetuner.trace import N_GROUP
+from test_solvers import random_trace, topology
 
 GOLDEN_WEIGHT = torch.tensor([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
                               [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]])
@@ -94,3 +100,43 @@ def test_hierarchical_invariants(experts: int, groups: int, nodes: int, gpus: in
 def test_errors(args: tuple[int, int, int, int], message: str) -> None:
     with pytest.raises(EplbError, match=message):
         rebalance_experts(GOLDEN_WEIGHT, *args)
+
+
+# --- as a solver: the model's expert groups pick the policy, as SGLang's compute_algorithm ---------------
+
+
+@pytest.mark.parametrize("n_group,nodes,policy", [(1, 2, "global"), (8, 2, "hierarchical"), (8, 1, "hierarchical"),
+                                                  (4, 8, "global"), (None, 2, "global")])
+def test_policy_choice(n_group: int | None, nodes: int, policy: str) -> None:
+    """SGLang 0.5.23 compute_algorithm('auto'): hierarchical iff num_groups is not None and divides by nodes."""
+    assert hierarchical(n_group, nodes) == (policy == "hierarchical")
+
+
+def _problem(n_group: int | None, nodes: int, replicas: int = 0) -> PlacementProblem:
+    trace = random_trace(512, 3, 32, 4, seed=5)
+    if n_group is not None:
+        trace = replace(trace, extra={N_GROUP: str(n_group)}).validate()
+    return PlacementProblem(trace, topology(nodes, 4), replicas=replicas)
+
+
+@pytest.mark.parametrize("replicas", [0, 1])
+def test_solver_uses_the_traces_groups(replicas: int) -> None:
+    """Two nodes: a model without groups (unrecorded or n_group=1) gets the global policy; n_group=8 the
+    hierarchical one over its 8 groups; eplb_node_groups 2 contiguous groups (hierarchical)."""
+    cases = [(None, "eplb", 1, 1), (1, "eplb", 1, 1), (8, "eplb", 8, 2), (1, "eplb_node_groups", 2, 2)]
+    for n_group, solver, groups, nodes in cases:
+        problem = _problem(n_group, 2, replicas)
+        placement = get_solver(solver)(problem, {})
+        expected, _, _ = rebalance_experts(torch.from_numpy(problem.load), problem.num_slots, groups, nodes, 8)
+        assert np.array_equal(placement.phy2log, expected.numpy()), (n_group, solver)
+        assert placement.extra["eplb_policy"] == ("hierarchical" if nodes > 1 else "global")
+    # the global and the node-grouped policies differ on this load (the choice matters)
+    assert not np.array_equal(get_solver("eplb")(_problem(1, 2), {}).phy2log,
+                              get_solver("eplb_node_groups")(_problem(1, 2), {}).phy2log)
+
+
+def test_num_groups_option_overrides_the_trace() -> None:
+    problem = _problem(1, 2)
+    expected, _, _ = rebalance_experts(torch.from_numpy(problem.load), problem.num_slots, 4, 2, 8)
+    placement = get_solver("eplb")(problem, {"num_groups": 4})
+    assert np.array_equal(placement.phy2log, expected.numpy()) and placement.extra["num_groups"] == 4

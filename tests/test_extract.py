@@ -68,6 +68,8 @@ def test_captured_ids_equal_recomputed_routing(name: str, loaded, tmp_path: Path
     trace = run(loaded[name], tmp_path / "t.safetensors", token_budget=4096).trace
     assert trace.moe_layers == [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "gate")]
     assert (trace.moe_layers[0] == 1) == name.startswith("tiny-deepseek")  # first_k_dense_replace=1
+    assert trace.n_group == (model.config.n_group if name == "tiny-deepseek-v3" else 1) and \
+        trace.extra["n_group"] == str(trace.n_group)  # the config's expert groups (V3 preset: 4)
     plain_topk_agrees = []
     for seq_id, text in DOCS:
         ids = torch.tensor([tok(text)["input_ids"]])

@@ -32,6 +32,7 @@ def test_esft_ids_and_weights_equal_the_source_files(task: str, tmp_path: Path) 
     trace = load_trace(save_trace(import_routing("esft", folder), tmp_path / "t.safetensors"))
     assert trace.moe_layers == list(range(1, 27)) and trace.num_experts == 64 and trace.top_k == 6
     assert (trace.model, trace.hidden_size, trace.moe_intermediate_size) == ("deepseek-ai/DeepSeek-V2-Lite", 2048, 1408)
+    assert trace.extra["n_group"] == "1"  # DeepSeek-V2-Lite's config.json: n_group 1
     for position, layer in [(0, 1), (12, 13), (25, 26)]:
         rows = esft_rows(folder / f"expert_weights_{layer}.txt")
         assert trace.seq_ids.tolist() == [s for s, (ids, _) in enumerate(rows) for _ in range(len(ids) // 6)]
@@ -108,6 +109,10 @@ def test_sglang_dump_maps_physical_slots_to_logical_experts(tmp_path: Path) -> N
     assert trace.moe_layers == [1, 2] and trace.num_experts == 4 and trace.top_k == 2
     assert trace.extra["num_hidden_layers"] == "3"  # the dump has a row per decoder layer, dense ones included
     assert trace.seq_ids.tolist() == [0, 0, 1, 2]
+    assert "n_group" not in trace.extra  # the dump does not record the model's groups
+    grouped = import_routing("sglang", sglang_dump(tmp_path / "e.pt"), model="m", hidden_size=8,
+                             moe_intermediate_size=4, n_group=2)
+    assert grouped.n_group == 2
 
 
 def test_sglang_needs_the_model_it_cannot_read(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ LOG2PHY = [[[0, 2, 5], [1, -1, -1], [3, -1, -1], [4, -1, -1]],
 
 def placement() -> Placement:
     return Placement(phy2log=PHY2LOG.copy(), num_gpus=2, num_nodes=1, solver="hand", objective=1.5,
-                     bound=1.0, solve_seconds=0.25, status="time_limit", extra={"note": "x"})
+                     bound=1.0, solve_seconds=0.25, status="feasible", extra={"note": "x"})
 
 
 def test_hand_maps() -> None:
@@ -69,7 +69,7 @@ def test_json_round_trip(tmp_path: Path) -> None:
     assert doc["physical_to_logical_map"] == PHY2LOG.tolist()  # SGLang's --init-expert-location key
     back = load_placement(path)
     assert np.array_equal(back.phy2log, PHY2LOG)
-    assert (back.num_gpus, back.num_nodes, back.solver, back.status) == (2, 1, "hand", "time_limit")
+    assert (back.num_gpus, back.num_nodes, back.solver, back.status) == (2, 1, "hand", "feasible")
     assert (back.objective, back.bound, back.solve_seconds) == (1.5, 1.0, 0.25)
     assert back.extra == {"note": "x"}
 

@@ -132,6 +132,7 @@ def test_dump_imports_into_the_hand_counted_profile(tmp_path: Path, config: Path
     profile = imported(fmt, tmp_path, config)
     assert profile.counts.tolist() == EXPERTS and profile.moe_layers == [1, 2, 3]
     assert profile.model == "m" and profile.extra["num_hidden_layers"] == "4"
+    assert profile.extra["n_group"] == "2" and profile.shape_trace().n_group == 2  # the config's n_group
     back = load_load_profile(save_load_profile(profile, tmp_path / "loads.safetensors"))
     assert back.counts.tolist() == EXPERTS and back.extra == profile.extra
 
@@ -211,10 +212,11 @@ def test_a_trace_as_a_load_profile_by_hand(tmp_path: Path) -> None:
 
     ids = np.array([[[0, 1]], [[0, 2]], [[1, 2]], [[1, 0]], [[2, 1]]], dtype=np.int16)
     trace = Trace(topk_ids=ids, seq_ids=np.zeros(5, np.int32), model="m", num_experts=3, moe_layers=[1], source="t",
-                  hidden_size=8, moe_intermediate_size=8, extra={"num_hidden_layers": "2"})
+                  hidden_size=8, moe_intermediate_size=8, extra={"num_hidden_layers": "2", "n_group": "3"})
     profile = import_loads("trace", save_trace(trace, tmp_path / "t.safetensors"), step_tokens=2)
     assert profile.counts.tolist() == [[[2, 1, 1]], [[1, 2, 1]], [[0, 1, 1]]]
     assert profile.moe_layers == [1] and profile.extra["num_hidden_layers"] == "2"
+    assert profile.extra["n_group"] == "3"  # solver=eplb reads the model's groups from the load profile too
 
 
 def test_the_import_app_writes_a_load_profile(tmp_path: Path, config: Path, monkeypatch: pytest.MonkeyPatch) -> None:

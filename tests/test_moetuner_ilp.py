@@ -15,7 +15,7 @@ from moetuner.solvers.moetuner_ilp import (build_ilp1, ilp1_objective, ilp2_obje
                                              solve_ilp1, solve_ilp2, solve_moetuner)
 from moetuner.solvers.problem import PlacementProblem
 from moetuner.profiling.stats import transitions
-from test_solvers import random_trace, topology
+from test_solvers import busy_cpu, random_trace, topology
 
 EXACT = {"mip_solver": "highs", "time_limit_s": 30.0, "gap_rel": 0.0}
 
@@ -149,12 +149,41 @@ def hard_partition(experts: int = 30, clusters: int = 6) -> pulp.LpProblem:
 
 @pytest.mark.parametrize("mip_solver", ["highs", "cbc"])
 def test_time_limited_solve_is_reported_as_such(mip_solver: str) -> None:
-    result = solve_mip(hard_partition(), mip_solver=mip_solver, time_limit_s=1.0, gap_rel=0.0)
+    result = solve_mip(hard_partition(), mip_solver=mip_solver, time_limit_s=1.0, gap_rel=0.0, max_nodes=10**9)
     assert result.solver == mip_solver
-    assert result.status == "time_limit", "PuLP says Optimal here; sol_status must say feasible only"
+    assert result.status == "feasible", "PuLP says Optimal here; sol_status must say feasible only"
+    assert result.bound_by == "time"  # the cap stopped it, not the (unreachable) node budget
     assert result.objective is not None and result.objective > 0
     if result.bound is not None:  # HiGHS reports its dual bound, CBC through PuLP does not
         assert result.bound <= result.objective and result.gap > 0
+
+
+@pytest.mark.parametrize("budget", [1, 40])
+def test_node_budget_is_honoured(budget: int) -> None:
+    result = solve_mip(hard_partition(), gap_rel=0.0, max_nodes=budget)
+    assert (result.status, result.bound_by, result.nodes) == ("feasible", "nodes", budget)
+    assert result.objective is not None and result.bound <= result.objective
+
+
+def test_zero_nodes_keep_the_warm_start() -> None:
+    """max_nodes=0 (the default study's budget): no branch-and-bound node, the incumbent is the start."""
+    load = np.random.default_rng(0).integers(1000, 2000, 30).astype(float) + 0.37
+    start = np.arange(30) % 6
+    clusters, result = solve_ilp1(load, 6, 5, 5, {"gap_rel": 0.1, "max_nodes": 0}, start=start)
+    assert (result.status, result.bound_by, result.nodes) == ("feasible", "nodes", 0)
+    assert ilp1_objective(load, clusters, 6) == pytest.approx(ilp1_objective(load, start, 6))
+
+
+def test_same_placement_under_different_cpu_load() -> None:
+    """Node budgets on one thread: a solve beside a busy loop gives the same clusters and GPUs."""
+    problem = PlacementProblem(random_trace(400, 3, 24, 3, seed=6), topology(2, 3), replicas=1)
+    options = {"gap_rel": 0.0, "max_nodes": 30, "seed": 1}
+    quiet = solve_moetuner(problem, options)
+    with busy_cpu():
+        loaded = solve_moetuner(problem, options)
+    assert np.array_equal(quiet.phy2log, loaded.phy2log) and quiet.objective == loaded.objective
+    assert quiet.extra["mip_nodes"] == loaded.extra["mip_nodes"]
+    assert quiet.extra["budget_bound_by"] == loaded.extra["budget_bound_by"] != "time"
 
 
 def test_mip_options_are_checked() -> None:
@@ -162,6 +191,8 @@ def test_mip_options_are_checked() -> None:
         solve_mip(hard_partition(4, 2), mip_solver="gurobi")
     with pytest.raises(MipError, match="time_limit_s must be positive"):
         solve_mip(hard_partition(4, 2), time_limit_s=0)
+    with pytest.raises(MipError, match="max_nodes .* must be >= 0"):
+        solve_mip(hard_partition(4, 2), max_nodes=-1)
 
 
 def test_warm_start_is_never_worse_than_the_start() -> None:

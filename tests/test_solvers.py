@@ -5,7 +5,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import subprocess
+import sys
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -23,6 +27,17 @@ from moetuner.trace import Trace
 
 OURS = ["contiguous", "round_robin", "greedy", "eplb", "exflow", "moetuner", "partition", "metro"]
 FAST_MIP = {"time_limit_s": 10, "gap_rel": 0.05}
+
+
+@contextlib.contextmanager
+def busy_cpu() -> Iterator[None]:
+    """A busy-loop process running on a CPU for the duration (ended by its id on exit)."""
+    loop = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        loop.kill()
+        loop.wait()
 
 
 def topology(nodes: int, gpus_per_node: int) -> Topology:
@@ -113,7 +128,7 @@ def test_every_solver_validates(name: str, experts: int, layers: int, nodes: int
     assert placement.phy2log.shape == (layers, problem.num_slots)
     assert (placement.phy2log >= 0).all(), "every slot holds an expert"
     assert placement.solver == name and placement.num_nodes == nodes
-    assert placement.status in ("optimal", "time_limit", "heuristic", "fallback")
+    assert placement.status in ("optimal", "feasible", "heuristic", "fallback")
     assert placement.solve_seconds >= 0 and placement.objective is not None
 
 

@@ -124,3 +124,6 @@ def test_synth_shape_presets() -> None:
     trace = synthesize(SynthSpec(**{f: v3[f] for f in SynthSpec.__dataclass_fields__ if f != "num_tokens"},
                                  num_tokens=64).check())
     assert trace.hidden_size == 7168 and trace.moe_intermediate_size == 2048 and trace.topk_ids.shape == (64, 2, 8)
+    assert trace.n_group == 8 and lite.n_group == 1  # V3's config.json: n_group 8; V2-Lite: 1
+    with pytest.raises(SynthError, match="n_group"):
+        SynthSpec(num_experts=64, n_group=6).check()

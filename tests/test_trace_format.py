@@ -42,7 +42,16 @@ def test_round_trip_without_weights(tmp_path: Path) -> None:
     assert back.topk_weights is None
 
 
+def test_n_group_is_optional_and_kept(tmp_path: Path) -> None:
+    """Absent: 1 (a model without expert groups); recorded: read back as written."""
+    assert small_trace().n_group == 1
+    back = load_trace(save_trace(replace(small_trace(), extra={"n_group": "2"}), tmp_path / "t.safetensors"))
+    assert back.n_group == 2 and back.extra["n_group"] == "2"
+
+
 @pytest.mark.parametrize(("change", "message"), [
+    ({"extra": {"n_group": "3"}}, "n_group='3' must be a positive integer dividing num_experts=4"),
+    ({"extra": {"n_group": "0"}}, "n_group='0' must be a positive integer"),
     ({"num_experts": 3}, "expert id 3 outside [0, 3)"),
     ({"seq_ids": np.zeros(2, dtype=np.int32)}, "one sequence id per token"),
     ({"moe_layers": [1]}, "moe_layers lists 1 layers"),

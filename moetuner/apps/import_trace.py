@@ -17,7 +17,7 @@ from moetuner.profiling.stats import trace_sizes, trace_tags
 from moetuner.trace import save_trace
 from moetuner.tracking import AppResult, AppRun, tracked_app
 
-MODEL_FIELDS = ("model", "hidden_size", "moe_intermediate_size", "dtype")
+MODEL_FIELDS = ("model", "hidden_size", "moe_intermediate_size", "dtype", "n_group")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="import")

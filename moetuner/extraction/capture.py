@@ -44,7 +44,8 @@ def find_routers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
 
 def model_shape(model: torch.nn.Module) -> dict[str, Any]:
     """Trace metadata read from the model: num_experts, top_k, moe_layers, num_hidden_layers, hidden_size,
-    moe_intermediate_size."""
+    moe_intermediate_size, n_group (the config's expert-group count; 1 where the config has none, e.g.
+    DeepSeek-V2-Lite, Qwen3-MoE)."""
     found = find_routers(model)
     gate = found[0][1]
     config = model.config
@@ -55,6 +56,7 @@ def model_shape(model: torch.nn.Module) -> dict[str, Any]:
         "num_hidden_layers": len(model.model.layers),
         "hidden_size": int(config.hidden_size),
         "moe_intermediate_size": int(getattr(config, "moe_intermediate_size", None) or config.intermediate_size),
+        "n_group": int(getattr(config, "n_group", None) or 1),
     }
 
 

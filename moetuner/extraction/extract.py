@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from moetuner.extraction.capture import RouterCapture, model_shape
-from moetuner.trace import WEIGHT_DTYPES, Trace, TraceError, load_trace, save_trace
+from moetuner.trace import N_GROUP, WEIGHT_DTYPES, Trace, TraceError, load_trace, save_trace
 
 
 class ExtractionError(ValueError):
@@ -101,7 +101,7 @@ def empty_trace(model: torch.nn.Module, name: str, source: str) -> Trace:
                  seq_ids=np.zeros(0, np.int32), model=name, num_experts=shape["num_experts"],
                  moe_layers=shape["moe_layers"], source=source, hidden_size=shape["hidden_size"],
                  moe_intermediate_size=shape["moe_intermediate_size"], dtype=dtype,
-                 extra={"num_hidden_layers": str(shape["num_hidden_layers"])})
+                 extra={"num_hidden_layers": str(shape["num_hidden_layers"]), N_GROUP: str(shape["n_group"])})
 
 
 @torch.no_grad()

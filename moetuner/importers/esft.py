@@ -20,7 +20,8 @@ from moetuner.trace import Trace
 NUM_EXPERTS = 64
 TOP_K = 6
 NUM_HIDDEN_LAYERS = 27  # DeepSeek-V2-Lite config.json
-DEFAULT_INFO = ModelInfo(model="deepseek-ai/DeepSeek-V2-Lite", hidden_size=2048, moe_intermediate_size=1408)
+# DeepSeek-V2-Lite's config.json: n_group 1 (no expert groups)
+DEFAULT_INFO = ModelInfo(model="deepseek-ai/DeepSeek-V2-Lite", hidden_size=2048, moe_intermediate_size=1408, n_group=1)
 _LAYER_FILE = re.compile(r"expert_weights_(\d+)\.txt")
 
 

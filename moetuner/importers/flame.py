@@ -18,7 +18,8 @@ from moetuner.importers.base import ModelInfo, RoutingImportError, build_trace, 
 from moetuner.trace import Trace
 
 NUM_EXPERTS = 64
-DEFAULT_INFO = ModelInfo(model="CMU-FLAME/FLAME-MoE-290M-1.3B", hidden_size=1024, moe_intermediate_size=704)
+DEFAULT_INFO = ModelInfo(model="CMU-FLAME/FLAME-MoE-290M-1.3B", hidden_size=1024, moe_intermediate_size=704,
+                         n_group=1)  # no expert groups
 REQUIRED_KEYS = ("topk_ids", "topk_scores", "moe_layers")
 
 

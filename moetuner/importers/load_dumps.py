@@ -35,7 +35,7 @@ import yaml
 from moetuner.importers.base import RoutingImportError, check_exists
 from moetuner.load_profile import LoadProfile, load_profile_of_trace
 from moetuner.model_layout import ModelLayout, check_record
-from moetuner.trace import load_trace
+from moetuner.trace import N_GROUP, load_trace
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,8 @@ def profile_of(counts: np.ndarray, layers: list[int], total: int | None, fmt: st
     meta = {"dump_format": fmt, **extra}
     if total is not None:
         meta["num_hidden_layers"] = str(total)
+    if options.layout is not None:
+        meta[N_GROUP] = str(options.layout.n_group)  # the model config's expert groups (solver=eplb reads them)
     return LoadProfile(counts=counts.astype(np.int64), model=name, moe_layers=layers, source=f"{fmt}:{path}",
                        extra=meta).validate(str(path))
 

@@ -1,4 +1,16 @@
-"""Baseline placements: contiguous (Megatron), round-robin (vLLM), greedy (heaviest expert to the lightest GPU)."""
+"""Baseline placements: contiguous (Megatron), round-robin (vLLM), greedy (heaviest expert to the lightest GPU).
+
+Engine settings reproduced (with replicas=0; extra slots here get hot replicas, see `finish`):
+- contiguous: SGLang 0.5.23's default `--init-expert-location trivial`
+  (`srt/eplb/expert_location.py`, `ExpertLocationMetadata.init_trivial`: physical slot p holds expert
+  p % E, GPU r the slots [r*S, (r+1)*S)); vLLM's default `--expert-placement-strategy linear`
+  (`vllm/model_executor/layers/fused_moe/layer.py`, `determine_expert_map`); Megatron's expert-parallel
+  split (rank r holds experts [r*E/G, (r+1)*E/G)).
+- round_robin: vLLM's `--expert-placement-strategy round_robin` (`determine_expert_map`: expert e on
+  rank e % G).
+- greedy: no engine's setting; the longest-processing-time heuristic on the profile load, a reference
+  between the load-blind layouts and EPLB.
+"""
 
 from __future__ import annotations
 

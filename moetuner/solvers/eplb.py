@@ -1,5 +1,5 @@
 """DeepSeek's expert-parallel load balancer (EPLB), reimplemented with its signature and semantics
-(docs/formulation.md section 6).
+(docs/formulation.md section 6), configured as SGLang 0.5.23 runs it.
 
 Hierarchical policy (num_groups % num_nodes == 0): pack expert groups onto nodes (equal counts,
 balanced load), replicate hot experts inside each node (each new replica goes to the expert with the
@@ -9,6 +9,17 @@ Ties follow upstream's order: torch's default (unstable) descending sort, the fi
 maximum wins, and pack loads add up in float64. So on the same torch the result equals SGLang
 0.5.23's copy of DeepSeek's code bit for bit, log2phy included, on tied loads too
 (tests/test_engine_conformance.py).
+
+Engine setting reproduced by `solver=eplb`: SGLang's `--enable-eplb` / `--init-expert-location` with a
+logical count and `--eplb-algorithm auto` (the default). `ExpertLocationMetadata.init_by_eplb`
+(`srt/eplb/expert_location.py`) passes `num_groups = model_config.num_groups`, which the DeepSeek
+models set to the HF config's `n_group` (`srt/models/deepseek_v2.py`,
+`get_model_config_for_expert_location`; Qwen3-MoE: None), and `num_nodes = nnodes`;
+`compute_algorithm` (`srt/eplb/eplb_algorithms/__init__.py`) picks the hierarchical policy when
+`num_groups is not None and num_groups % num_nodes == 0`, else the global one. Here the group count is
+the trace's `n_group` (1 when unrecorded: the same placement as SGLang's None, since one group on one
+node is the global policy). `solver=eplb_node_groups` is the variant with one artificial contiguous
+group per node (hierarchical whenever the nodes divide the experts), which no engine runs by default.
 """
 
 from __future__ import annotations
@@ -129,6 +140,12 @@ def rebalance_hierarchical(weight: torch.Tensor, num_replicas: int, num_groups: 
     return phy2log, rank, logcnt
 
 
+def hierarchical(num_groups: int | None, num_nodes: int) -> bool:
+    """SGLang's `compute_algorithm("auto", num_groups, num_nodes)` choice: the hierarchical policy iff the
+    model has expert groups (not None) and they split evenly over the nodes; else the global policy."""
+    return num_groups is not None and num_groups % num_nodes == 0
+
+
 def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int,
                       num_gpus: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DeepSeek EPLB entry point (drop-in).
@@ -138,7 +155,7 @@ def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int, 
     """
     num_layers, num_experts = weight.shape
     weight = weight.float().cpu()
-    if num_groups % num_nodes:
+    if not hierarchical(num_groups, num_nodes):
         num_groups, num_nodes = 1, 1  # global policy
     phy2log, rank, logcnt = rebalance_hierarchical(weight, num_replicas, num_groups, num_nodes, num_gpus)
     width = int(logcnt.max())
@@ -147,14 +164,31 @@ def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int, 
     return phy2log, log2phy.view(num_layers, num_experts, width), logcnt
 
 
-def solve_eplb(problem: PlacementProblem, options: Mapping[str, Any]) -> Placement:
-    """EPLB on the profile load over all P = G*S slots.
+def _solve(problem: PlacementProblem, num_groups: int, solver: str, start: float) -> Placement:
+    """EPLB with `num_groups` expert groups on the problem's profile load over all P = G*S slots."""
+    nodes = problem.topology.nodes
+    phy2log, _, _ = rebalance_experts(torch.from_numpy(problem.load), problem.num_slots, num_groups, nodes,
+                                      problem.num_gpus)
+    policy = "hierarchical" if hierarchical(num_groups, nodes) else "global"
+    return finish(problem, phy2log.numpy().astype("int64"), solver, start, num_groups=num_groups,
+                  eplb_policy=policy)
 
-    options: num_groups (default: one group per node if E divides by the node count, else 1).
+
+def solve_eplb(problem: PlacementProblem, options: Mapping[str, Any]) -> Placement:
+    """EPLB as SGLang runs it (module docstring): the model's expert groups, hierarchical iff they divide
+    by the node count.
+
+    options: num_groups (null: the profile trace's n_group, 1 for a model without groups).
     """
     start = time.perf_counter()
+    groups = options.get("num_groups")
+    return _solve(problem, int(problem.profile.n_group if groups is None else groups), "eplb", start)
+
+
+def solve_eplb_node_groups(problem: PlacementProblem, options: Mapping[str, Any]) -> Placement:
+    """EPLB's hierarchical policy over one contiguous group of E/nodes experts per node (experts
+    0..E/nodes-1 pinned to node 0, ...); the global policy where the nodes do not divide E. No engine's
+    default: SGLang uses the model's n_group (`solver=eplb`). options: none."""
+    start = time.perf_counter()
     nodes = problem.topology.nodes
-    num_groups = options.get("num_groups") or (nodes if problem.num_experts % nodes == 0 else 1)
-    phy2log, _, _ = rebalance_experts(torch.from_numpy(problem.load), problem.num_slots, int(num_groups),
-                                      nodes, problem.num_gpus)
-    return finish(problem, phy2log.numpy().astype("int64"), "eplb", start, num_groups=int(num_groups))
+    return _solve(problem, nodes if problem.num_experts % nodes == 0 else 1, "eplb_node_groups", start)

@@ -2,6 +2,8 @@
 
 Layer 0 is contiguous; each next layer is an optimal assignment (Hungarian) of its experts to GPUs
 with ceil(E/G) experts per GPU, maximising the transition mass R[l] that stays on a GPU.
+Engine setting reproduced: none (no engine ships an affinity placement); it follows ExFlow's idea
+(inter-layer expert affinity), not its code.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ replicas (the slots a GPU has per layer), so with replicas=0 and G | E every clu
 units of the fastest link. An ILP that finds no solution in its time limit (or ILP2 too large to
 build) falls back to a heuristic (greedy balance for ILP1, affinity assignment for ILP2) and the
 placement's status says `fallback`.
+Engine setting reproduced: none (MoETuner is a paper's offline placement, not an engine option); a
+placement it computes reaches SGLang through `--init-expert-location` (moetuner/engines.py).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from moetuner.solvers.baselines import greedy_phy2log
 from moetuner.solvers.completion import finish
 from moetuner.solvers.exflow import follow_affinity, phy2log_from_gpus
 from moetuner.placement import Placement
-from moetuner.solvers.mip import MipResult, solve_mip
+from moetuner.solvers.mip import MAX_NODES, TIME_CAP_S, MipResult, solve_mip
 from moetuner.solvers.problem import PlacementProblem
 
 
@@ -208,7 +210,14 @@ def affinity_gpus(cluster_mass: np.ndarray, num_gpus: int) -> np.ndarray:
 def _overall_status(results: list[MipResult], fell_back: bool) -> str:
     if fell_back:
         return "fallback"
-    return "optimal" if all(r.status == "optimal" for r in results) else "time_limit"
+    return "optimal" if all(r.status == "optimal" for r in results) else "feasible"
+
+
+def budget_bound_by(results: list[MipResult]) -> str:
+    """What stopped the MIPs: time if the safety cap stopped any, else nodes if the node budget stopped
+    any, else none (all proven within the gap)."""
+    stops = {r.bound_by for r in results}
+    return next((stop for stop in ("time", "nodes") if stop in stops), "none")
 
 
 def _sum_or_none(values: list[float | None]) -> float | None:
@@ -257,15 +266,17 @@ def place_clusters(cluster_mass: np.ndarray, sizes: np.ndarray, cost: np.ndarray
 def solve_moetuner(problem: PlacementProblem, options: Mapping[str, Any]) -> Placement:
     """ILP1 per layer, then ILP2 over all layers; objective = ILP2's, bound = ILP2's proven bound.
 
-    options: time_limit_s (per MIP), mip_solver (highs|cbc), gap_rel, equal_cluster_size,
-    ilp2_max_vars (larger ILP2s are not built: affinity fallback), fill_replicas (copies of hot
-    experts in slots the clusters leave empty).
+    options: max_nodes (per MIP, the work budget; MAX_NODES), seed (0), time_limit_s (per MIP, a safety
+    cap; TIME_CAP_S), mip_solver (highs|cbc), gap_rel, equal_cluster_size, ilp2_max_vars (larger ILP2s
+    are not built: affinity fallback), fill_replicas (copies of hot experts in slots the clusters leave
+    empty).
     """
     start = time.perf_counter()
     num_gpus, num_experts = problem.num_gpus, problem.num_experts
     mip = {"mip_solver": str(options.get("mip_solver", "highs")),
-           "time_limit_s": float(options.get("time_limit_s", 60.0)),
-           "gap_rel": float(options.get("gap_rel", 0.025))}
+           "time_limit_s": float(options.get("time_limit_s", TIME_CAP_S)),
+           "gap_rel": float(options.get("gap_rel", 0.025)),
+           "max_nodes": int(options.get("max_nodes", MAX_NODES)), "seed": int(options.get("seed", 0))}
     if options.get("equal_cluster_size", False):
         min_size, max_size = num_experts // num_gpus, -(-num_experts // num_gpus)
     else:
@@ -279,9 +290,12 @@ def solve_moetuner(problem: PlacementProblem, options: Mapping[str, Any]) -> Pla
                                                           int(options.get("ilp2_max_vars", 200_000)))
     fallbacks += ilp2_fallbacks
     gpu_of = np.take_along_axis(gpu_of_cluster, cluster_of, axis=1)
+    results = ilp1 + ([ilp2] if ilp2 else [])
     return finish(
         problem, phy2log_from_gpus(gpu_of, num_gpus, problem.slots_per_gpu), "moetuner", start,
-        status=_overall_status(ilp1 + ([ilp2] if ilp2 else []), bool(fallbacks)),
+        status=_overall_status(results, bool(fallbacks)),
+        budget_bound_by=budget_bound_by(results), max_nodes=mip["max_nodes"],
+        mip_nodes=_sum_or_none([r.nodes for r in results]),
         objective=ilp2_objective(cluster_mass, gpu_of_cluster, cost),
         bound=ilp2.bound if ilp2 and ilp2.has_solution else None,
         fill=bool(options.get("fill_replicas", True)),

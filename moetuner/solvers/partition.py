@@ -9,6 +9,7 @@ copy less (dispatch-combine dedups per GPU). Start: heaviest expert first onto t
 room (LPT); refinement: Kernighan-Lin style pair swaps, best gain first, while one improves.
 Slots beyond the experts get hot replicas (`fill_hot_replicas`) on the node of the expert's first copy
 where it has room, so replicas keep the node grouping.
+Engine setting reproduced: none (ours; steptail's warm start).
 """
 
 from __future__ import annotations

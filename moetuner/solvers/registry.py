@@ -38,7 +38,8 @@ class SolverInfo:
     load_only: bool = False  # reads PlacementProblem.load (tokens per expert), shapes and topology, never the
     #                          tokens: an engine's load counters are enough (the online policies pass them)
     warm_start: bool = False  # a candidate start of steptail's search (fast, reads no dispatch)
-    time_budgeted: bool = False  # honours options["time_limit_s"]: its result depends on the machine's speed
+    time_budgeted: bool = False  # honours options["time_limit_s"] (for steptail and the MIPs only a safety cap
+    #                              beside their work budget; when it binds, the placement says budget_bound_by)
     per_dispatch: bool = False  # reads the problem's dispatch and dataflow: one placement per dispatch
 
 
@@ -52,6 +53,7 @@ SOLVERS: dict[str, SolverInfo] = {
     "moetuner": SolverInfo("moetuner.solvers.moetuner_ilp:solve_moetuner", time_budgeted=True),
     "steptail": SolverInfo("moetuner.solvers.steptail:solve_steptail", time_budgeted=True, per_dispatch=True),
     "metro": SolverInfo("moetuner.solvers.metro:solve_metro", time_budgeted=True),
+    "eplb_node_groups": SolverInfo("moetuner.solvers.eplb:solve_eplb_node_groups", load_only=True),
 }
 """Solver name -> SolverInfo. The order is the order of `solver_names` (steptail tries its warm starts in
 it and keeps the earlier one of two equally good rows)."""

@@ -11,15 +11,18 @@ domain's time to the contiguous layout's time on that domain (the objective is t
    registry order; with several domains also on each domain alone), keep per layer the row with the
    lowest profile layer time (layers are independent unless the dataflow is expert-to-expert; then
    the best whole map);
-2. per layer, within an equal share of what is left of `time_limit_s`: random moves, kept when the
-   objective drops: swap two slots on different GPUs (one of them on the layer's busiest GPU half of
-   the time), or, with replicas, point a spare replica slot at an expert drawn by load per copy;
+2. per layer, an equal share of the work budget `max_moves`: random moves (drawn from `seed`), kept
+   when the objective drops: swap two slots on different GPUs (one of them on the layer's busiest GPU
+   half of the time), or, with replicas, point a spare replica slot at an expert drawn by load per copy;
 3. return the better of the result and the best warm start on the full profile objective.
 Warm starts and moves are scored with `search_dispatch` (default SEARCH_DISPATCH: the problem's
 dispatch, but dynamic for lp_comm, whose per-step MILP is too slow for thousands of moves and which
 measured better that way); `objective` is then recomputed with the problem's dispatch.
-`time_limit_s` bounds the whole solve except the warm-start solvers themselves and one scoring of
-each (a reserve for the final scoring is kept); each time-budgeted warm start (partition) gets 20% of it.
+The budget is work, not time: the same inputs and options give the same placement on any machine and
+at any load (the warm starts are deterministic too: partition's swaps run until none helps).
+`time_limit_s` is only a safety cap on the search (the solve except the warm starts and the scorings):
+when it stops the search before `max_moves`, the placement records `budget_bound_by: time` (else
+`moves`) and the result then depends on the machine's speed.
 Bound: the simulator's lower bound (compute and communication; `moetuner.costmodel.bounds.lower_bound`,
 docs/formulation.md section 5) on the profile steps, combined over domains like the objective.
 """
@@ -36,13 +39,17 @@ import numpy as np
 from moetuner.solvers.completion import finish
 from moetuner.placement import Placement, expert_location, logical_replica_count
 from moetuner.solvers.problem import PlacementProblem
-from moetuner.solvers.registry import get_solver, solver_info, solver_names
+from moetuner.solvers.registry import get_solver, solver_names
 from moetuner.costmodel.cost import CostModel, cost_model
 from moetuner.costmodel.score import score, score_layer
 from moetuner.costmodel.bounds import lower_bound as simulator_bound
 from moetuner.trace import Trace, primary_column
 from moetuner.costmodel.settings import Dispatch
 
+MAX_MOVES = 3000
+"""Default work budget: moves scored over all layers (conf/solver/steptail.yaml says how it was calibrated)."""
+TIME_CAP_S = 600.0
+"""Default safety cap on the search's wall time (`time_limit_s`)."""
 SEARCH_DISPATCH = {"dynamic": "dynamic", "static": "static", "lp": "lp", "lp_comm": "dynamic"}
 """The dispatch each move (and warm start) is scored with, by the problem's dispatch."""
 
@@ -173,35 +180,42 @@ def best_rows(candidates: list[np.ndarray], scores: list[np.ndarray], totals: li
     return candidates[int(np.argmin(totals))].copy()
 
 
-def warm_start_maps(problem: PlacementProblem, names: Sequence[str], time_limit_s: float) -> list[np.ndarray]:
-    """phy2log [L, P] of each solver in `names` on the problem and, with several domains, also on each domain
-    alone (one domain's placement may serve the others better than one from the mixed statistics); each
-    time-budgeted solver (SolverInfo.time_budgeted: partition's swap search) gets 20% of `time_limit_s`."""
+def warm_start_maps(problem: PlacementProblem, names: Sequence[str]) -> list[np.ndarray]:
+    """phy2log [L, P] of each solver in `names` (default options: deterministic, no time limit) on the
+    problem and, with several domains, also on each domain alone (one domain's placement may serve the
+    others better than one from the mixed statistics)."""
     alone = [replace(problem, profile=d, domains=(d,), weights=()) for d in problem.domains] \
         if len(problem.domains) > 1 else []
-    options = lambda name: {"time_limit_s": 0.2 * time_limit_s} if solver_info(name).time_budgeted else {}  # noqa: E731
-    return [get_solver(name)(p, options(name)).phy2log for name in names for p in [problem, *alone]]
+    return [get_solver(name)(p, {}).phy2log for name in names for p in [problem, *alone]]
+
+
+def layer_budgets(max_moves: int, num_layers: int) -> list[int]:
+    """`max_moves` split over the layers as evenly as integers allow (the first layers get the remainder)."""
+    assert max_moves >= 0 and num_layers >= 1
+    share, extra = divmod(max_moves, num_layers)
+    return [share + (layer < extra) for layer in range(num_layers)]
 
 
 def search_layers(phy2log: np.ndarray, problem: PlacementProblem, cost: CostModel, steps: list[Steps],
-                  dispatch: Dispatch, reference: np.ndarray | None, deadline: float, rng: np.random.Generator) -> int:
-    """Local search, layer by layer, each layer within an equal share of the time left until `deadline`
-    (time.perf_counter() seconds): `propose` moves kept when the combined objective on `steps` (scored
-    with `dispatch`, reference [D] as in PlacementProblem.combine) drops. Improves phy2log [L, P] in
-    place; returns the number of moves scored."""
+                  dispatch: Dispatch, reference: np.ndarray | None, budgets: Sequence[int], deadline: float,
+                  rng: np.random.Generator) -> int:
+    """Local search, layer by layer, `budgets[layer]` moves each, stopped early only by the safety cap
+    `deadline` (time.perf_counter() seconds): `propose` moves kept when the combined objective on `steps`
+    (scored with `dispatch`, reference [D] as in PlacementProblem.combine) drops. Improves phy2log [L, P]
+    in place; returns the number of moves scored (sum(budgets) unless the cap bound)."""
     separable = problem.dataflow != "expert_to_expert"
     scores = step_objective(phy2log, problem, cost, steps, dispatch)  # [D, L]
     src = [np.broadcast_to(np.arange(d.ids.shape[1]) % problem.num_gpus, d.ids.shape[:2]) for d in steps]
     moves = 0
     for layer in range(problem.num_layers):
-        left = deadline - time.perf_counter()
-        layer_deadline = time.perf_counter() + left / (problem.num_layers - layer)
         search = LayerSearch(problem, cost, layer, steps, src, dispatch)
         rest = scores.sum(1) - scores[:, layer]  # [D] the other layers
         current, busy = search.evaluate(phy2log[layer])
         best = problem.combine(rest + current, reference)
         load = problem.load[layer]
-        while time.perf_counter() < layer_deadline:
+        for _ in range(budgets[layer]):
+            if time.perf_counter() >= deadline:
+                break
             row = propose(phy2log[layer], busy, load, problem.slots_per_gpu, rng)
             times, row_busy = search.evaluate(row)
             moves += 1
@@ -217,13 +231,16 @@ def search_layers(phy2log: np.ndarray, problem: PlacementProblem, cost: CostMode
 def solve_steptail(problem: PlacementProblem, options: Mapping[str, Any]) -> Placement:
     """Local search on the per-step tail objective of the profile (see module docstring).
 
-    options: time_limit_s (10, the whole solve), warm_starts (null: solver_names(warm_start=True)), search_dispatch (null:
-    SEARCH_DISPATCH of the problem's dispatch), max_search_steps (8 per domain, evenly spaced),
-    seed (0).
+    options: max_moves (MAX_MOVES, the work budget), seed (0), time_limit_s (TIME_CAP_S, a safety cap on
+    the search), warm_starts (null: solver_names(warm_start=True)), search_dispatch (null: SEARCH_DISPATCH of the problem's
+    dispatch), max_search_steps (8 per domain, evenly spaced).
     """
     start = time.perf_counter()
-    limit = float(options.get("time_limit_s", 10.0))
-    deadline = start + limit
+    max_moves = int(options.get("max_moves", MAX_MOVES))
+    limit = float(options.get("time_limit_s", TIME_CAP_S))
+    if max_moves < 0 or limit <= 0:
+        raise ValueError(f"steptail: max_moves={max_moves} must be >= 0 and time_limit_s={limit} > 0 "
+                         f"(max_moves is the work budget, time_limit_s only a safety cap)")
     rng = np.random.default_rng(int(options.get("seed", 0)))
     trace = problem.profile
     cost = cost_model(problem.topology, trace.hidden_size, trace.moe_intermediate_size)
@@ -242,16 +259,15 @@ def solve_steptail(problem: PlacementProblem, options: Mapping[str, Any]) -> Pla
     full_ref, search_ref = reference(steps, dispatch), reference(search_steps, dispatch)
 
     names = options.get("warm_starts")
-    warm = warm_start_maps(problem, solver_names(warm_start=True) if names is None else names, limit)
-    scoring = time.perf_counter()
+    warm = warm_start_maps(problem, solver_names(warm_start=True) if names is None else names)
     warm_scores = [step_objective(phy, problem, cost, steps, dispatch) for phy in warm]  # [D, L] each
-    final_cost = (time.perf_counter() - scoring) / len(warm)  # seconds of one full scoring
-    final_cost *= 1 if dispatch == problem.dispatch else 20  # lp_comm: a MILP per layer-step
     separable = problem.dataflow != "expert_to_expert"
     warm_totals = [problem.combine(s.sum(1), full_ref) for s in warm_scores]
     phy2log = best_rows(warm, warm_scores, warm_totals, separable, problem)
     warm_objective = float(min(warm_totals))
-    moves = search_layers(phy2log, problem, cost, search_steps, dispatch, search_ref, deadline - final_cost, rng)
+    budgets = layer_budgets(max_moves, problem.num_layers)
+    moves = search_layers(phy2log, problem, cost, search_steps, dispatch, search_ref, budgets,
+                          time.perf_counter() + limit, rng)
     found = objective(phy2log, dispatch, full_ref)
     if found > warm_objective:
         phy2log, found = warm[int(np.argmin(warm_totals))].copy(), warm_objective
@@ -262,4 +278,5 @@ def solve_steptail(problem: PlacementProblem, options: Mapping[str, Any]) -> Pla
                   bound=lower_bound(problem, cost, steps, final_ref), fill=False,
                   objective_kind="profile_step_time_s" if final_ref is None else "worst_domain_time_vs_contiguous",
                   dataflow=problem.dataflow, dispatch=problem.dispatch, search_dispatch=dispatch,
-                  search_objective=found, warm_objective=warm_objective, moves=moves)
+                  search_objective=found, warm_objective=warm_objective, moves=moves, max_moves=max_moves,
+                  budget_bound_by="moves" if moves == max_moves else "time")

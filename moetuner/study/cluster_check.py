@@ -7,10 +7,13 @@
 Each check prints one line; the first that fails raises CheckFailed naming what and where (exit 1).
 - every Slurm-executed job went through sbatch: one SLURM job id per submitted job in Snakemake's log,
   each COMPLETED in Slurm's accounting (sacct) under the run's job name;
-- summary.csv: every row whose placement is identical in both runs (deterministic solvers; time-limited
-  searches may differ) has equal values in every column but the measured and timing ones;
-- serve: the per-step traffic and imbalance of every placement served with the same map in both runs are
-  equal (measured times are not compared);
+- placements: every placement is identical in both runs (every solver runs on a work budget, so the
+  same inputs give the same map on any machine and at any load);
+- summary.csv: every row has equal values in every computed column; the measured serve columns
+  (MEASURED_TOLERANCE) of emulated runs agree within their tolerance, which the check prints; wall-clock
+  columns (solve_seconds, and the measured time of a plain, not emulated, CPU serve run such as the tiny
+  study's: the host's speed, not the target's) are not compared;
+- serve: the per-step traffic and imbalance of every served placement are equal;
 - MLflow: the parent run on the tracking server is FINISHED with the report among its artifacts, and has
   the same child runs (by name) as the local run, each FINISHED and holding its config artifact.
 """
@@ -32,7 +35,13 @@ from moetuner import tracking
 from moetuner.study.parent_run import read_parent
 
 SUBMITTED = re.compile(r"Job \d+ has been submitted with SLURM jobid (\d+)")
-NOT_COMPARED = ("measured_layer_time_s", "solve_seconds")  # wall-clock measurements
+NOT_COMPARED = ("solve_seconds",)  # wall-clock time of a solve: the machine's speed, not the result
+EMULATED = "injected_share"  # set only for emulated serve runs; a plain CPU run's time is the host's wall clock
+MEASURED_TOLERANCE = {"measured_layer_time_s": ("relative", 0.05), "comm_rel_error": ("absolute", 0.05)}
+"""Measured serve columns: (kind, tolerance). From repeated emulated serves of one placement run alone on
+the 2-core machine (docs/serving.md, "Run to run"): the measured time moves by well under 1% and the
+transfer error by under 0.01; the tolerances leave room for the two runs' different machines' states
+but not for a serve job that shared its cores (33% vs 8%)."""
 SERVE_KEYS = ("steps", "bytes_intra_per_step", "bytes_inter_per_step", "imbalance", "dataflow", "dispatch")
 PARENT_ARTIFACTS = {"report.html", "report.md", "summary.csv", "headline.md"}
 
@@ -86,51 +95,66 @@ def _equal(a: object, b: object) -> bool:
     return a == b
 
 
+def _within(column: str, a: object, b: object) -> bool:
+    """A measured column's two values agree within MEASURED_TOLERANCE (both missing counts as agreeing)."""
+    kind, tolerance = MEASURED_TOLERANCE[column]
+    a, b = float(a), float(b)
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    return abs(a - b) <= (tolerance * max(abs(a), abs(b)) if kind == "relative" else tolerance)
+
+
+def tolerance_note() -> str:
+    return ", ".join(f"{column} within {tolerance:g} ({kind})" for column, (kind, tolerance) in MEASURED_TOLERANCE.items())
+
+
 def compare_summaries(local: Path, slurm: Path) -> str:
-    """Compare `<results>/report/summary.csv` of two runs on the rows whose placements are identical."""
+    """Compare `<results>/report/summary.csv` of two runs on every row: the placements must be identical,
+    computed columns equal and measured ones within MEASURED_TOLERANCE."""
     tables = [pd.read_csv(root / "report" / "summary.csv") for root in (local, slurm)]
     keys = ["trace", "topology", "solver", "replicas", "eval"]
     merged = tables[0].merge(tables[1], on=keys, how="outer", suffixes=("", "@slurm"), indicator=True)
     missing = merged[merged["_merge"] != "both"]
     if len(missing):
         raise CheckFailed(f"summary.csv: rows in one run only: {missing[keys].to_dict('records')} ({local}, {slurm})")
-    compared, skipped = 0, set()
+    wall_clock = 0
     for _, row in merged.iterrows():
         if _placement(local, row) != _placement(slurm, row):
-            skipped.add(f"{row.solver}-r{row.replicas}")
-            continue
-        compared += 1
+            raise CheckFailed(f"placement {row.trace}/{row.topology}/{row.solver}-r{row.replicas} differs between "
+                              f"the runs ({local}, {slurm}): the solvers run on work budgets and must repeat")
+        plain = EMULATED in tables[0].columns and _equal(float("nan"), row[EMULATED]) \
+            and not pd.isna(row.get("measured_layer_time_s"))
+        wall_clock += bool(plain)
         for column in (c for c in tables[0].columns if c not in keys and c not in NOT_COMPARED):
-            if not _equal(row[column], row[f"{column}@slurm"]):
-                raise CheckFailed(f"summary.csv: {column} differs for {dict(row[keys])}: local {row[column]}, "
-                                  f"slurm {row[f'{column}@slurm']} ({slurm / 'report' / 'summary.csv'})")
-    if not compared:
-        raise CheckFailed(f"summary.csv: no row has the same placement in both runs ({local}, {slurm})")
-    note = f"; placements that differ (time-limited solvers), not compared: {sorted(skipped)}" if skipped else ""
-    return f"summary.csv: {compared} of {len(merged)} rows equal to the local run's{note}"
+            if plain and column == "measured_layer_time_s":
+                continue
+            a, b = row[column], row[f"{column}@slurm"]
+            if not (_within(column, a, b) if column in MEASURED_TOLERANCE else _equal(a, b)):
+                raise CheckFailed(f"summary.csv: {column} differs for {dict(row[keys])}: local {a}, slurm {b}"
+                                  + (f" (tolerance: {tolerance_note()})" if column in MEASURED_TOLERANCE else "")
+                                  + f" ({slurm / 'report' / 'summary.csv'})")
+    note = f"; {wall_clock} plain CPU serve timings not compared (the host's wall clock)" if wall_clock else ""
+    return (f"summary.csv: all {len(merged)} rows have the same placement and computed values as the local run's, "
+            f"measured columns of emulated runs within tolerance ({tolerance_note()}){note}")
 
 
 def compare_serve(local: Path, slurm: Path) -> str:
-    """Compare the traffic of every placement served in both runs with the same placement."""
+    """Compare the traffic of every served placement (the same map in both runs, or the check fails)."""
     runs = sorted(p.relative_to(local) for p in (local / "serve").rglob("metrics.json") if "probe" not in p.parts)
-    compared, skipped = [], []
+    if not runs:
+        raise CheckFailed(f"serve: no served placement in the local run ({local})")
     for run in runs:
         trace, topology, point = run.parts[1:4]  # serve/<trace>/<topology>/<solver>-r<R>/metrics.json
         maps = [json.loads((root / "placements" / trace / topology / f"{point}.json").read_text())
                 ["physical_to_logical_map"] for root in (local, slurm)]
         if maps[0] != maps[1]:
-            skipped.append(point)
-            continue
+            raise CheckFailed(f"serve: the placement of {run} differs between the runs ({local}, {slurm})")
         mine, theirs = (json.loads((root / run).read_text()) for root in (local, slurm))
         diff = {k: (mine.get(k), theirs.get(k)) for k in SERVE_KEYS if not _equal(mine.get(k), theirs.get(k))}
         if diff:
             raise CheckFailed(f"serve: {run} differs from the local run (local, slurm): {diff}")
-        compared.append(point)
-    if not compared:
-        raise CheckFailed(f"serve: no placement served with the same map in both runs ({local}, {slurm})")
-    note = f"; placements that differ, not compared: {skipped}" if skipped else ""
-    return (f"serve: {len(compared)} of {len(runs)} served placements move the same bytes per step as locally "
-            f"({', '.join(SERVE_KEYS)}){note}")
+    return (f"serve: all {len(runs)} served placements are the same and move the same bytes per step as locally "
+            f"({', '.join(SERVE_KEYS)})")
 
 
 def _children(uri: str, run_id: str) -> dict[str, object]:

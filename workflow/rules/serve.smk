@@ -23,8 +23,13 @@ rule serve:
     threads: config["serve"]["cores"]
     resources:
         serve_jobs=1,
+        # the machine's cores: an emulated run measures wall time, and a job beside it on the same cores
+        # inflates its transfers (docs/serving.md, "Run to run"); with --resources host_cores=<serve.cores>
+        # (local-check.sh's one-machine Slurm cluster) nothing else runs while it does
+        host_cores=int(config["serve"]["cores"]),
         **({"nodes": SERVE_NODES, "tasks": SERVE_NODES, "mpi": "srun",
-            "cpus_per_task": max(1, int(config["serve"]["cores"]) // SERVE_NODES)} if SERVE_NODES > 1 else {}),
+            "cpus_per_task": max(1, int(config["serve"]["cores"]) // SERVE_NODES)} if SERVE_NODES > 1
+           else {"cpus_per_task": int(config["serve"]["cores"])}),  # Slurm takes cpus_per_task before threads
     log:
         log_path("serve", "{trace}/{topology}/{solver}-r{replicas}"),
     benchmark:

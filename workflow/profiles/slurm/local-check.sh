@@ -84,9 +84,18 @@ local_study() {  # local_study NAME: the study with the local executor, its own 
     --configfile "conf/study/$1.yaml" --cores 2
 }
 
-slurm_study() {  # slurm_study NAME: the same through the slurm profile, tracked on the server
+serve_cores() {  # serve_cores NAME: the study's serve.cores (its file over conf/study/default.yaml)
+  python -c 'import sys, yaml
+studies = [yaml.safe_load(open(f"conf/study/{name}.yaml")) or {} for name in ("default", sys.argv[1])]
+print(int({**studies[0]["serve"], **(studies[1].get("serve") or {})}["cores"]))' "$1"
+}
+
+slurm_study() {  # slurm_study NAME: the same through the slurm profile, tracked on the server; a serve job
+  # takes host_cores = serve.cores, every other job 1 (the profile's default), so serve jobs run alone
+  # on this one machine, whose two slurmd declare more CPUs than it has (docs/study.md, "Profiles")
   MLFLOW_TRACKING_URI="$URI" snakemake -s "$repo/Snakefile" -d "$run/$1/slurm" \
-    --workflow-profile "$repo/workflow/profiles/slurm" --configfile "conf/study/$1.yaml" --jobs 2
+    --workflow-profile "$repo/workflow/profiles/slurm" --configfile "conf/study/$1.yaml" --jobs 2 \
+    --resources host_cores="$(serve_cores "$1")" serve_jobs=1
 }
 
 sweep() {  # sweep NAME: 2 solvers x 2 replica budgets through the submitit launcher
