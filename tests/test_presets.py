@@ -38,7 +38,7 @@ def test_build_preset_is_idempotent_and_reloads_v3_bias(tmp_path: Path) -> None:
     for (_, loaded_gate), (_, built_gate) in zip(find_routers(model), find_routers(built)):
         assert loaded_gate.e_score_correction_bias.abs().sum() > 0
         assert torch.equal(loaded_gate.e_score_correction_bias, built_gate.e_score_correction_bias)
-    assert model_shape(model) == {"num_experts": 16, "top_k": 4, "moe_layers": [1, 2, 3], "num_hidden_layers": 4,
+    assert model_shape(model) == {"num_experts": 16, "top_k": 4, "moe_layers": [1, 2, 3], "num_hidden_layers": 4, "n_group": 4,
                                   "hidden_size": 64, "moe_intermediate_size": 32}
     assert tokenizer.decode(tokenizer("Return a list.")["input_ids"]) == "Return a list."
 

@@ -3,7 +3,7 @@
 A dispatch that picks a replica without solving anything (`dynamic`, `static`) chooses every pair's slot
 by a gather, so a chunk of C steps is one array computation per layer instead of C calls of
 `moetuner.costmodel.simulator.layer_step`. The copy matrices are integer counts built by the simulator's
-own functions (cost.copy_matrix, cost.pair_copy_matrix, simulator.relay_copies), and the times by
+own functions (cost.copy_matrix, cost.pair_copy_matrix, cost.relay_copies), and the times by
 cost.a2a_time, CostModel.gpu_compute and simulator.phases over the leading step axis, so every expert
 model, link model, per-message cost, byte size and dataflow the simulator knows is covered, and the
 times agree with `simulate` (tests/test_batched.py: every preset, 1e-9 relative per step).
@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from moetuner.costmodel.cost import CostModel, SimulationError, a2a_time, copy_matrix, pair_copy_matrix
+from moetuner.costmodel.cost import (CostModel, SimulationError, a2a_time, copy_matrix, pair_copy_matrix, phases,
+                                     relay_copies)
 from moetuner.costmodel.replicas import static_table
 from moetuner.costmodel.settings import check_dataflow, check_dispatch
-from moetuner.costmodel.simulator import SimResult, phases, relay_copies
+from moetuner.costmodel.simulator import SimResult
 from moetuner.placement import ExpertLocation, LayerSlots
 
 BATCHED_DISPATCHES = ("dynamic", "static")

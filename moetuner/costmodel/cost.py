@@ -273,3 +273,33 @@ def pair_copy_matrix(src: np.ndarray, dest: np.ndarray, num_gpus: int) -> np.nda
     src [..., B], dest [..., B, k] GPU of each pair -> [..., G, G] (src, dst)"""
     per_gpu = (dest[..., None] == np.arange(num_gpus)).sum(-2)  # [..., B, G] pairs of each token per GPU
     return off_diagonal(source_totals(src, per_gpu, num_gpus))
+
+
+def relay_copies(src: np.ndarray, on: np.ndarray, cost: CostModel) -> tuple[np.ndarray, np.ndarray]:
+    """Hierarchical scatter copies: (inter-node phase, intra-node phase), each [..., G, G] (src, dst).
+
+    A token on GPU g (local rank g mod n) that needs GPUs on another node b sends one copy to the
+    relay b * n + g mod n, which forwards it to b's other GPUs it needs; own-node GPUs get it directly.
+    src [..., B], on [..., B, G] bool the GPUs each token needs."""
+    num_gpus, per_node = cost.num_gpus, cost.gpus_per_node
+    gpu = np.arange(num_gpus)
+    need = copy_matrix(src, on)  # [..., G, G] tokens of each source that need each GPU
+    node_need = on.reshape(*on.shape[:-1], num_gpus // per_node, per_node).any(-1)  # [..., B, nodes]
+    per_node_need = source_totals(src, node_need, num_gpus)  # [..., G, nodes] one copy per (token, node)
+    inter = np.zeros_like(need)
+    for node in range(num_gpus // per_node):
+        away = gpu[cost.node != node]
+        inter[..., away, node * per_node + away % per_node] = per_node_need[..., away, node]
+    same = cost.node[:, None] == cost.node[None, :]
+    relay = cost.node[None, :] * per_node + gpu[:, None] % per_node  # [G, G] relay of (source, destination)
+    forward = ~same & (relay != gpu[None, :])
+    intra = need * same
+    source, dest = np.nonzero(forward)
+    np.add.at(np.moveaxis(intra, (-2, -1), (0, 1)), (relay[source, dest], dest),
+              np.moveaxis(need, (-2, -1), (0, 1))[source, dest])
+    return inter, intra
+
+
+def phases(first: np.ndarray | float, second: np.ndarray | float, cost: CostModel) -> np.ndarray | float:
+    """Seconds of two phases of one direction of hierarchical: their sum, or pipelined (concurrent links). [...]"""
+    return np.maximum(first, second) if cost.link_model == "concurrent" else first + second

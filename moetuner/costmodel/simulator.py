@@ -37,8 +37,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 from tqdm import tqdm
 
-from moetuner.costmodel.cost import (CostModel, SimulationError, a2a_time, copy_matrix, pair_copy_matrix,
-                                     source_totals)
+from moetuner.costmodel.cost import (CostModel, SimulationError, a2a_time, copy_matrix, pair_copy_matrix, phases,
+                                     relay_copies)
 from moetuner.costmodel.replicas import choose_step_slots
 from moetuner.costmodel.settings import DATAFLOWS, Dataflow, Dispatch, check_dataflow, check_dispatch
 from moetuner.placement import LayerSlots, Placement, check_placement, expert_location, routed_experts
@@ -59,36 +59,6 @@ class LayerStep:
     @property
     def time_s(self) -> float:
         return self.scatter_s + float(self.compute_s.max()) + self.combine_s
-
-
-def relay_copies(src: np.ndarray, on: np.ndarray, cost: CostModel) -> tuple[np.ndarray, np.ndarray]:
-    """Hierarchical scatter copies: (inter-node phase, intra-node phase), each [..., G, G] (src, dst).
-
-    A token on GPU g (local rank g mod n) that needs GPUs on another node b sends one copy to the
-    relay b * n + g mod n, which forwards it to b's other GPUs it needs; own-node GPUs get it directly.
-    src [..., B], on [..., B, G] bool the GPUs each token needs."""
-    num_gpus, per_node = cost.num_gpus, cost.gpus_per_node
-    gpu = np.arange(num_gpus)
-    need = copy_matrix(src, on)  # [..., G, G] tokens of each source that need each GPU
-    node_need = on.reshape(*on.shape[:-1], num_gpus // per_node, per_node).any(-1)  # [..., B, nodes]
-    per_node_need = source_totals(src, node_need, num_gpus)  # [..., G, nodes] one copy per (token, node)
-    inter = np.zeros_like(need)
-    for node in range(num_gpus // per_node):
-        away = gpu[cost.node != node]
-        inter[..., away, node * per_node + away % per_node] = per_node_need[..., away, node]
-    same = cost.node[:, None] == cost.node[None, :]
-    relay = cost.node[None, :] * per_node + gpu[:, None] % per_node  # [G, G] relay of (source, destination)
-    forward = ~same & (relay != gpu[None, :])
-    intra = need * same
-    source, dest = np.nonzero(forward)
-    np.add.at(np.moveaxis(intra, (-2, -1), (0, 1)), (relay[source, dest], dest),
-              np.moveaxis(need, (-2, -1), (0, 1))[source, dest])
-    return inter, intra
-
-
-def phases(first: np.ndarray | float, second: np.ndarray | float, cost: CostModel) -> np.ndarray | float:
-    """Seconds of two phases of one direction of hierarchical: their sum, or pipelined (concurrent links). [...]"""
-    return np.maximum(first, second) if cost.link_model == "concurrent" else first + second
 
 
 def layer_step(slot: np.ndarray, src: np.ndarray, target: np.ndarray, slots: LayerSlots, cost: CostModel,

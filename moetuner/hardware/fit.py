@@ -37,9 +37,9 @@ import pandas as pd
 from scipy.optimize import least_squares
 
 from moetuner.atomic import write_atomic, write_text_atomic
-from moetuner.costmodel.cost import SCALE_BYTES, CostModel, a2a_time, copy_matrix, pair_copy_matrix
+from moetuner.costmodel.cost import (SCALE_BYTES, CostModel, a2a_time, copy_matrix, pair_copy_matrix, phases,
+                                     relay_copies)
 from moetuner.costmodel.tiles import TileGemm, block_shape, cdiv, tile_count, tile_gemm
-from moetuner.costmodel.simulator import phases, relay_copies
 from moetuner.published import TABLES, load_table
 from moetuner.topology import GB
 
