@@ -14,11 +14,10 @@ from moetuner import PROJECT_ROOT
 from moetuner.costmodel.cost import CostModel, GemmCurve, SimulationError, a2a_time, cost_model
 from moetuner.hardware.fit import (Gemm, Links, bench_experts, comm_bench, comm_rows, comm_seconds, fit_gemm, fit_links,
                                              fit_published, gemm_rows, route, simulate_comm, simulate_gemm)
-from moetuner.costmodel.replicas import layer_slots
 from moetuner.costmodel.tiles import TILE_KEYS, TileGemm, block_shape, tile_count
 from moetuner.hardware.classes import BORROWED, FREE, class_comm_rows
 from moetuner.costmodel.simulator import layer_step
-from moetuner.placement import contiguous_phy2log
+from moetuner.placement import contiguous_phy2log, expert_location
 from moetuner.topology import topology_from_config, topology_preset
 
 
@@ -101,7 +100,7 @@ def test_low_latency_sends_every_pair() -> None:
     """Token 0 on GPU 0 with two experts on GPU 2 and one on GPU 0: dispatch_combine sends one copy to GPU 2,
     low_latency two (no dedup per GPU); neither sends to GPU 0 itself."""
     cost = two_gpu_cost("serial")
-    slots = layer_slots(np.arange(6)[None], 3, 6)[0]  # 2 slots per GPU: experts 4, 5 on GPU 2
+    slots = expert_location(np.arange(6)[None], 3, 6).layers()[0]  # 2 slots per GPU: experts 4, 5 on GPU 2
     slot = np.array([[4, 5, 0]])
     src = np.array([0])
     dc = layer_step(slot, src, src, slots, cost, "dispatch_combine")
@@ -121,7 +120,7 @@ def test_comm_seconds_is_the_simulator(table: str, ep: int) -> None:
     assert experts == (288 if table == "deepep_low_latency" else 256)  # DeepEP's tests at EP 8 and 16
     ids = route(ep, bench.tokens, None if table == "deepep_low_latency" or ep == 8 else min(ep // 8, 4), seed=3,
                 experts=experts)
-    slots = layer_slots(contiguous_phy2log(1, experts, ep, experts // ep), ep, experts)[0]
+    slots = expert_location(contiguous_phy2log(1, experts, ep, experts // ep), ep, experts).layers()[0]
     src = np.arange(len(ids)) % ep
     step = layer_step(slots.log2phy[ids, 0], src, src, slots, cost, bench.dataflow)
     assert comm_seconds(bench, cost) == pytest.approx((step.scatter_s, step.combine_s), rel=1e-12)

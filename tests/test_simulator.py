@@ -8,10 +8,10 @@ import itertools
 import numpy as np
 import pytest
 
-from moetuner.placement import PlacementError, contiguous_phy2log
+from moetuner.placement import PlacementError, contiguous_phy2log, expert_location
 from moetuner.costmodel.cost import CostModel, SimulationError, cost_model
 from moetuner.costmodel.settings import DATAFLOWS, DISPATCHES
-from moetuner.costmodel.replicas import (choose_slots, layer_slots, pick_lp_comm, round_rows, static_table,
+from moetuner.costmodel.replicas import (choose_slots, pick_lp_comm, round_rows, static_table,
                                water_fill)
 from moetuner.costmodel.bounds import comm_lower_bound, compute_lower_bound, lower_bound
 from moetuner.costmodel.simulator import layer_step, simulate
@@ -162,7 +162,7 @@ def test_dispatches_serve_every_pair_once(dispatch: str) -> None:
     ids = np.argsort(rng.random((64, 8)), axis=1)[:, :3]  # 64 tokens, top-3 of 8 experts
     phy2log = contiguous_phy2log(1, 8, 4, 3)  # 4 GPUs x 3 slots, experts 2 per GPU
     phy2log[0, 2::3] = [0, 0, 1, 5]  # replicas of 0 (3 copies), 1 and 5
-    slots = layer_slots(phy2log, 4, 8)[0]
+    slots = expert_location(phy2log, 4, 8).layers()[0]
     token = np.arange(64)
     pick = lambda name: choose_slots(ids, token, token % 4, slots, name, unit_cost(4, 2))  # noqa: E731
     chosen = pick(dispatch)
@@ -183,7 +183,7 @@ def test_round_rows_by_hand() -> None:
 
 def test_dynamic_splits_by_token_index() -> None:
     phy2log = np.array([[0, 1, 0, 2]])  # GPU0: 0,1; GPU1: 0,2 -> expert 0 in slots 0 and 2
-    slots = layer_slots(phy2log, 2, 3)[0]
+    slots = expert_location(phy2log, 2, 3).layers()[0]
     ids = np.array([[0], [0], [0], [1], [0]])
     chosen = choose_slots(ids, np.arange(5), np.zeros(5, dtype=np.int64), slots, "dynamic", unit_cost())
     assert chosen[:, 0].tolist() == [0, 2, 0, 1, 0]  # token t takes replica t mod 2; expert 1 has one
@@ -191,19 +191,19 @@ def test_dynamic_splits_by_token_index() -> None:
 
 def test_static_takes_the_nearest_fixed_replica() -> None:
     phy2log = np.array([[0, 1, 0, 2, 3, 0, 4, 5]])  # 4 GPUs x 2 slots; expert 0 on GPUs 0, 1 and 2
-    slots = layer_slots(phy2log, 4, 6)[0]
+    slots = expert_location(phy2log, 4, 6).layers()[0]
     ids = np.array([[0], [0], [0], [0], [0]])
     chosen = choose_slots(ids, np.arange(5), np.array([0, 1, 2, 3, 3]), slots, "static", unit_cost(4, 2))
     # GPUs 0, 1, 2 use their own copy; GPU 3 (node 1) the one on GPU 2 (same node), for every token
     assert chosen[:, 0].tolist() == [0, 2, 5, 5, 5]
     # no copy on the node: GPU g takes the (g mod 2)-th of the equally far replicas (slots 0 and 2)
-    far = layer_slots(np.array([[0, 1, 0, 2, 3, -1, 4, 5]]), 4, 6)[0]
+    far = expert_location(np.array([[0, 1, 0, 2, 3, -1, 4, 5]]), 4, 6).layers()[0]
     assert static_table(far, unit_cost(4, 2).node)[:, 0].tolist() == [0, 2, 0, 2]
 
 
 def test_lp_balances_the_busiest_gpu_by_hand() -> None:
     phy2log = np.array([[0, 1, 0, 2]])  # GPU0: 0,1; GPU1: 0,2
-    slots = layer_slots(phy2log, 2, 3)[0]
+    slots = expert_location(phy2log, 2, 3).layers()[0]
     ids = np.array([[0]] * 6 + [[1]] * 2)  # GPU0 already has the 2 pairs of expert 1
     chosen = choose_slots(ids, np.arange(8), np.arange(8) % 2, slots, "lp", unit_cost())
     assert np.bincount(slots.gpu_of_slot[chosen.ravel()]).tolist() == [4, 4]
@@ -218,7 +218,7 @@ def test_lp_comm_keeps_pairs_where_the_token_already_goes() -> None:
     # need 0 and 1, so both go to GPU 1 anyway: expert 0's replicas cost no copy either way, and only
     # the compute tail decides.
     phy2log = np.array([[0, -1, 0, 1]])
-    slots = layer_slots(phy2log, 2, 2)[0]
+    slots = expert_location(phy2log, 2, 2).layers()[0]
     cost = unit_cost(2, 1)
     ids = np.array([[0, 1], [0, 1]])
     chosen = choose_slots(ids, np.arange(2), np.zeros(2, dtype=np.int64), slots, "lp_comm", cost)
@@ -233,7 +233,7 @@ def test_lp_comm_keeps_pairs_where_the_token_already_goes() -> None:
     bandwidth = np.where(node[:, None] == node[None, :], 4.0, 1.0)
     np.fill_diagonal(bandwidth, np.inf)
     cost = CostModel(1.0, 0.0, 0.0, 1.0, bandwidth, np.zeros((4, 4)), node)
-    slots = layer_slots(np.array([[1, 0, 0, 2]]), 4, 3)[0]
+    slots = expert_location(np.array([[1, 0, 0, 2]]), 4, 3).layers()[0]
     ids, src = np.array([[0], [0]]), np.zeros(2, dtype=np.int64)
     assert sorted(choose_slots(ids, np.arange(2), src, slots, "lp", cost)[:, 0].tolist()) == [1, 2]
     assert choose_slots(ids, np.arange(2), src, slots, "lp_comm", cost)[:, 0].tolist() == [1, 1]
@@ -250,7 +250,7 @@ def tiny_cases(k: int):
     rng = np.random.default_rng(5)
     for case in range(12):
         phy2log = rng.permutation(np.array([0, 1, 2, 3, 4, 5, rng.integers(6), rng.integers(6)]))[None]
-        slots = layer_slots(phy2log, 4, 6)[0]
+        slots = expert_location(phy2log, 4, 6).layers()[0]
         ids = np.argsort(rng.random((5 if k == 1 else 4, 6)), axis=1)[:, :k]
         if np.prod(slots.count[ids]) > 4096:
             continue

@@ -23,12 +23,8 @@ from scipy.sparse import coo_matrix, csr_matrix
 from scipy.sparse.csgraph import maximum_flow
 
 from moetuner.costmodel.cost import CostModel, copy_matrix
-from moetuner.placement import LayerSlots, expert_location
+from moetuner.placement import LayerSlots
 from moetuner.costmodel.settings import Dataflow, Dispatch
-
-def layer_slots(phy2log: np.ndarray, num_gpus: int, num_experts: int) -> list[LayerSlots]:
-    """Per-layer routing tables of a [L, P] placement (placement.expert_location, layer by layer)."""
-    return expert_location(phy2log, num_gpus, num_experts).layers()
 
 
 def pick_dynamic(ids: np.ndarray, token: np.ndarray, slots: LayerSlots) -> np.ndarray:
