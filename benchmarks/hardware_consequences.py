@@ -2,19 +2,22 @@
 
     .venv/bin/python benchmarks/hardware_consequences.py --out docs/results/hardware --max-moves 1200
 
-Placements (EPLB, steptail; steptail optimises the cost model of the topology it is given) are solved on the
-profile half of ESFT `intent` (DeepSeek-V2-Lite routing, first half of its sequences) and scored on the other
-half, at decode size (128 tokens per rank), at the study's 512-token steps and at prefill size (4096 tokens
-per rank), on the h800 presets under the roofline (vendor peaks: the preset without its calibration block)
-and under the calibration fitted on DeepSeek's published H800 tables, and on the existing h100/h200 roofline
-presets. Every h800 placement is scored under both models ("scored_under"), so a ranking flip shows whether
-optimising for the calibrated model matters. Writes DIR/regime.csv, DIR/headline.csv and DIR/floor.csv (where
-an expert leaves the memory floor under each model, for the V2-Lite and V3 expert shapes).
+Placements (EPLB as SGLang runs it for the trace's model, steptail; steptail optimises the cost model of the
+topology it is given) are solved on the profile half of ESFT `intent` (DeepSeek-V2-Lite routing, first half
+of its sequences) and scored on the other half, at decode size (128 tokens per rank), at the study's 512-token
+steps and at prefill size (4096 tokens per rank), on the h100, h200 and h800 presets under the roofline
+(vendor peaks: the preset without its calibration block) and under the calibration each preset ships (fitted
+on published tables, docs/hardware.md). Every placement is scored under both models ("scored_under"), so a
+ranking flip shows whether optimising for the calibrated model matters. Writes DIR/regime.csv,
+DIR/headline.csv, DIR/summary.csv (each model's placements scored under that model, side by side),
+DIR/floor.csv (where an expert leaves the memory floor under each model, for the V2-Lite and V3 expert
+shapes) and DIR/run.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -30,10 +33,12 @@ from moetuner.solvers.problem import PlacementProblem
 from moetuner.solvers.registry import solve_placement
 from moetuner.topology import Topology, topology_from_config, topology_preset
 from moetuner.trace import Trace, load_trace
+from table import command_line, write_run_record  # benchmarks/table.py
 
 # (preset, model): model "calibrated" = the preset as shipped, "roofline" = without its calibration block
-VARIANTS = [("h100_1x8", "roofline"), ("h200_2x8", "roofline"), ("h800_1x8", "roofline"),
-            ("h800_1x8", "calibrated"), ("h800_2x8", "roofline"), ("h800_2x8", "calibrated")]
+PRESETS = ("h100_1x8", "h200_2x8", "h800_1x8", "h800_2x8")
+MODELS = ("roofline", "calibrated")
+VARIANTS = [(preset, model) for preset in PRESETS for model in MODELS]
 SHAPES = {"deepseek_v2_lite": (2048, 1408), "deepseek_v3": (7168, 2048)}
 
 
@@ -55,7 +60,8 @@ def floor_table() -> pd.DataFrame:
     rows = []
     n = np.arange(1, 1 << 15)
     for shape, (h, i) in SHAPES.items():
-        for preset, model in [("h200_2x8", "roofline"), ("h800_1x8", "roofline"), ("h800_1x8", "calibrated")]:
+        for preset, model in [("h200_2x8", "roofline"), ("h100_1x8", "calibrated"), ("h200_2x8", "calibrated"),
+                              ("h800_1x8", "calibrated")]:
             cost = cost_model(topology(preset, model), h, i)
             t = cost.expert_time(n)
             rows.append({"shape": shape, "topology": preset, "model": model, "t1_us": t[0] * 1e6,
@@ -64,11 +70,25 @@ def floor_table() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def summary_table(wide: pd.DataFrame) -> pd.DataFrame:
+    """Per topology, replicas and tokens per rank: EPLB's and steptail's speedup vs contiguous and their
+    ratio, roofline / calibrated side by side, each model's placements scored under the model they were
+    solved for."""
+    own = wide[wide["solved_under"] == wide["scored_under"]]
+    key = ["topology", "replicas", "tokens_per_rank"]
+    sides = {m: own[own["solved_under"] == m].set_index(key)[["eplb", "steptail", "steptail_vs_eplb"]]
+             for m in MODELS}
+    out = sides["roofline"].join(sides["calibrated"], suffixes=("_roofline", "_calibrated")).reset_index()
+    out["tokens_per_rank"] = out["tokens_per_rank"].astype(int)
+    return out[[*key, *(f"{c}_{m}" for c in ("eplb", "steptail", "steptail_vs_eplb") for m in MODELS)]]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=PROJECT_ROOT / "results" / "hardware")
     p.add_argument("--max-moves", type=int, default=1200, help="steptail's work budget per solve")
     p.add_argument("--trace", type=Path, default=PROJECT_ROOT / "data" / "esft" / "intent.safetensors")
+    p.add_argument("--note", default="", help="a note on the run for run.json (machine, wall time)")
     args = p.parse_args()
     start = time.perf_counter()
     profile, held = halves(load_trace(args.trace))
@@ -81,8 +101,7 @@ def main() -> None:
                                                          if s == "steptail" else {}).phy2log
                           for s in ("eplb", "steptail")}
             steps = [128 * topo.num_gpus, 512, 4096 * topo.num_gpus]
-            scorers = [model] if preset.startswith("h1") or preset.startswith("h2") else ["roofline", "calibrated"]
-            for scored in scorers:
+            for scored in MODELS:
                 cost = cost_model(topology(preset, scored), held.hidden_size, held.moe_intermediate_size)
                 t = regime_table(placements, preset, cost, held.topk_ids, held.topk_weights, held.num_experts, steps,
                                  "dispatch_combine")
@@ -93,12 +112,17 @@ def main() -> None:
     wide = regime.pivot_table(index=key, columns="solver", values="speedup_vs_contiguous").reset_index()
     wide["steptail_vs_eplb"] = wide["steptail"] / wide["eplb"]
     floor = floor_table()
+    summary = summary_table(wide)
     write_atomic(args.out / "regime.csv", lambda tmp: regime.to_csv(tmp, index=False))
     write_atomic(args.out / "headline.csv", lambda tmp: wide.to_csv(tmp, index=False))
     write_atomic(args.out / "floor.csv", lambda tmp: floor.to_csv(tmp, index=False))
+    write_atomic(args.out / "summary.csv", lambda tmp: summary.to_csv(tmp, index=False, float_format="%.4f"))
+    wall = time.perf_counter() - start
+    write_run_record(args.out, command_line("hardware_consequences.py", sys.argv[1:]),
+                     args.note or f"{wall:.0f} s wall, steptail {args.max_moves} moves")
     print(floor.to_markdown(index=False, floatfmt=".3g"))
-    print(wide.to_markdown(index=False, floatfmt=".3f"))
-    print(f"wall {time.perf_counter() - start:.0f} s (held-out tokens {held.num_tokens})")
+    print(summary.to_markdown(index=False, floatfmt=".3f"))
+    print(f"wall {wall:.0f} s (held-out tokens {held.num_tokens})")
 
 
 if __name__ == "__main__":
