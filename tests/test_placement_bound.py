@@ -62,6 +62,22 @@ def test_tight_where_the_per_step_bound_lets_the_placement_change() -> None:
     assert best_simulated(ids, cost, 2, 1, 4, "dispatch_combine", DISPATCHES) == pytest.approx(4.5)
 
 
+@pytest.mark.parametrize(("link_model", "best"), [("serial", 1.4), ("concurrent", 1.2)])
+def test_a_certain_inter_node_latency_is_paid_in_full(link_model: str, best: float) -> None:
+    """2 nodes x 2 GPUs, 1 slot each, free compute, 1 byte at 10 B/s, latency 0.1 s inside a node and 0.5 s
+    across. Each GPU's 3 tokens need 3 distinct experts, more than a node holds (2), so every GPU surely
+    sends across in both phases. Best placement (any): each GPU sends 2 copies (0.2 s serial; 0.1 s on each
+    port, concurrent) + 0.5 s latency per phase: 1.4 s serial, 1.2 s concurrent. The bound pays the
+    inter-node latency in full and is exact; the per-step bound counts the smallest latency (0.1 s)."""
+    bandwidth, latency, node = links(4, 2, 10.0, 10.0, 0.1, 0.5)
+    cost = CostModel(0.0, 0.0, 0.0, 1.0, bandwidth, latency, node, link_model=link_model)
+    ids = np.array([0, 1, 2, 3, 1, 2, 3, 0, 2, 3, 0, 1]).reshape(12, 1, 1)
+    bound = fixed_placement_bound(ids, cost, 1, 12)
+    assert best_simulated(ids, cost, 4, 1, 12, "dispatch_combine", DISPATCHES) == pytest.approx(best)
+    assert bound.step_s == pytest.approx(best)
+    assert bound.per_step_s < best - 0.5
+
+
 @pytest.mark.parametrize("link_model", ["serial", "concurrent"])
 @pytest.mark.parametrize("dataflow", ["dispatch_combine", "hierarchical", "low_latency"])
 def test_never_above_the_best_placement_on_tiny_instances(dataflow: str, link_model: str) -> None:

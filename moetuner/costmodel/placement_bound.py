@@ -22,7 +22,9 @@ per layer (a relaxation of the placement problem, solved with HiGHS through PuLP
   likewise with y[e, N(h)]: (1) with S n, (2) with S (one copy per GPU; per node, S n, for
   `hierarchical`). Serial links: A[s] >= (scatter + combine bytes) x (copies / h's fastest bandwidth +
   inter-node copies x (1 / fastest inter-node bandwidth - 1 / fastest)) for each pair of the bounds, +
-  2 x the smallest latency x (1) / h's tokens (a phase with any copy pays a latency); concurrent links:
+  2 x the smallest latency x (1) / h's tokens (a phase with any copy pays a latency), or 2 x the latency
+  itself where a copy is certain: h's tokens in the step need more distinct experts than S (a GPU holds),
+  and the smallest inter-node latency where they need more than S n (a node holds); concurrent links:
   copies at the two ports' summed bandwidth, and inter-node copies at the inter-node one, separately;
   `low_latency` sends one copy per pair (pairs instead of tokens). `hierarchical` on several nodes: the
   inter-node phase alone (copies to the relays); on one node it is `dispatch_combine`. And A[s] >= the
@@ -187,7 +189,11 @@ def layer_lp(windows: np.ndarray, cost: CostModel, slots_per_gpu: int, dataflow:
                             leaving(destination_weights(mine, node_capacity, num_experts), 0.0, on_node)] \
                     if multi_node else [0.0]
                 total = float(len(mine))
-            latency, inter_latency = 2 * lat * US / total * copies[0], 2 * inter_lat * US / total * crossing[0]
+            needs = len(np.unique(mine))  # distinct experts h's tokens need in this step
+            node_certain = multi_node and needs > slots_per_gpu * per_node
+            inter_latency = 2 * inter_lat * US if node_certain else 2 * inter_lat * US / total * crossing[0]
+            latency = 2 * max(lat, inter_lat if node_certain else 0.0) * US if needs > slots_per_gpu \
+                else 2 * lat * US / total * copies[0]
             for cross in crossing:
                 if hier_multi:
                     prob += comm >= both * inter * cross + inter_latency
