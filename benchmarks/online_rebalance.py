@@ -14,8 +14,9 @@ solver S solved once on the profile (every `--static-solvers`), `periodic[+O]` i
 1000, interval 3000) at phase offset O (`--offsets`), `oracle` the hindsight oracle over `--oracle-solvers`.
 Each (stream, setting, mode, seed) runs at every `--overheads` (migration.overhead_s: the fixed cost of a
 rebalance); a static placement never redeploys, so its replay is the same at every overhead and runs once.
-Simulator: dispatch_combine, dynamic dispatch; stop-the-world migrations (`--modes`). Decision time: the
-process CPU time of each decision, measured once (`ctx.clock`), charged as the steps served meanwhile.
+Simulator: dispatch_combine, dynamic dispatch; stop-the-world migrations (`--modes`). Decision time: a
+stated model, each decision's counted work x conf/online.yaml's `decision_cost` per unit
+(moetuner/online/decision_time.py), charged as the steps served meanwhile: the same on any machine.
 
 Writes in --out: `runs.csv` (every replay), `aims.csv` (one row per stream, setting, mode, overhead and
 seed: gains over the best static placement), `summary.csv` (the same over seeds: mean, min and max, and the
@@ -39,6 +40,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from moetuner import PROJECT_ROOT
+from moetuner.online.decision_time import DecisionCost
 from moetuner.online.migration import MigrationConfig
 from moetuner.online.policy_config import make_policy
 from moetuner.online.stream import load_stream
@@ -79,6 +81,11 @@ def load(stream_name: str, seed: int, step_tokens: int, scale: float = 1.0):
     return load_stream({**spec, "seed": seed}, step_tokens)
 
 
+def decision_cost() -> DecisionCost:
+    """conf/online.yaml's decision-time model (moetuner/online/decision_time.py)."""
+    return DecisionCost.from_config(OmegaConf.to_container(OmegaConf.load(CONF / "online.yaml"))["decision_cost"])
+
+
 SCALED = ("interval_steps", "window_steps", "check_every", "horizon_steps", "phase_offset_steps")
 
 
@@ -96,7 +103,7 @@ def run_stream(stream_name: str, setting: str, mode: str, args: argparse.Namespa
     for seed in args.seeds:
         stream, profile = load(stream_name, seed, args.step_tokens, args.scale)
         ctx = make_context(stream, topology, int(replicas), args.dataflow, args.dispatch,
-                           MigrationConfig(mode, args.bandwidth_share))
+                           MigrationConfig(mode, args.bandwidth_share), decision_cost())
         ctx.step_times.keep = 64  # the static placements, periodic's and the oracle's candidates stay cached
         oracle, statics = make_policy(oracle_cfg, stream), {}
         for overhead in args.overheads:
