@@ -624,3 +624,10 @@ def test_benchmark_aims_measure_from_the_best_static_by_hand() -> None:
     assert (summary["captured_min"], summary["captured_mean"], summary["captured_max"]) == pytest.approx((0.0, 0.25, 0.5))
     assert summary["ranking"].split(" < ") == ["oracle", "migration_aware", "static[steptail]", "static[eplb]",
                                                "periodic[+0]", "periodic[+750]"]
+    docs = bench.docs_table(table)[0]  # 'mean [min, max]' over the two seeds
+    assert docs["captured %"] == "25.00 [0.00, 50.00]" and docs["best static"] == "static[steptail] x2"
+    assert docs["moved / periodic"] == "0.25 [0.25, 0.25]" and docs["overhead_ms"] == "0"
+    for row in rows:
+        row["rebalances"] = 2
+    ma = next(r for r in bench.policy_table(rows) if r["policy"] == "migration_aware")
+    assert ma["total s"] == "8.7500 [8.5000, 9.0000]" and ma["experts moved"] == "10" and ma["rebalances"] == "2.0"
