@@ -7,7 +7,7 @@ migration_aware's and periodic's real decisions on a short replay.
 
 Prints the `decision_cost:` block for conf/online.yaml and writes `units.csv` (unit, seconds per unit,
 spread of the repeats) and `check.csv` (per policy: decisions, median and range of model / measured) in
---out, with run.json.
+--out, with run.json; logs them to MLflow (experiment `benchmarks`, run `decision_cost`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from moetuner.online.policy_config import make_policy
 from moetuner.online.stream_replay import make_context, replay_stream
 from moetuner.solvers.registry import solve_placement
 from moetuner.topology import topology_from_config, topology_preset
+from moetuner.tracking import tracked_run
 from online_rebalance import conf, load, policy_configs  # benchmarks/online_rebalance.py
 from table import command_line, markdown, write_csv, write_run_record  # benchmarks/table.py
 
@@ -76,7 +77,7 @@ def unit_costs(ctx, stream, repeats: int, solvers: list[str], window_steps: int)
     for unit, (fn, count) in work.items():
         median, low, high = timed(fn, repeats)
         rows.append({"unit": unit, "count": count, "seconds_per_unit": median / count,
-                     "repeat_min_s": low, "repeat_median_s": median, "repeat_max_s": high})
+                     "microseconds_per_unit": median / count * 1e6, "repeat_min_s": low, "repeat_median_s": median, "repeat_max_s": high})
         print(f"{unit}: {median / count:.3g} s per unit ({count} units, {low:.4f}-{high:.4f} s)", flush=True)
     return rows
 
@@ -135,10 +136,15 @@ def main() -> None:
     print("  solve_layers: {" + ", ".join(f"{r['unit'][len(SOLVE):]}: {r['seconds_per_unit']:.3g}"
                                          for r in units if r["unit"].startswith(SOLVE)) + "}")
     out = Path(args.out)
-    write_csv(out / "units.csv", units, list(units[0]))
-    write_csv(out / "check.csv", checked, list(checked[0]))
-    write_run_record(out, command_line("decision_cost.py", sys.argv[1:]),
-                     f"{time.perf_counter() - started:.0f} s wall; process CPU time, medians of {args.repeats}")
+    with tracked_run("decision_cost", {"mlflow": {"experiment": "benchmarks"}, **vars(args)},
+                     tags={"benchmark": "decision_cost"}) as run:
+        run.log_metrics({r["unit"]: r["seconds_per_unit"] for r in units})
+        for path in (write_csv(out / "units.csv", units, list(units[0])),
+                     write_csv(out / "check.csv", checked, list(checked[0])),
+                     write_run_record(out, command_line("decision_cost.py", sys.argv[1:]),
+                                      f"{time.perf_counter() - started:.0f} s wall; process CPU time, medians of "
+                                      f"{args.repeats}")):
+            run.log_artifact(path)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,9 @@ seed: gains over the best static placement), `summary.csv` (the same over seeds:
 policies ranked by mean total time), `table.csv` (the aims as 'mean [min, max]' over seeds: docs/online.md),
 `policies.csv` (every policy's means over seeds) and `run.json`; prints them; `--runs-from` adds the rows of
 earlier invocations (e.g. migration_aware run after the references) before the aims are measured; logs them to MLflow (experiment
-`benchmarks`, run `online_rebalance`). `--jobs` runs (stream, setting, mode) jobs in parallel; each static
-placement is solved once per job (the profile does not depend on the seed) and is the oracle's static
-candidate. `--scale s` (< 1) is a shortened replica of the run: segments and every policy step count times
+`benchmarks`, run `online_rebalance`). `--jobs` runs (stream, setting, mode, seed) jobs in parallel, each
+writing its rows to `--out/parts/` when done; each static placement is solved once per job and is the
+oracle's static candidate. `--scale s` (< 1) is a shortened replica of the run: segments and every policy step count times
 s, and so that every cost keeps its proportion to the shorter stream, decision seconds (the model's unit
 costs), transfer seconds (an expert's bytes) and the per-rebalance overhead times s too; `bytes_moved`
 and `decision_seconds_per_rebalance` are reported unscaled (divided by s), `overhead_s` as given.
@@ -96,50 +96,52 @@ def decision_cost(scale: float = 1.0) -> DecisionCost:
 SCALED = ("interval_steps", "window_steps", "check_every", "horizon_steps", "phase_offset_steps")
 
 
-def run_stream(stream_name: str, setting: str, mode: str, args: argparse.Namespace) -> list[dict]:
-    """Every policy on one stream, setting and migration mode, at every seed and overhead. Each static
-    placement is solved once (the profile does not depend on the stream's seed) and is also the oracle's
-    static candidate; per seed, one step-time cache is shared by all policies and the oracle keeps its
-    solved placements across overheads."""
+def run_stream(stream_name: str, setting: str, mode: str, seed: int, args: argparse.Namespace) -> list[dict]:
+    """Every policy on one stream, setting, migration mode and stream seed, at every overhead; the rows are
+    also written to --out/parts/ as soon as they are done (a long run's finished jobs survive it; join
+    them with --runs-from). Each static placement is solved once and is also the oracle's static
+    candidate; one step-time cache is shared by all policies and the oracle keeps its solved placements
+    across overheads."""
     topo_name, replicas = setting.split(":")
     topology = topology_from_config(topology_preset(topo_name))
     options = conf("policy", "oracle").get("solver_options") or {}
     oracle_cfg = {"name": "oracle", "solvers": args.oracle_solvers,
                   "solver_options": {s: o for s, o in options.items() if s in args.oracle_solvers}}
     configs, solved, rows = policy_configs(args), {}, []
-    for seed in args.seeds:
-        stream, profile = load(stream_name, seed, args.step_tokens, args.scale)
-        ctx = make_context(stream, topology, int(replicas), args.dataflow, args.dispatch,
-                           MigrationConfig(mode, args.bandwidth_share), decision_cost(args.scale))
-        ctx.bytes_per_expert *= args.scale  # transfers last `scale` as long (bytes_moved is reported unscaled)
-        # every placement of the seed stays cached across policies and overheads (1.5 GB of [S, L] times)
-        ctx.step_times.keep = max(64, int(1.5e9 // (stream.num_steps * stream.first.num_layers * 3 * 8)))
-        oracle, statics = make_policy(oracle_cfg, stream), {}
-        for overhead in args.overheads:
-            run_ctx = dataclasses.replace(ctx, migration=dataclasses.replace(ctx.migration,
-                                                                             overhead_s=overhead * args.scale))
-            for label, cfg in configs:
-                if label in statics:  # never redeploys: the same replay at every overhead
-                    metrics = statics[label]
-                else:
-                    policy = oracle if label == "oracle" else make_policy(cfg, stream)
-                    if cfg["name"] == "static":
-                        if label not in solved:
-                            solved[label] = policy.initial(ctx, profile)
-                        policy.initial = lambda *_, d=solved[label]: d  # noqa: E731 (solved once per job)
-                        if cfg["solver"] in args.oracle_solvers:
-                            oracle.adopt_static(ctx, cfg["solver"], solved[label].phy2log)
-                    metrics = replay_stream(stream, profile, policy, run_ctx).metrics
-                    if cfg["name"] == "static":
-                        statics[label] = metrics
-                    print(f"{stream_name} {setting} {mode} seed {seed} overhead {overhead * 1e3:g} ms {label}: "
-                          f"{metrics['total_time_s']:.5f} s, {metrics['experts_moved']} moved, delay "
-                          f"{metrics['decision_delay_steps']:.0f} steps, {metrics['replay_wall_s']:.0f} s wall",
-                          flush=True)
-                rows.append({"stream": stream_name, "setting": f"{topo_name} r{replicas}", "mode": mode,
-                             "overhead_s": overhead, "seed": seed, "policy": label,
-                             **{c: metrics[c] for c in METRICS}, "bytes_moved": metrics["bytes_moved"] / args.scale,
-                             "decision_seconds_per_rebalance": metrics["decision_seconds_per_rebalance"] / args.scale})
+    stream, profile = load(stream_name, seed, args.step_tokens, args.scale)
+    ctx = make_context(stream, topology, int(replicas), args.dataflow, args.dispatch,
+                       MigrationConfig(mode, args.bandwidth_share), decision_cost(args.scale))
+    ctx.bytes_per_expert *= args.scale  # transfers last `scale` as long (bytes_moved is reported unscaled)
+    # every placement of the seed stays cached across policies and overheads (1.5 GB of [S, L] times)
+    ctx.step_times.keep = max(64, int(1.5e9 // (stream.num_steps * stream.first.num_layers * 3 * 8)))
+    oracle, statics = make_policy(oracle_cfg, stream), {}
+    for overhead in args.overheads:
+        run_ctx = dataclasses.replace(ctx, migration=dataclasses.replace(ctx.migration,
+                                                                         overhead_s=overhead * args.scale))
+        for label, cfg in configs:
+            if label in statics:  # never redeploys: the same replay at every overhead
+                metrics = statics[label]
+            else:
+                policy = oracle if label == "oracle" else make_policy(cfg, stream)
+                if cfg["name"] == "static":
+                    if label not in solved:
+                        solved[label] = policy.initial(ctx, profile)
+                    policy.initial = lambda *_, d=solved[label]: d  # noqa: E731 (solved once per job)
+                    if cfg["solver"] in args.oracle_solvers:
+                        oracle.adopt_static(ctx, cfg["solver"], solved[label].phy2log)
+                metrics = replay_stream(stream, profile, policy, run_ctx).metrics
+                if cfg["name"] == "static":
+                    statics[label] = metrics
+                print(f"{stream_name} {setting} {mode} seed {seed} overhead {overhead * 1e3:g} ms {label}: "
+                      f"{metrics['total_time_s']:.5f} s, {metrics['experts_moved']} moved, delay "
+                      f"{metrics['decision_delay_steps']:.0f} steps, {metrics['replay_wall_s']:.0f} s wall",
+                      flush=True)
+            rows.append({"stream": stream_name, "setting": f"{topo_name} r{replicas}", "mode": mode,
+                         "overhead_s": overhead, "seed": seed, "policy": label,
+                         **{c: metrics[c] for c in METRICS}, "bytes_moved": metrics["bytes_moved"] / args.scale,
+                         "decision_seconds_per_rebalance": metrics["decision_seconds_per_rebalance"] / args.scale})
+    part = Path(args.out) / "parts" / f"{stream_name}.{setting.replace(':', '-r')}.{mode}.s{seed}.csv"
+    write_csv(part, rows, COLUMNS)
     return rows
 
 
@@ -319,7 +321,7 @@ def main() -> None:
     args = parser.parse_args()
     config = {"mlflow": {"experiment": "benchmarks"}, **vars(args)}
     started = time.perf_counter()
-    jobs = [(s, t, m) for s in args.streams for t in args.settings for m in args.modes]
+    jobs = [(s, t, m, seed) for seed in args.seeds for s in args.streams for t in args.settings for m in args.modes]
     with tracked_run("online_rebalance", config, tags={"benchmark": "online_rebalance"}) as run:
         with ProcessPoolExecutor(args.jobs) as pool:
             rows = [row for part in pool.map(run_stream, *zip(*jobs), [args] * len(jobs)) for row in part]
