@@ -18,17 +18,18 @@ Simulator: dispatch_combine, dynamic dispatch; stop-the-world migrations (`--mod
 stated model, each decision's counted work x conf/online.yaml's `decision_cost` per unit
 (moetuner/online/decision_time.py), charged as the steps served meanwhile: the same on any machine.
 
-Writes in --out: `runs.csv` (every replay), `aims.csv` (one row per stream, setting, mode, overhead and
-seed: gains over the best static placement), `summary.csv` (the same over seeds: mean, min and max, and the
-policies ranked by mean total time), `table.csv` (the aims as 'mean [min, max]' over seeds: docs/online.md),
-`policies.csv` (every policy's means over seeds) and `run.json`; prints them; `--runs-from` adds the rows of
-earlier invocations (e.g. migration_aware run after the references) before the aims are measured; logs them to MLflow (experiment
-`benchmarks`, run `online_rebalance`). `--jobs` runs (stream, setting, mode, seed) jobs in parallel, each
-writing its rows to `--out/parts/` when done; each static placement is solved once per job and is the
-oracle's static candidate. `--scale s` (< 1) is a shortened replica of the run: segments and every policy step count times
-s, and so that every cost keeps its proportion to the shorter stream, decision seconds (the model's unit
-costs), transfer seconds (an expert's bytes) and the per-rebalance overhead times s too; `bytes_moved`
-and `decision_seconds_per_rebalance` are reported unscaled (divided by s), `overhead_s` as given.
+Writes in --out: `runs.csv` (every replay), `aims.csv` (one row per stream, setting, mode, overhead and seed:
+gains over the best static placement), `summary.csv` (the same over seeds: mean, min and max, and the policies
+ranked by mean total time), `table.csv` (the aims as 'mean [min, max]' over seeds: docs/online.md),
+`ranking.csv`, `policies.csv` (every policy's means over seeds) and `run.json`; prints them; `--runs-from`
+adds the rows of earlier invocations (e.g. migration_aware run after the references) before the aims are
+measured; logs them to MLflow (experiment `benchmarks`, run `online_rebalance`). `--jobs` runs (stream,
+setting, mode, seed) jobs in parallel, each writing its rows to `--out/parts/` when done; each static
+placement is solved once per job and is the oracle's static candidate. `--scale s` (< 1) is a shortened
+replica of the run: segments and every policy step count times s, and so that every cost keeps its proportion
+to the shorter stream, decision seconds (the model's unit costs), transfer seconds (an expert's bytes) and the
+per-rebalance overhead times s too; `bytes_moved` and `decision_seconds_per_rebalance` are reported unscaled
+(divided by s), `overhead_s` as given.
 """
 
 from __future__ import annotations
@@ -321,7 +322,8 @@ def main() -> None:
     args = parser.parse_args()
     config = {"mlflow": {"experiment": "benchmarks"}, **vars(args)}
     started = time.perf_counter()
-    jobs = [(s, t, m, seed) for seed in args.seeds for s in args.streams for t in args.settings for m in args.modes]
+    jobs = [(s, t, m, seed) for seed in args.seeds for s in args.streams for t in args.settings for m in args.modes
+            if args.policies or args.ma_grid]  # none: only the --runs-from rows are summarised
     with tracked_run("online_rebalance", config, tags={"benchmark": "online_rebalance"}) as run:
         with ProcessPoolExecutor(args.jobs) as pool:
             rows = [row for part in pool.map(run_stream, *zip(*jobs), [args] * len(jobs)) for row in part]
@@ -344,7 +346,10 @@ def main() -> None:
         if table:
             paths += [write_csv(out / "aims.csv", table, AIMS), write_csv(out / "summary.csv", means, SUMMARY)]
             docs = docs_table(table)
-            paths.append(write_csv(out / "table.csv", docs, list(docs[0])))
+            ranking = [{"stream": r["stream"], "setting": r["setting"], "overhead_ms": f"{1e3 * r['overhead_s']:g}",
+                        "policies by mean total time, fastest first": r["ranking"]} for r in means]
+            paths += [write_csv(out / "table.csv", docs, list(docs[0])),
+                      write_csv(out / "ranking.csv", ranking, list(ranking[0]))]
         policies = policy_table(rows)
         paths.append(write_csv(out / "policies.csv", policies, list(policies[0])))
         paths.append(write_run_record(out, command_line("online_rebalance.py", sys.argv[1:]),
