@@ -152,13 +152,15 @@ def logical_replica_count(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
 
 
 def gpu_loads(phy2log: np.ndarray, load: np.ndarray, num_gpus: int) -> np.ndarray:
-    """Tokens per GPU, a replicated expert's load split evenly over its slots. [L, P], [L, E] -> [L, G]"""
-    num_layers, num_slots = phy2log.shape
+    """Tokens per GPU, a replicated expert's load split evenly over its slots; leading axes of `load` (e.g.
+    steps) are kept. [L, P], [..., L, E] -> [..., L, G]"""
+    num_slots = phy2log.shape[1]
     assert num_slots % num_gpus == 0, f"{num_slots} slots do not divide over {num_gpus} GPUs"
-    replicas = logical_replica_count(phy2log, load.shape[1])
-    share = np.where(replicas > 0, load / np.maximum(replicas, 1), 0.0)  # [L, E] tokens per replica
-    per_slot = np.where(phy2log >= 0, np.take_along_axis(share, np.maximum(phy2log, 0), axis=1), 0.0)
-    return per_slot.reshape(num_layers, num_gpus, -1).sum(-1)
+    replicas = logical_replica_count(phy2log, load.shape[-1])
+    share = np.where(replicas > 0, load / np.maximum(replicas, 1), 0.0)  # [..., L, E] tokens per replica
+    slots = np.broadcast_to(np.maximum(phy2log, 0), (*load.shape[:-1], num_slots))
+    per_slot = np.where(phy2log >= 0, np.take_along_axis(share, slots, axis=-1), 0.0)
+    return per_slot.reshape(*load.shape[:-1], num_gpus, -1).sum(-1)
 
 
 def logical_to_physical_map(phy2log: np.ndarray, num_experts: int) -> np.ndarray:

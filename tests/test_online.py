@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from moetuner import PROJECT_ROOT
 from moetuner.apps.online import prepare
 from moetuner.costmodel.evaluate import run_simulation
+from moetuner.online.decision_time import DecisionCost, DecisionCostError
 from moetuner.online.migration import (MigrationConfig, MigrationError, expert_bytes, plan_migration, transfers)
 from moetuner.online.migration_aware import align_layer
 from moetuner.online.policies import Context, Decision, PolicyError, Served
@@ -28,6 +30,7 @@ from moetuner.trace import Trace, load_trace, save_trace, split_by_sequence
 from test_solvers import random_trace, topology
 
 INF = np.inf
+CONF = PROJECT_ROOT / "conf"
 
 
 def two_gpu_cost(bw: float = 100e9, lat: float = 1e-5) -> CostModel:
@@ -98,9 +101,23 @@ def two_traces(tmp_path: Path) -> tuple[Path, Path]:
             save_trace(random_trace(256, 2, 8, 2, seed=2), tmp_path / "b.safetensors"))
 
 
+def shipped_cost() -> DecisionCost:
+    """conf/online.yaml's decision-time model."""
+    from omegaconf import OmegaConf
+
+    return DecisionCost.from_config(OmegaConf.to_container(OmegaConf.load(CONF / "online.yaml"))["decision_cost"])
+
+
+class NoTime:
+    """A decision cost of 0 s whatever the work: every decision takes effect at once."""
+
+    def seconds(self, work) -> float:
+        return 0.0
+
+
 def frozen(ctx: Context) -> Context:
-    """The context with a clock that never moves: every decision takes effect at once."""
-    ctx.clock = lambda: 0.0
+    """The context whose decisions take no time: every decision takes effect at once."""
+    ctx.decision_cost = NoTime()
     return ctx
 
 
@@ -109,7 +126,7 @@ def test_replay_charges_migrations_by_hand(two_traces: tuple[Path, Path], mode: 
     a, _ = two_traces
     stream, profile = load_stream(spec([(a, 12)], a), 32)
     topo = topology(1, 2)
-    ctx = frozen(make_context(stream, topo, 0, "dispatch_combine", "dynamic", MigrationConfig(mode, 0.25)))
+    ctx = frozen(make_context(stream, topo, 0, "dispatch_combine", "dynamic", MigrationConfig(mode, 0.25), shipped_cost()))
     first = np.tile(np.arange(8), (2, 1))
     new = first.copy()
     new[0, [1, 4]] = new[0, [4, 1]]  # one expert each way in layer 0
@@ -150,7 +167,7 @@ def test_static_one_segment_equals_simulate(two_traces: tuple[Path, Path], dataf
     a, _ = two_traces
     cfg = {"stream": spec([(a, 8)], a), "step_tokens": 32,
            "policy": {"name": "static", "solver": "greedy"}, "topology": _topology_cfg(nodes),
-           "replicas": 1, "dataflow": dataflow, "dispatch": dispatch, "migration": {"mode": "stop_the_world"}}
+           "replicas": 1, "dataflow": dataflow, "dispatch": dispatch, "migration": {"mode": "stop_the_world"}, "decision_cost": {}}
     stream, profile, policy, ctx = prepare(cfg)
     result = replay_stream(stream, profile, policy, ctx)
     v0 = result.versions[0]
@@ -173,7 +190,7 @@ def test_saved_steps_rescored_by_simulate_match_the_timeline(tmp_path: Path, pre
         out = tmp_path / dataflow
         cfg = {"stream": spec([(trace, 6)], trace), "step_tokens": 48, "policy": {"name": "static", "solver": "greedy"},
                "topology": topology_preset(preset), "replicas": 1, "dataflow": dataflow, "dispatch": "static",
-               "migration": {"mode": "stop_the_world"}}
+               "migration": {"mode": "stop_the_world"}, "decision_cost": {}}
         stream, profile, policy, ctx = prepare(cfg)
         write_outputs(replay_stream(stream, profile, policy, ctx), stream, ctx, "t", out, save_steps=True)
         steps = load_trace(out / "steps.safetensors")
@@ -204,7 +221,7 @@ def test_policies_never_read_future_steps(two_traces: tuple[Path, Path], tmp_pat
     runs = []
     for later in (b, c):  # the same first 10 steps, then different routing
         stream, profile = load_stream(spec([(a, 10), (later, 6)], a), 32)
-        ctx = frozen(make_context(stream, topology(2, 2), 1, "dispatch_combine", "dynamic", MigrationConfig()))
+        ctx = frozen(make_context(stream, topology(2, 2), 1, "dispatch_combine", "dynamic", MigrationConfig(), shipped_cost()))
         runs.append(replay_stream(stream, profile, make_policy(POLICY_CFGS[name], stream), ctx))
     early = [[(v.decided_step, v.phy2log.tolist()) for v in r.versions if v.decided_step <= 10] for r in runs]
     assert len(early[0]) > 1, "the policy made no decision in the first segment: the test shows nothing"
@@ -340,23 +357,14 @@ def test_mix_and_ramp_draw_their_domains(two_traces: tuple[Path, Path]) -> None:
 
 
 @dataclass
-class Clock:
-    now: float = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@dataclass
 class SlowSwitch(SwitchAt):
-    """SwitchAt whose decision at `at` takes `seconds` of the context's (fake) clock."""
+    """SwitchAt whose decision at `at` counts `units` of work (`test_units`, priced by the context)."""
 
-    clock: Clock = None
-    seconds: float = 0.0
+    units: float = 0.0
 
     def decide(self, ctx: Context, step: int, served: Served, current: np.ndarray) -> Decision | None:
         if step == self.at:
-            self.clock.now += self.seconds
+            ctx.work["test_units"] += self.units
         return super().decide(ctx, step, served, current)
 
 
@@ -371,12 +379,12 @@ def test_decision_takes_effect_after_its_charged_time(tmp_path: Path) -> None:
     new = first.copy()
     new[:, [1, 4]] = new[:, [4, 1]]  # experts 0 and 1 on different GPUs: a different (faster) step
     for mode in ("stop_the_world", "overlapped"):
-        clock = Clock()
-        ctx = make_context(stream, topology(1, 2), 0, "dispatch_combine", "dynamic", MigrationConfig(mode, 0.5))
-        ctx.clock = clock
+        ctx = make_context(stream, topology(1, 2), 0, "dispatch_combine", "dynamic", MigrationConfig(mode, 0.5),
+                           DecisionCost({"test_units": 1.0}))
         T = ctx.step_times.step(first, 0)[1]
+        ctx.decision_cost = DecisionCost({"test_units": T})  # a unit of work costs one step
         assert ctx.step_times.times(first, np.arange(12)).step_s == pytest.approx(np.full(12, T))
-        result = replay_stream(stream, profile, SlowSwitch(first, new, 3, clock=clock, seconds=2.5 * T), ctx)
+        result = replay_stream(stream, profile, SlowSwitch(first, new, 3, units=2.5), ctx)
         v1 = result.versions[1]
         assert (v1.decided_step, v1.delay_steps, v1.decision_seconds) == (3, 3, 2.5 * T)
         assert result.metrics["decision_delay_steps"] == 3.0
@@ -388,6 +396,55 @@ def test_decision_takes_effect_after_its_charged_time(tmp_path: Path) -> None:
         else:  # the transfers start before step 6 and run beside it and the steps after
             assert v1.effective_step > 6 and all(r["placement_version"] == 0 for r in result.rows[:7])
             assert steps[:6] == pytest.approx([T] * 6) and steps[6] > T
+
+
+MEASURED = ("replay_wall_s", "initial_solve_seconds", "solve_seconds_per_rebalance", "solve_seconds_max")  # reported only
+
+
+def test_replays_under_cpu_load_are_identical(two_traces: tuple[Path, Path]) -> None:
+    # decision time is the counted work x a cost per unit, not a clock: two busy processes change nothing
+    a, b = two_traces
+    stream, profile = load_stream(spec([(a, 10), (b, 10)], a), 32)
+    # the shipped unit costs / 1000: this toy's steps take microseconds, its decisions then a few steps
+    cost = DecisionCost({unit: seconds * 1e-3 for unit, seconds in shipped_cost().per_unit.items()})
+
+    def replays() -> dict:
+        out = {}
+        for name in ("periodic", "triggered", "migration_aware"):
+            ctx = make_context(stream, topology(2, 2), 1, "dispatch_combine", "dynamic", MigrationConfig(), cost)
+            got = replay_stream(stream, profile, make_policy({**POLICY_CFGS[name], "solver": "eplb"}, stream), ctx)
+            out[name] = ({k: v for k, v in got.metrics.items() if k not in MEASURED},
+                         [(v.decided_step, v.effective_step, v.delay_steps, v.decision_seconds, v.phy2log.tolist())
+                          for v in got.versions])
+        return out
+
+    quiet = replays()
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        loaded = replays()
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+    assert quiet == loaded
+    charged = [d for _, versions in quiet.values() for _, _, d, _, _ in versions[1:]]
+    assert charged and min(charged) > 0, "no decision was charged a delay: the test shows nothing"
+
+
+def test_decision_cost_by_hand_and_bad_configs_refused() -> None:
+    cost = DecisionCost.from_config({"priced_layer_steps": 1e-6, "migration_layers": 0.5, "solve_layers": {"eplb": 2.0},
+                                     "measured_by": "a command"})
+    assert cost.seconds({"priced_layer_steps": 1000, "migration_layers": 3, "solve_layers.eplb": 2}) == \
+        pytest.approx(1e-3 + 1.5 + 4.0)
+    with pytest.raises(DecisionCostError, match=r"no cost for \['solve_layers.greedy'\]; measure it with "
+                                                r"benchmarks/decision_cost.py"):
+        cost.seconds({"solve_layers.greedy": 26})
+    with pytest.raises(DecisionCostError, match=r"no cost for \['solve_layers.exflow'\]"):
+        cost.check_solver("exflow")
+    with pytest.raises(DecisionCostError, match="decision_cost.wall_s: unknown unit"):
+        DecisionCost.from_config({"wall_s": 1.0})
+    with pytest.raises(DecisionCostError, match="migration_layers=-1; seconds per unit, a number >= 0"):
+        DecisionCost.from_config({"migration_layers": -1})
 
 
 def test_bad_policy_and_migration_are_refused(two_traces: tuple[Path, Path]) -> None:
@@ -437,6 +494,11 @@ def test_app_writes_outputs_and_refuses_bad_spec_first(two_traces: tuple[Path, P
                          env=os.environ.copy())
     assert bad.returncode != 0 and "steps=-1; it must be an integer >= 1" in bad.stderr
     assert not (tmp_path / "bad" / "metrics.json").exists()
+    unpriced = subprocess.run([*APP, f"stream.segments=[{{trace:{a},steps:4}}]", f"stream.profile={a}", "step_tokens=32",
+                               "policy=periodic", "policy.solver=exflow", *topo, f"out={tmp_path / 'unpriced'}"],
+                              capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    assert unpriced.returncode != 0 and "no cost for ['solve_layers.exflow']" in unpriced.stderr
+    assert not (tmp_path / "unpriced" / "metrics.json").exists()
 
 
 def test_report_section_reads_every_replay(two_traces: tuple[Path, Path], tmp_path: Path) -> None:
@@ -446,7 +508,7 @@ def test_report_section_reads_every_replay(two_traces: tuple[Path, Path], tmp_pa
     a, b = two_traces
     assert online_section(tmp_path / "results", tmp_path / "report") is None  # no replay: no section
     stream, profile = load_stream(spec([(a, 4), (b, 4)], a), 32)
-    ctx = make_context(stream, topology(1, 2), 0, "dispatch_combine", "dynamic", MigrationConfig())
+    ctx = frozen(make_context(stream, topology(1, 2), 0, "dispatch_combine", "dynamic", MigrationConfig(), shipped_cost()))
     totals = {}
     for name, cfg in (("static", {"name": "static", "solver": "greedy"}),
                       ("static_eplb", {"name": "static", "solver": "eplb"}), ("periodic", POLICY_CFGS["periodic"]),
@@ -473,7 +535,7 @@ def test_overhead_and_redeployment_metrics_by_hand(two_traces: tuple[Path, Path]
     a, _ = two_traces
     stream, profile = load_stream(spec([(a, 12)], a), 32)
     config = MigrationConfig(mode, 0.25, overhead_s=0.5)
-    ctx = frozen(make_context(stream, topology(1, 2), 0, "dispatch_combine", "dynamic", config))
+    ctx = frozen(make_context(stream, topology(1, 2), 0, "dispatch_combine", "dynamic", config, shipped_cost()))
     first = np.tile(np.arange(8), (2, 1))
     new = first.copy()
     new[0, [1, 4]] = new[0, [4, 1]]
@@ -497,7 +559,7 @@ def test_overhead_and_redeployment_metrics_by_hand(two_traces: tuple[Path, Path]
 def test_periodic_phase_offset_is_honoured(two_traces: tuple[Path, Path]) -> None:
     a, _ = two_traces
     stream, _ = load_stream(spec([(a, 14)], a), 32)
-    ctx = frozen(make_context(stream, topology(1, 2), 0, "dispatch_combine", "dynamic", MigrationConfig()))
+    ctx = frozen(make_context(stream, topology(1, 2), 0, "dispatch_combine", "dynamic", MigrationConfig(), shipped_cost()))
     current = np.tile(np.arange(8), (2, 1))
     for offset, expected in ((0, [4, 8, 12]), (1, [1, 5, 9, 13]), (3, [3, 7, 11])):
         policy = make_policy({**POLICY_CFGS["periodic"], "interval_steps": 4, "phase_offset_steps": offset}, stream)
@@ -516,7 +578,7 @@ def test_oracle_is_never_slower_than_any_static_placement(two_traces: tuple[Path
     for segments in ([(a, 6)], [(b, 6)], [(a, 5), (b, 7)]):  # each domain as one segment, then both
         stream, profile = load_stream(spec(segments, a), 32)
         ctx = frozen(make_context(stream, topology(2, 2), 1, "dispatch_combine", "dynamic",
-                                  MigrationConfig(overhead_s=overhead_s)))
+                                  MigrationConfig(overhead_s=overhead_s), shipped_cost()))
         static = {s: replay_stream(stream, profile, make_policy({"name": "static", "solver": s}, stream), ctx)
                   for s in ORACLE_SOLVERS}
         oracle = make_policy({"name": "oracle", "solvers": ORACLE_SOLVERS}, stream)
@@ -562,3 +624,10 @@ def test_benchmark_aims_measure_from_the_best_static_by_hand() -> None:
     assert (summary["captured_min"], summary["captured_mean"], summary["captured_max"]) == pytest.approx((0.0, 0.25, 0.5))
     assert summary["ranking"].split(" < ") == ["oracle", "migration_aware", "static[steptail]", "static[eplb]",
                                                "periodic[+0]", "periodic[+750]"]
+    docs = bench.docs_table(table)[0]  # 'mean [min, max]' over the two seeds
+    assert docs["captured %"] == "25.00 [0.00, 50.00]" and docs["best static"] == "static[steptail] x2"
+    assert docs["moved / periodic"] == "0.25 [0.25, 0.25]" and docs["overhead_ms"] == "0"
+    for row in rows:
+        row["rebalances"] = 2
+    ma = next(r for r in bench.policy_table(rows) if r["policy"] == "migration_aware")
+    assert ma["total s"] == "8.7500 [8.5000, 9.0000]" and ma["experts moved"] == "10" and ma["rebalances"] == "2.0"

@@ -20,6 +20,7 @@ import yaml
 from moetuner import PROJECT_ROOT
 from moetuner.online.migration import MigrationConfig
 from moetuner.online.stream import load_stream
+from moetuner.online.decision_time import DecisionCost
 from moetuner.online.stream_replay import make_context
 from moetuner.placement import Placement
 from moetuner.solvers import baselines
@@ -130,7 +131,7 @@ def test_one_entry_makes_a_load_only_solver_of_the_online_policies(new_solver: s
     path = save_trace(random_trace(256, 2, 8, 2, seed=1), tmp_path / "a.safetensors")
     spec = {"segments": [{"trace": str(path), "steps": 6}], "profile": str(path), "split": {"holdout_fraction": 0.5, "seed": 0}}
     stream, _ = load_stream(spec, 32)
-    ctx = make_context(stream, topology(1, 2), 0, "dispatch_combine", "dynamic", MigrationConfig())
+    ctx = make_context(stream, topology(1, 2), 0, "dispatch_combine", "dynamic", MigrationConfig(), DecisionCost({}))
     steps = np.array([1, 2, 4])
     decision = ctx.solve_steps(steps, new_solver, {})
     (problem, _), = CALLS

@@ -15,6 +15,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from moetuner.apps.common import CONF_DIR
+from moetuner.online.decision_time import DecisionCost
 from moetuner.online.migration import MigrationConfig
 from moetuner.online.policies import Context, Policy
 from moetuner.online.policy_config import make_policy
@@ -26,11 +27,15 @@ from moetuner.tracking import AppResult, AppRun, tracked_app
 
 
 def prepare(cfg: Mapping[str, Any]) -> tuple[Stream, Trace, Policy, Context]:
-    """Parse and check everything (stream, policy, topology, migration, dataflow, dispatch) before a run."""
+    """Parse and check everything (stream, policy, topology, migration, dataflow, dispatch, decision cost)
+    before a run."""
     stream, profile = load_stream(cfg["stream"], cfg["step_tokens"])
     policy = make_policy(cfg["policy"], stream)
     ctx = make_context(stream, topology_from_config(cfg["topology"]), int(cfg["replicas"]), str(cfg["dataflow"]),
-                       str(cfg["dispatch"]), MigrationConfig.from_config(cfg["migration"]))
+                       str(cfg["dispatch"]), MigrationConfig.from_config(cfg["migration"]),
+                       DecisionCost.from_config(cfg["decision_cost"]))
+    if policy.name not in ("static", "oracle"):  # its decisions are charged (docs/online.md)
+        ctx.decision_cost.check_solver(policy.solver)
     return stream, profile, policy, ctx
 
 

@@ -131,14 +131,16 @@ def proxy_cost(rows: np.ndarray, load: np.ndarray, num_gpus: int, expert_time) -
 
 
 def local_moves(row: np.ndarray, load: np.ndarray, num_gpus: int, expert_time, max_moves: int,
-                hot_targets: int = 8) -> list[np.ndarray]:
+                hot_targets: int = 8) -> tuple[list[np.ndarray], int]:
     """Greedy moves from `row` [P], each the best single change on the proxy: swap a slot of the slowest
     GPU with a slot of another GPU (2 copies), or give a spare replica slot to one of the `hot_targets`
-    experts of largest load per copy (1 copy). Returns the layer map after 1, 2, ... moves (stops
-    when no move helps). load [W, E] tokens per expert per step"""
+    experts of largest load per copy (1 copy). Returns (the layer map after 1, 2, ... moves (stops
+    when no move helps), the proxy's candidates x steps x slots evaluated). load [W, E] tokens per expert
+    per step"""
     E, S = load.shape[1], len(row) // num_gpus
     gpu = np.arange(len(row)) // S
     out, best = [], proxy_cost(row[None], load, num_gpus, expert_time)[0]
+    evaluated = load.shape[0] * len(row)
     total = load.sum(0)
     for _ in range(max_moves):
         has = np.zeros((num_gpus, E + 1), dtype=bool)
@@ -165,12 +167,13 @@ def local_moves(row: np.ndarray, load: np.ndarray, num_gpus: int, expert_time, m
         if not len(cands):
             break
         scores = proxy_cost(cands, load, num_gpus, expert_time)
+        evaluated += cands.size * load.shape[0]
         pick = int(np.argmin(scores))
         if scores[pick] >= best * (1 - 1e-4):
             break
         best, row = scores[pick], cands[pick]
         out.append(row)
-    return out
+    return out, evaluated
 
 
 @dataclass
@@ -218,8 +221,10 @@ class MigrationAware(Static):
         num_gpus, gpn, layers = ctx.topology.num_gpus, ctx.topology.gpus_per_node, range(len(current))
         load = served.loads(window).mean(0)  # [L, E] tokens per step (the proxy's expert time is not linear)
         target = served.solve(ctx, window, self.solver, self.options).phy2log
-        moves = [local_moves(current[l], load[l][None], num_gpus, ctx.step_times.cost.expert_time, self.max_moves)
-                 for l in layers]
+        found_moves = [local_moves(current[l], load[l][None], num_gpus, ctx.step_times.cost.expert_time,
+                                   self.max_moves) for l in layers]
+        moves = [m for m, _ in found_moves]
+        ctx.work["proxy_slot_steps"] += sum(n for _, n in found_moves)
         found = {"one_move": np.stack([m[0] if m else current[l] for l, m in zip(layers, moves)]),
                  "local_moves": np.stack([m[-1] if m else current[l] for l, m in zip(layers, moves)]),
                  "solver_aligned": np.stack([align_layer(current[l], target[l], num_gpus, gpn) for l in layers])}
@@ -228,6 +233,7 @@ class MigrationAware(Static):
         if ctx.topology.nodes > 1:
             local = [node_local_layer(current[l], load[l], num_gpus, gpn) for l in layers]
             found["node_local"] = np.stack([align_layer(current[l], local[l], num_gpus, gpn) for l in layers])
+        ctx.work["candidate_layers"] += len(current) * (len(found) - 2)  # relabelled / re-packed (not local_moves)
         return {name: v for name, v in found.items() if not np.array_equal(v, current)}
 
     def mix_layers(self, ctx: Context, current: np.ndarray, variants: list[np.ndarray], gains: list[np.ndarray],

@@ -16,12 +16,14 @@ solvers get the window's tokens.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
+from moetuner.online.decision_time import SOLVE, DecisionCost
 from moetuner.online.migration import Migration, MigrationConfig, plan_migration
 from moetuner.online.steptimes import StepTimes
 from moetuner.online.stream import Stream
@@ -51,14 +53,20 @@ class Decision:
 @dataclass
 class Context:
     """What every policy may use: topology, replica budget, solver, simulator cache, migration model, and
-    the clock that times decisions (injectable for tests)."""
+    what prices a decision: the work counted so far (`work`, running totals by unit) and the cost per unit
+    (`decision_cost`; moetuner.online.decision_time)."""
 
     topology: Topology
     replicas: int
     step_times: StepTimes
     migration: MigrationConfig
     bytes_per_expert: float
-    clock: Callable[[], float] = time.process_time  # CPU seconds: wall time on an idle machine
+    decision_cost: DecisionCost
+    work: Counter[str] = field(default_factory=Counter)
+
+    def work_done(self) -> Counter[str]:
+        """Running totals of every counted unit, the simulator's priced layer-steps included."""
+        return Counter({**self.work, "priced_layer_steps": self.step_times.priced_layer_steps})
 
     def problem(self, trace: Trace) -> PlacementProblem:
         return PlacementProblem(trace, self.topology, replicas=self.replicas,
@@ -70,6 +78,7 @@ class Context:
         and dataflow."""
         start = time.perf_counter()
         placement = solve_placement(self.problem(trace), solver, options)
+        self.work[SOLVE + solver] += trace.num_layers
         return Decision(placement.phy2log, solver, time.perf_counter() - start)
 
     def solve_steps(self, steps: np.ndarray, solver: str, options: Mapping[str, Any]) -> Decision:
@@ -82,17 +91,22 @@ class Context:
         problem = self.problem(stream.tokens_of(steps[-1:]))  # one step's tokens: the model's metadata
         object.__setattr__(problem, "load", stream.loads[steps].sum(0, dtype=np.int64).astype(float))  # [L, E]
         placement = solve_placement(problem, solver, options)
+        self.work["load_layer_steps"] += len(steps) * problem.load.shape[0]
+        self.work[SOLVE + solver] += problem.load.shape[0]
         return Decision(placement.phy2log, solver, time.perf_counter() - start)
 
     def migration_of(self, old: np.ndarray, new: np.ndarray) -> Migration:
+        self.work["migration_layers"] += len(old)
         return plan_migration(old, new, self.topology.num_gpus, self.step_times.cost, self.bytes_per_expert)
 
 
 class Served:
-    """The steps served so far (0 .. upto-1): the only routing a (non-oracle) policy can read."""
+    """The steps served so far (0 .. upto-1): the only routing a (non-oracle) policy can read; the load
+    layer-steps read are counted in `work` (the decision's charged work)."""
 
-    def __init__(self, stream: Stream, upto: int) -> None:
+    def __init__(self, stream: Stream, upto: int, work: Counter[str] | None = None) -> None:
         self._stream, self.upto = stream, int(upto)
+        self.work = Counter() if work is None else work
 
     def __len__(self) -> int:
         return self.upto
@@ -112,7 +126,9 @@ class Served:
 
     def loads(self, steps: np.ndarray) -> np.ndarray:
         """Tokens per expert of each step. [W, L, E]"""
-        return self._stream.loads[self._check(steps)].astype(float)
+        got = self._stream.loads[self._check(steps)].astype(float)
+        self.work["load_layer_steps"] += got.shape[0] * got.shape[1]
+        return got
 
     def solve(self, ctx: Context, steps: np.ndarray, solver: str, options: Mapping[str, Any]) -> Decision:
         return ctx.solve_steps(self._check(steps), solver, options)
@@ -169,10 +185,12 @@ class Periodic(Static):
         return served.solve(ctx, served.window(self.window_steps), self.solver, self.options)
 
 
-def imbalance(phy2log: np.ndarray, load: np.ndarray, num_gpus: int) -> float:
+def imbalance(phy2log: np.ndarray, load: np.ndarray, num_gpus: int) -> float | np.ndarray:
     """max / mean tokens per GPU, mean over layers: the peak-to-average GPU load that the MoE
-    load-balancing competitions score. phy2log [L, P], load [L, E]"""
-    return float(gpu_imbalance(gpu_loads(phy2log, load, num_gpus)).mean())
+    load-balancing competitions score; one value per leading index of `load` (e.g. per step).
+    phy2log [L, P], load [..., L, E] -> [...]"""
+    got = gpu_imbalance(gpu_loads(phy2log, load, num_gpus)).mean(-1)
+    return float(got) if got.ndim == 0 else got
 
 
 @dataclass

@@ -72,6 +72,7 @@ class StepTimes:
     keep: int = 24  # placements whose times stay cached
     cache: OrderedDict[str, _Cached] = field(default_factory=OrderedDict)
     simulated: int = 0  # steps actually computed (cache misses)
+    priced_layer_steps: int = 0  # layer-steps asked of `times`, cached or not (a decision's counted work)
 
     def _entry(self, phy2log: np.ndarray) -> _Cached:
         key = placement_id(phy2log)
@@ -101,6 +102,7 @@ class StepTimes:
         after the last one are computed now (the replay's prefetch)."""
         steps = np.asarray(steps, dtype=np.int64)
         entry = self._entry(phy2log)
+        self.priced_layer_steps += len(steps) * phy2log.shape[0]
         missing = np.unique(steps[~entry.done[steps]])
         if ahead and len(missing):
             missing = np.union1d(missing, np.arange(missing.max(), min(missing.max() + ahead, self.stream.num_steps)))

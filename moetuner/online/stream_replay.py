@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from moetuner.atomic import atomic_path, write_json_atomic
+from moetuner.online.decision_time import DecisionCost, work_between
 from moetuner.online.migration import (NO_MIGRATION, Migration, MigrationConfig, expert_bytes, overlap_s,
                                        slots_changed, slowed_step_s, wait_s)
 from moetuner.online.policies import Context, Decision, Policy, Served, imbalance
@@ -39,8 +40,8 @@ class Version:
     effective_step: int  # the first step served with it
     migration: Migration = NO_MIGRATION
     wait_s: float = 0.0  # serving waited this long (stop_the_world transfers, and migration.overhead_s)
-    delay_steps: int = 0  # steps served while the decision was computed (its charged wall time)
-    decision_seconds: float = 0.0  # the decision's wall time, as charged
+    delay_steps: int = 0  # steps served while the decision was computed (its charged time)
+    decision_seconds: float = 0.0  # the decision's time as charged: its counted work x ctx.decision_cost
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -71,9 +72,9 @@ class Thinking:
 def replay_stream(stream: Stream, profile: Trace, policy: Policy, ctx: Context) -> ReplayResult:
     """Serve every step of `stream`. The policy is asked before a step while it is idle (not while a
     decision of its own is being computed nor while a migration runs); a decision that read steps up to
-    t - 1 and took w seconds of wall time (ctx.clock) takes effect before the first step t + d whose
-    predecessors t .. t + d - 1 lasted w in all (d = ceil(w / step time) at a constant step time), then
-    migrates. The oracle's free decisions take effect at once (their migrations are charged as any other).
+    t - 1 and was charged w seconds (its counted work priced by ctx.decision_cost: the same on any machine)
+    takes effect before the first step t + d whose predecessors t .. t + d - 1 lasted w in all
+    (d = ceil(w / step time) at a constant step time), then migrates. The oracle's free decisions take effect at once (their migrations are charged as any other).
     Every redeployment also stops serving for `migration.overhead_s`."""
     started = time.perf_counter()
     times, config = ctx.step_times, ctx.migration
@@ -81,6 +82,7 @@ def replay_stream(stream: Stream, profile: Trace, policy: Policy, ctx: Context) 
     first = stream.first
     contiguous = contiguous_phy2log(first.num_layers, first.num_experts, ctx.topology.num_gpus,
                                     math.ceil(first.num_experts / ctx.topology.num_gpus))
+    contiguous_s = times.times(contiguous, np.arange(stream.num_steps)).step_s  # [S], cached for every replay
     init = policy.initial(ctx, profile)
     versions = [_version(init, 0, 0, NO_MIGRATION, 0.0)]
     version_placement(versions[0], 0, ctx, first)  # raises PlacementError if it does not fit
@@ -92,9 +94,10 @@ def replay_stream(stream: Stream, profile: Trace, policy: Policy, ctx: Context) 
         wait = 0.0
         for ask in (False, True):  # a finished decision takes effect first; then an idle policy is asked
             if ask and step > 0 and pending is None and thinking is None:
-                tick = ctx.clock()
-                decision = policy.decide(ctx, step, Served(stream, step), current)
-                seconds = 0.0 if decision is not None and decision.free else ctx.clock() - tick
+                before = ctx.work_done()
+                decision = policy.decide(ctx, step, Served(stream, step, ctx.work), current)
+                seconds = (0.0 if decision is not None and decision.free else
+                           ctx.decision_cost.seconds(work_between(before, ctx.work_done())))
                 if decision is not None and np.array_equal(decision.phy2log, current):
                     decision = None
                 if decision is not None:
@@ -134,11 +137,25 @@ def replay_stream(stream: Stream, profile: Trace, policy: Policy, ctx: Context) 
         seg = stream.segments[segment_of[step]]
         rows.append({"step": step, "segment": int(segment_of[step]), "trace": seg.label, "step_time_s": step_s,
                      "placement_version": in_effect, "wait_s": wait,
-                     "contiguous_step_time_s": times.step(contiguous, step)[1],
-                     "peak_to_average": imbalance(versions[in_effect].phy2log, stream.loads[step],
-                                                  ctx.topology.num_gpus)})
+                     "contiguous_step_time_s": float(contiguous_s[step])})
+    for row, peak in zip(rows, peak_to_average(stream, versions, [r["placement_version"] for r in rows], ctx)):
+        row["peak_to_average"] = float(peak)
     return ReplayResult(rows, versions, replay_metrics(rows, versions, time.perf_counter() - started,
                                                        times.simulated))
+
+
+def peak_to_average(stream: Stream, versions: list[Version], in_effect: list[int], ctx: Context,
+                    chunk: int = 512) -> np.ndarray:
+    """Each step's peak-to-average GPU load under the placement it was served with (`in_effect`, a version
+    index per step), `chunk` steps of one placement at a time. -> [S]"""
+    in_effect = np.asarray(in_effect)
+    out = np.empty(len(in_effect))
+    for k, version in enumerate(versions):
+        steps = np.flatnonzero(in_effect == k)
+        for i in range(0, len(steps), chunk):
+            part = steps[i:i + chunk]
+            out[part] = imbalance(version.phy2log, stream.loads[part], ctx.topology.num_gpus)
+    return out
 
 
 def replay_metrics(rows: list[dict[str, Any]], versions: list[Version], wall_s: float,
@@ -249,7 +266,7 @@ def write_outputs(result: ReplayResult, stream: Stream, ctx: Context, title: str
 
 
 def make_context(stream: Stream, topology: Topology, replicas: int, dataflow: Dataflow, dispatch: Dispatch,
-                 migration: MigrationConfig) -> Context:
+                 migration: MigrationConfig, decision_cost: DecisionCost) -> Context:
     """The policies' context; checks dataflow, dispatch and the replica budget by simulating one step."""
     first = stream.first
     PlacementProblem(first, topology, replicas=replicas, step_tokens=stream.step_tokens)  # raises if it cannot fit
@@ -259,4 +276,4 @@ def make_context(stream: Stream, topology: Topology, replicas: int, dataflow: Da
     times = StepTimes(stream, cost, topology.num_gpus, first.num_experts, dataflow, dispatch)
     stream.loads  # the per-step load counters an engine keeps while serving: computed now, not in a decision
     return Context(topology, replicas, times, migration,
-                   expert_bytes(first.hidden_size, first.moe_intermediate_size))
+                   expert_bytes(first.hidden_size, first.moe_intermediate_size), decision_cost)
