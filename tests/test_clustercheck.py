@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from moetuner.study.cluster_check import CheckFailed, compare_serve, compare_summaries
+from moetuner.study.cluster_check import MEASURED_TOLERANCE, CheckFailed, compare_serve, compare_summaries
 
 ROWS = [("contiguous", 1.0, 0.5), ("eplb", 1.1, 0.4), ("steptail", 1.2, 0.3)]
 
@@ -33,7 +33,8 @@ def test_every_row_is_compared_timings_ignored_measured_within_tolerance(tmp_pat
     local = results(tmp_path / "local", [[1, 0]], measured=0.70, comm_error=0.08)
     slurm = results(tmp_path / "slurm", [[1, 0]], measured=0.72, comm_error=0.10)  # 2.8% and 0.02 apart
     line = compare_summaries(local, slurm)
-    assert line.startswith("summary.csv: all 3 rows") and "measured_layer_time_s within 0.05 (relative)" in line
+    assert line.startswith("placements: all 3 are identical") and "summary.csv: all 3 rows" in line
+    assert f"measured_layer_time_s within {MEASURED_TOLERANCE['measured_layer_time_s'][1]:g} (relative)" in line
 
 
 @pytest.mark.parametrize("change,column", [({"measured": 0.8}, "measured_layer_time_s"),
@@ -50,6 +51,23 @@ def test_a_placement_that_differs_fails(tmp_path: Path) -> None:
     slurm = results(tmp_path / "slurm", [[0, 1]])  # steptail found another map: not deterministic
     with pytest.raises(CheckFailed, match="placement t/cpu_2x2/steptail-r0 differs"):
         compare_summaries(local, slurm)
+
+
+def test_a_resplit_placement_and_its_splits_rows_are_compared(tmp_path: Path) -> None:
+    """A re-split's placements (placements/<trace>.split<seed>/...) and splits.csv rows are compared like the rest."""
+    roots = [results(tmp_path / name, [[1, 0]]) for name in ("first", "second")]
+    for root, layer_s in zip(roots, (0.30, 0.31)):
+        path = root / "placements" / "t.split1" / "cpu_2x2" / "steptail-r0.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"physical_to_logical_map": [[1, 0]]}))
+        pd.DataFrame([{"trace": "t", "topology": "cpu_2x2", "solver": "steptail", "replicas": 0, "eval": "heldout",
+                       "split_seed": 1, "layer_time_s": layer_s}]).to_csv(root / "report" / "splits.csv", index=False)
+    with pytest.raises(CheckFailed, match="splits.csv: layer_time_s differs for .*'split_seed': 1"):
+        compare_summaries(*roots)
+    (roots[1] / "placements" / "t.split1" / "cpu_2x2" / "steptail-r0.json").write_text(
+        json.dumps({"physical_to_logical_map": [[0, 1]]}))
+    with pytest.raises(CheckFailed, match="placement t.split1/cpu_2x2/steptail-r0 differs"):
+        compare_summaries(*roots)
 
 
 def test_a_different_value_is_named_with_its_row(tmp_path: Path) -> None:
