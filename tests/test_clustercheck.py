@@ -101,3 +101,27 @@ def test_a_plain_cpu_serve_timing_is_not_compared(tmp_path: Path) -> None:
         table.to_csv(root / "report" / "summary.csv", index=False)
     with pytest.raises(CheckFailed, match="measured_layer_time_s differs"):
         compare_summaries(local, slurm)
+
+
+def test_the_measured_spread_over_runs_by_hand(tmp_path: Path) -> None:
+    """Three runs of two emulated serves (and a plain one, left out): the largest relative spread of the target
+    time and the largest absolute spread of the transfer error, placement by placement."""
+    from moetuner.study.cluster_check import measured_spread
+
+    runs = {"a": {"eplb": (0.70, 0.08), "steptail": (0.50, 0.30)}, "b": {"eplb": (0.77, 0.10), "steptail": (0.50, 0.31)},
+            "c": {"eplb": (0.72, 0.02), "steptail": (0.51, 0.30)}}
+    for name, served in runs.items():
+        for solver, (target, error) in served.items():
+            run = tmp_path / name / "serve" / "t" / "g" / f"{solver}-r0"
+            run.mkdir(parents=True)
+            run.joinpath("metrics.json").write_text(json.dumps(
+                {"moe_layer_time_s": target * 5000, "target_moe_layer_time_s": target, "comm_rel_error": error,
+                 "injected_share": 0.5}))
+        plain = tmp_path / name / "serve" / "t" / "g" / "contiguous-r0"
+        plain.mkdir(parents=True)
+        plain.joinpath("metrics.json").write_text(json.dumps({"moe_layer_time_s": 1.0 if name == "a" else 9.0}))
+    spread = measured_spread([tmp_path / name for name in runs])
+    assert spread["measured_layer_time_s"] == pytest.approx((0.77 - 0.70) / 0.77)
+    assert spread["comm_rel_error"] == pytest.approx(0.08)
+    with pytest.raises(AssertionError):
+        measured_spread([tmp_path / "a"])

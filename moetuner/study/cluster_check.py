@@ -4,6 +4,7 @@
         --local-uri sqlite:///... --uri http://127.0.0.1:PORT
     python -m moetuner.study.cluster_check sweep --dir DIR --expect N --log SWEEP_LOG
     python -m moetuner.study.cluster_check repeat results/default results/default-again   # two local runs
+    python -m moetuner.study.cluster_check spread RUN RUN [RUN ...]   # the measured columns' spread over runs
 
 `repeat` runs the placement, summary and serve checks on two runs of one study (determinism). Each check
 prints one line; the first that fails raises CheckFailed naming what and where (exit 1).
@@ -35,6 +36,7 @@ from pathlib import Path
 import pandas as pd
 
 from moetuner import tracking
+from moetuner.report.collect import KEY, read_metrics, serve_times
 from moetuner.study.parent_run import read_parent
 from moetuner.study.targets import find_files
 
@@ -106,6 +108,30 @@ def _within(column: str, a: object, b: object) -> bool:
 
 def tolerance_note() -> str:
     return ", ".join(f"{column} within {tolerance:g} ({kind})" for column, (kind, tolerance) in MEASURED_TOLERANCE.items())
+
+
+def measured_spread(runs: Sequence[Path]) -> dict[str, float]:
+    """The largest spread of each MEASURED_TOLERANCE column over several runs of one study's emulated serve stage
+    (`<run>/serve/.../metrics.json`, read as the report reads them), per served placement: (max - min) / max for
+    a relative column, max - min for an absolute one. Where MEASURED_TOLERANCE comes from
+    (`python -m moetuner.study.cluster_check spread RUN RUN ...`)."""
+    assert len(runs) >= 2, "a spread needs two runs or more"
+    served = []
+    for run in runs:
+        serve = read_metrics(run, "serve")
+        serve = serve_times(serve) if not serve.empty else serve
+        if serve.empty or EMULATED not in serve:
+            raise CheckFailed(f"spread: no emulated serve run in {run}")
+        emulated = serve[serve[EMULATED].notna()].set_index(list(KEY))
+        served.append(emulated.rename(columns={"moe_layer_time_s": "measured_layer_time_s"}))
+    out = {}
+    for column, (kind, _) in MEASURED_TOLERANCE.items():
+        values = pd.concat([t[column].rename(i) for i, t in enumerate(served)], axis=1).dropna()
+        if values.empty:
+            raise CheckFailed(f"spread: no served placement measured {column} in every run ({list(runs)})")
+        span = values.max(axis=1) - values.min(axis=1)
+        out[column] = float((span / values.abs().max(axis=1) if kind == "relative" else span).max())
+    return out
 
 
 def compare_placements(first: Path, second: Path, names: tuple[str, str] = RUN_NAMES) -> str:
@@ -249,6 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     repeat = sub.add_parser("repeat", help="two runs of a study on one machine (is it deterministic?)")
     repeat.add_argument("first", type=Path, help="the first run's results folder (e.g. results/default)")
     repeat.add_argument("second", type=Path, help="the second run's results folder")
+    spread = sub.add_parser("spread", help="the spread of the measured serve columns over runs of one study")
+    spread.add_argument("runs", type=Path, nargs="+", help="results folders of two or more runs")
     sweep = sub.add_parser("sweep", help="a Hydra submitit sweep")
     sweep.add_argument("--dir", type=Path, required=True)
     sweep.add_argument("--expect", type=int, required=True)
@@ -259,6 +287,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             lines = [check_sbatch(args.log, jobs_in_log(args.log)), compare_summaries(args.local, args.slurm),
                      compare_serve(args.local, args.slurm),
                      check_tracking(args.local, args.slurm, args.local_uri, args.uri)]
+        elif args.cmd == "spread":
+            spreads = measured_spread(args.runs)
+            lines = [f"{column}: largest spread {value:.4f} ({MEASURED_TOLERANCE[column][0]}) over {len(args.runs)} "
+                     f"runs; tolerance {MEASURED_TOLERANCE[column][1]:g}" for column, value in spreads.items()]
         elif args.cmd == "repeat":
             names = ("first", "second")
             lines = [compare_summaries(args.first, args.second, names), compare_serve(args.first, args.second, names)]
