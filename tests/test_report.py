@@ -294,6 +294,16 @@ def test_faster_only_when_the_runner_up_is_beaten_in_every_split() -> None:
     assert over_splits([base, base], [base / 2, base * 2])["per_split"] == [2.0, 0.5]
 
 
+def test_verdict_of_a_margin() -> None:
+    from moetuner.report.headline import verdict
+
+    row = pd.Series({"low": 1.01, "high": 1.03, "every_split": True})
+    assert verdict(row) == "faster"
+    assert verdict(pd.Series({"low": 1.01, "high": 1.03, "every_split": False})) == "not in every split"
+    assert verdict(pd.Series({"low": 0.99, "high": 1.03, "every_split": True})) == "not distinguishable"
+    assert verdict(pd.Series({"low": 1.01, "high": 1.03, "every_split": np.nan})) == "faster"  # not re-split
+
+
 def test_split_table_and_summary_from_a_results_folder(tmp_path) -> None:
     """Simulate runs of the main split (seed 0) and the re-split a.split3 read back with their seeds; the summary
     gives each split's speedup vs contiguous (mean step times), their mean, and the interval over splits."""
