@@ -43,11 +43,13 @@ from moetuner.study.targets import find_files
 SUBMITTED = re.compile(r"Job \d+ has been submitted with SLURM jobid (\d+)")
 NOT_COMPARED = ("solve_seconds",)  # wall-clock time of a solve: the machine's speed, not the result
 EMULATED = "injected_share"  # set only for emulated serve runs; a plain CPU run's time is the host's wall clock
-MEASURED_TOLERANCE = {"measured_layer_time_s": ("relative", 0.05), "comm_rel_error": ("absolute", 0.05)}
-"""Measured serve columns: (kind, tolerance). From repeated emulated serves of one placement run alone on
-the 2-core machine (docs/serving.md, "Run to run"): the measured time moves by well under 1% and the
-transfer error by under 0.01; the tolerances leave room for the two runs' different machines' states
-but not for a serve job that shared its cores (33% vs 8%)."""
+MEASURED_TOLERANCE = {"measured_layer_time_s": ("relative", 0.10), "comm_rel_error": ("absolute", 0.55)}
+"""Measured serve columns: (kind, tolerance), the largest spread over three local runs of the default study's
+emulated serve stage (the same three placements, byte-identical traffic; `cluster_check spread`), rounded up:
+0.091 relative and 0.536 absolute, on the 2-core machine shared with other engineers' jobs (load average 13 to
+26; docs/study.md, "Run to run"). Alone on a quiet machine the same emulation repeats within a CV of 0.2-0.8%
+(docs/serving.md), so these tolerances admit what a shared machine does to the transfers and still catch an
+emulation that is off by a multiple."""
 SERVE_KEYS = ("steps", "bytes_intra_per_step", "bytes_inter_per_step", "imbalance", "dataflow", "dispatch")
 PARENT_ARTIFACTS = {"report.html", "report.md", "summary.csv", "headline.md"}
 RUN_NAMES = ("local", "slurm")
