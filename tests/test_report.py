@@ -301,7 +301,7 @@ def test_verdict_of_a_margin() -> None:
     assert verdict(row) == "faster"
     assert verdict(pd.Series({"low": 1.01, "high": 1.03, "every_split": False})) == "not in every split"
     assert verdict(pd.Series({"low": 0.99, "high": 1.03, "every_split": True})) == "not distinguishable"
-    assert verdict(pd.Series({"low": 1.01, "high": 1.03, "every_split": np.nan})) == "faster"  # not re-split
+    assert verdict(pd.Series({"low": 1.01, "high": 1.03, "every_split": np.nan})) == "faster in the one split"
 
 
 def test_split_table_and_summary_from_a_results_folder(tmp_path) -> None:

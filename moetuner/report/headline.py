@@ -276,10 +276,11 @@ def beaten(row: pd.Series) -> bool:
 
 
 def verdict(row: pd.Series) -> str:
-    """A margin (winner_margins row) in words: `faster` (beaten), `not in every split` (the main split's interval
-    excludes 1.0 but the runner-up wins a re-split) or `not distinguishable` (the interval includes 1.0)."""
+    """A margin (winner_margins row) in words: `faster` (beaten in every split), `faster in the one split` (beaten,
+    where that evaluation was not re-split), `not in every split` (the main split's interval excludes 1.0 but the
+    runner-up wins a re-split) or `not distinguishable` (the interval includes 1.0)."""
     if beaten(row):
-        return "faster"
+        return "faster in the one split" if pd.isna(row.get("every_split", np.nan)) else "faster"
     return "not in every split" if distinguishable((row["low"], row["high"])) else "not distinguishable"
 
 
