@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from moetuner.study.cluster_check import CheckFailed, compare_serve, compare_summaries
+from moetuner.study.cluster_check import MEASURED_TOLERANCE, CheckFailed, compare_serve, compare_summaries
 
 ROWS = [("contiguous", 1.0, 0.5), ("eplb", 1.1, 0.4), ("steptail", 1.2, 0.3)]
 
@@ -33,11 +33,12 @@ def test_every_row_is_compared_timings_ignored_measured_within_tolerance(tmp_pat
     local = results(tmp_path / "local", [[1, 0]], measured=0.70, comm_error=0.08)
     slurm = results(tmp_path / "slurm", [[1, 0]], measured=0.72, comm_error=0.10)  # 2.8% and 0.02 apart
     line = compare_summaries(local, slurm)
-    assert line.startswith("summary.csv: all 3 rows") and "measured_layer_time_s within 0.05 (relative)" in line
+    assert line.startswith("placements: all 3 are identical") and "summary.csv: all 3 rows" in line
+    assert f"measured_layer_time_s within {MEASURED_TOLERANCE['measured_layer_time_s'][1]:g} (relative)" in line
 
 
-@pytest.mark.parametrize("change,column", [({"measured": 0.8}, "measured_layer_time_s"),
-                                           ({"comm_error": 0.33}, "comm_rel_error")])
+@pytest.mark.parametrize("change,column", [({"measured": 0.9}, "measured_layer_time_s"),  # 22% and 0.72 apart
+                                           ({"comm_error": 0.80}, "comm_rel_error")])
 def test_a_measured_column_beyond_its_tolerance_fails(tmp_path: Path, change: dict, column: str) -> None:
     local = results(tmp_path / "local", [[1, 0]], measured=0.7, comm_error=0.08)
     slurm = results(tmp_path / "slurm", [[1, 0]], **change)
@@ -50,6 +51,23 @@ def test_a_placement_that_differs_fails(tmp_path: Path) -> None:
     slurm = results(tmp_path / "slurm", [[0, 1]])  # steptail found another map: not deterministic
     with pytest.raises(CheckFailed, match="placement t/cpu_2x2/steptail-r0 differs"):
         compare_summaries(local, slurm)
+
+
+def test_a_resplit_placement_and_its_splits_rows_are_compared(tmp_path: Path) -> None:
+    """A re-split's placements (placements/<trace>.split<seed>/...) and splits.csv rows are compared like the rest."""
+    roots = [results(tmp_path / name, [[1, 0]]) for name in ("first", "second")]
+    for root, layer_s in zip(roots, (0.30, 0.31)):
+        path = root / "placements" / "t.split1" / "cpu_2x2" / "steptail-r0.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"physical_to_logical_map": [[1, 0]]}))
+        pd.DataFrame([{"trace": "t", "topology": "cpu_2x2", "solver": "steptail", "replicas": 0, "eval": "heldout",
+                       "split_seed": 1, "layer_time_s": layer_s}]).to_csv(root / "report" / "splits.csv", index=False)
+    with pytest.raises(CheckFailed, match="splits.csv: layer_time_s differs for .*'split_seed': 1"):
+        compare_summaries(*roots)
+    (roots[1] / "placements" / "t.split1" / "cpu_2x2" / "steptail-r0.json").write_text(
+        json.dumps({"physical_to_logical_map": [[0, 1]]}))
+    with pytest.raises(CheckFailed, match="placement t.split1/cpu_2x2/steptail-r0 differs"):
+        compare_summaries(*roots)
 
 
 def test_a_different_value_is_named_with_its_row(tmp_path: Path) -> None:
@@ -83,3 +101,27 @@ def test_a_plain_cpu_serve_timing_is_not_compared(tmp_path: Path) -> None:
         table.to_csv(root / "report" / "summary.csv", index=False)
     with pytest.raises(CheckFailed, match="measured_layer_time_s differs"):
         compare_summaries(local, slurm)
+
+
+def test_the_measured_spread_over_runs_by_hand(tmp_path: Path) -> None:
+    """Three runs of two emulated serves (and a plain one, left out): the largest relative spread of the target
+    time and the largest absolute spread of the transfer error, placement by placement."""
+    from moetuner.study.cluster_check import measured_spread
+
+    runs = {"a": {"eplb": (0.70, 0.08), "steptail": (0.50, 0.30)}, "b": {"eplb": (0.77, 0.10), "steptail": (0.50, 0.31)},
+            "c": {"eplb": (0.72, 0.02), "steptail": (0.51, 0.30)}}
+    for name, served in runs.items():
+        for solver, (target, error) in served.items():
+            run = tmp_path / name / "serve" / "t" / "g" / f"{solver}-r0"
+            run.mkdir(parents=True)
+            run.joinpath("metrics.json").write_text(json.dumps(
+                {"moe_layer_time_s": target * 5000, "target_moe_layer_time_s": target, "comm_rel_error": error,
+                 "injected_share": 0.5}))
+        plain = tmp_path / name / "serve" / "t" / "g" / "contiguous-r0"
+        plain.mkdir(parents=True)
+        plain.joinpath("metrics.json").write_text(json.dumps({"moe_layer_time_s": 1.0 if name == "a" else 9.0}))
+    spread = measured_spread([tmp_path / name for name in runs])
+    assert spread["measured_layer_time_s"] == pytest.approx((0.77 - 0.70) / 0.77)
+    assert spread["comm_rel_error"] == pytest.approx(0.08)
+    with pytest.raises(AssertionError):
+        measured_spread([tmp_path / "a"])

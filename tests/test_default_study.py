@@ -67,6 +67,9 @@ def test_default_dry_run_without_shared_plans_real_routing(tmp_path: Path) -> No
     # intent is solved (2 grids: 2 topologies x 4 solvers at r0, 3 solvers at r1), and served
     assert jobs["serve"] == 3
     assert "results/default/simulate/intent/h200_2x8/steptail-r1/law/metrics.json" in done.stdout
+    # the headline grids again on 4 re-splits of intent (split_seeds 0-4; seed 0 is the main split)
+    assert "results/default/simulate/intent.split4/h200_2x8/steptail-r1/heldout/metrics.json" in done.stdout
+    assert "results/default/splits/intent.split1/profile.safetensors" in done.stdout
 
 
 def test_missing_import_traces_are_skipped_and_reported(tmp_path: Path) -> None:
@@ -105,6 +108,12 @@ def test_default_config_passes_the_checks() -> None:
      r"grids\[0\]: solvers \['moetuner', 'steptail'\] need token-level routing"),
     (lambda c: (c["traces"].update(loads={"kind": "loads", "of": "intent"}), c["serve"]["traces"].insert(0, "loads")),
      r"serve\.traces: \['loads'\] are load profiles"),
+    (lambda c: c["grids"][0].update(split_seeds=[1, 2]), r"grids\[0\]\.split_seeds: \[1, 2\] lacks the main split's "
+                                                          r"seed 0"),
+    (lambda c: c["grids"][0].update(split_seeds=[0, 0]), r"grids\[0\]\.split_seeds: \[0, 0\]; give distinct"),
+    (lambda c: c["traces"].update({"law.split1": c["traces"]["law"]}), r"traces\.law\.split1: names ending in"),
+    (lambda c: c["grids"][0].update(split_evaluate_on=["medical"]), r"grids\[0\]\.split_evaluate_on: \['medical'\] "
+                                                                    r"not in the grid's evaluate_on"),
 ])
 def test_bad_study_config_names_the_setting(edit, message: str) -> None:
     config = copy.deepcopy(default_config())

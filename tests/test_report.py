@@ -259,6 +259,78 @@ def test_winner_sentence_calls_faster_only_outside_the_interval() -> None:
     assert f"and not distinguishable from the runner-up on h100_1x8 r0 (vs eplb: {low:.3f}-{high:.3f}x)." in sentence
 
 
+def test_faster_only_when_the_runner_up_is_beaten_in_every_split() -> None:
+    """Re-splits (main seed 0, seeds 1 and 2 as `a.split<seed>`): steptail beats eplb by 2% on every step of the
+    main split, so that split's interval excludes 1.0, but loses in split 2 on h200_2x8 r0, so only h100_1x8
+    r0 is called faster; the per-split speedups are the ratios of the mean step times."""
+    from moetuner.report.headline import over_splits, winner_margins
+
+    tables = headline_tables(hand_table(), "a")
+    base = np.array([1.0, 1.1, 0.9, 1.0])
+    factors = {"a": 1.02, "a.split1": 1.01, "a.split2": 1.03}  # steptail's speedup over eplb in each split
+    steps = {}
+    for name, factor in factors.items():
+        for topology, lost in (("h100_1x8", False), ("h200_2x8", name == "a.split2")):
+            steps[name, topology, "eplb", 0, "heldout"] = base
+            steps[name, topology, "steptail", 0, "heldout"] = base * factor if lost else base / factor
+    margins = winner_margins(tables, steps, "a", seeds=[0, 1, 2], main_seed=0)["heldout"]
+    h100, h200 = margins.loc[("h100_1x8", 0)], margins.loc[("h200_2x8", 0)]
+    assert (h100["splits"], h100["split_min"], h100["split_max"]) == (3, pytest.approx(1.01), pytest.approx(1.03))
+    assert bool(h100["every_split"]) and not bool(h200["every_split"])
+    assert h200["split_min"] == pytest.approx(1 / 1.03) and h200["low"] == pytest.approx(1.02)  # main split: faster
+    # every step of a split moves by the same factor, so resampling steps changes nothing: the interval over
+    # splits lies within the ratios of the pooled means of the splits drawn (between 1/1.03 and 1.02)
+    assert 1 / 1.03 - 1e-9 <= h200["split_low"] <= h200["split_high"] <= 1.02 + 1e-9
+    sentence = headline_sentences(tables, "a", margins={"heldout": margins})[0]
+    assert "it is faster than the runner-up (paired 95% bootstrap interval over the main split's scored steps " \
+           "excludes 1.0, and the runner-up is beaten in every re-split;" in sentence
+    assert "on h100_1x8 r0 (vs eplb: 1.020-1.020x; 1.010-1.030x across 3 splits, " in sentence
+    assert "and not shown faster than the runner-up on h200_2x8 r0 (vs eplb: 1.020-1.020x; 0.971-1.020x across " \
+           "3 splits" in sentence
+    # a missing split's run: that setting falls back to the main split's interval alone
+    del steps["a.split1", "h100_1x8", "steptail", 0, "heldout"]
+    fallback = winner_margins(tables, steps, "a", seeds=[0, 1, 2], main_seed=0)["heldout"].loc[("h100_1x8", 0)]
+    assert fallback["splits"] == 1 and np.isnan(fallback["every_split"])
+    assert over_splits([base, base], [base / 2, base * 2])["per_split"] == [2.0, 0.5]
+
+
+def test_verdict_of_a_margin() -> None:
+    from moetuner.report.headline import verdict
+
+    row = pd.Series({"low": 1.01, "high": 1.03, "every_split": True})
+    assert verdict(row) == "faster"
+    assert verdict(pd.Series({"low": 1.01, "high": 1.03, "every_split": False})) == "not in every split"
+    assert verdict(pd.Series({"low": 0.99, "high": 1.03, "every_split": True})) == "not distinguishable"
+    assert verdict(pd.Series({"low": 1.01, "high": 1.03, "every_split": np.nan})) == "faster in the one split"
+
+
+def test_split_table_and_summary_from_a_results_folder(tmp_path) -> None:
+    """Simulate runs of the main split (seed 0) and the re-split a.split3 read back with their seeds; the summary
+    gives each split's speedup vs contiguous (mean step times), their mean, and the interval over splits."""
+    import json
+
+    from moetuner.report.collect import split_table, step_times
+    from moetuner.report.headline import split_display, split_summary
+    from moetuner.study.targets import simulate_path
+
+    times = {("a", "contiguous"): [4.0, 4.0], ("a", "eplb"): [2.0, 2.0],
+             ("a.split3", "contiguous"): [3.0, 3.0], ("a.split3", "eplb"): [3.0, 3.0],
+             ("b", "contiguous"): [1.0, 1.0]}  # b was not re-split: not in the split table
+    for (name, solver), step_s in times.items():
+        path = tmp_path / simulate_path("", name, "g", solver, 0, "heldout").lstrip("/")
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"layer_time_s": float(np.mean(step_s)), "step_times_s": step_s}))
+    table = split_table(tmp_path, main_seed=0)
+    assert list(zip(table["trace"], table["solver"], table["split_seed"], table["speedup_vs_contiguous"])) == [
+        ("a", "contiguous", 0, 1.0), ("a", "contiguous", 3, 1.0), ("a", "eplb", 0, 2.0), ("a", "eplb", 3, 1.0)]
+    summary = split_summary(table, step_times(tmp_path), "a", main_seed=0)
+    row = summary.iloc[0]
+    assert (row["solver"], row["splits"], row["split_0"], row["split_3"], row["mean"]) == ("eplb", 2, 2.0, 1.0, 1.5)
+    assert not row["every_split"] and 1.0 <= row["split_low"] <= row["split_high"] <= 2.0
+    assert list(split_display(summary, "heldout").iloc[0]) == ["g", "r0", "eplb", "2.000", "1.000", "1.500",
+                                                               f"{row['split_low']:.3f}-{row['split_high']:.3f}", "no"]
+
+
 def test_headline_cells_carry_their_intervals() -> None:
     from moetuner.report.headline import headline_intervals
 

@@ -24,18 +24,24 @@ def test_tiny_grid_points_in_config_order() -> None:
         ("synth-a", "cpu_2x2", "contiguous", 0, ["heldout", "synth-b"]),
         ("synth-a", "cpu_2x2", "eplb", 0, ["heldout", "synth-b"]),
         ("synth-a", "cpu_2x2", "eplb", 1, ["heldout"]),
+        ("synth-a", "cpu_2x2", "contiguous", 0, ["heldout"]),  # the re-split grid on the main split
+        ("synth-a", "cpu_2x2", "eplb", 0, ["heldout"]),
     ]
 
 
 def test_tiny_simulation_targets_merge_served_placements() -> None:
-    # the two served placements (contiguous, eplb at r0 on cpu_2x2, heldout) are grid points already
+    # the two served placements (contiguous, eplb at r0 on cpu_2x2, heldout) are grid points already, and so
+    # are the third grid's on the main split (seed 0); its seed 1 is the re-split synth-a.split1
     assert targets.simulation_targets(TINY, ["synth-a", "synth-b"], R) == [
+        f"{R}/simulate/synth-a.split1/cpu_2x2/contiguous-r0/heldout/metrics.json",
+        f"{R}/simulate/synth-a.split1/cpu_2x2/eplb-r0/heldout/metrics.json",
         f"{R}/simulate/synth-a/cpu_2x2/contiguous-r0/heldout/metrics.json",
         f"{R}/simulate/synth-a/cpu_2x2/contiguous-r0/synth-b/metrics.json",
         f"{R}/simulate/synth-a/cpu_2x2/eplb-r0/heldout/metrics.json",
         f"{R}/simulate/synth-a/cpu_2x2/eplb-r0/synth-b/metrics.json",
         f"{R}/simulate/synth-a/cpu_2x2/eplb-r1/heldout/metrics.json",
     ]
+    assert targets.resplit_traces(TINY, ["synth-a", "synth-b"]) == ["synth-a.split1"]
 
 
 def test_tiny_serve_profile_regime_and_online_targets() -> None:
@@ -120,6 +126,31 @@ def test_targets_of_a_small_config() -> None:
     assert targets.online_targets(CONFIG, available, r) == ["out/online/a-b/t2-r1/static/metrics.json",
                                                             "out/online/a-b/t2-r1/periodic/metrics.json"]
     assert targets.online_targets(CONFIG, ["a"], r) == []  # `b` of the stream missing: no online stage
+
+
+def test_resplits_are_named_by_seed_and_split_with_it() -> None:
+    """A grid's split_seeds: the main split's seed keeps the trace's files, every other seed is solved and scored
+    again as `<trace>.split<seed>`, split from the trace with `split:` and that seed."""
+    config = {**CONFIG, "split": ["holdout_fraction=0.5", "seed=2"],
+              "grids": [{**CONFIG["grids"][1], "split_seeds": [2, 0, 5]}]}
+    assert targets.main_split_seed(config) == 2 and targets.main_split_seed({"split": []}) == 0
+    assert targets.resplit_points(config, ["a", "b"]) == [
+        ("b.split0", "t2", "s", 1, ["a"]), ("b.split0", "t2", "u", 1, ["a"]),
+        ("b.split5", "t2", "s", 1, ["a"]), ("b.split5", "t2", "u", 1, ["a"])]
+    assert targets.resplit_traces(config, ["a", "b"]) == ["b.split0", "b.split5"]
+    assert targets.resplit_points(config, ["a"]) == []  # b unavailable
+    held_only = {**config, "grids": [{**config["grids"][0], "evaluate_on": ["heldout", "a"],
+                                      "split_evaluate_on": ["heldout"]}]}
+    assert targets.resplit_points(held_only, ["a", "b"])[0] == ("b.split0", "t2", "s", 1, ["heldout"])
+    assert targets.grid_points(held_only, ["a", "b"])[0] == ("b", "t2", "s", 1, ["heldout", "a"])
+    assert targets.split_variant("b", 2, 2) == "b" and targets.split_variant("b", 5, 2) == "b.split5"
+    assert targets.parse_split_variant("b.split5") == ("b", 5) and targets.parse_split_variant("b") == ("b", None)
+    assert targets.parse_split_variant("my.split.trace") == ("my.split.trace", None)
+    assert targets.split_args(config, "b") == ["holdout_fraction=0.5", "seed=2"]
+    assert targets.split_args(config, "b.split5") == ["holdout_fraction=0.5", "seed=5"]
+    assert "out/simulate/b.split5/t2/u-r1/a/metrics.json" in targets.simulation_targets(config, ["a", "b"], "out")
+    assert re.fullmatch(targets.one_of(targets.resplit_traces(config, ["a", "b"])), "b.split5")
+    assert not re.fullmatch(targets.one_of([]), "b.split5")
 
 
 def test_online_args_of_each_policy() -> None:

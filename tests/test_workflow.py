@@ -155,12 +155,16 @@ def test_tiny_study_mlflow_parent_and_children(tiny_study: tuple[Path, str, subp
     assert parent.data.tags["mlflow.note.content"].startswith("# moetuner study: tiny")
     assert parent.info.run_name == "study:tiny"
     children = tracking.child_runs(uri, record["run_id"])
-    # one child per app job: synth x2, split, profile, solve x3, simulate x5, serve x2, calibrate, regime, report,
-    # and one online job per policy of an `online:` stream (merged from the default config when tiny has none)
+    # one child per app job: synth x2, split x2 (the main split and the re-split synth-a.split1), profile, solve x5,
+    # simulate x7 (the re-split's contiguous and eplb r0 on held-out), serve x2, calibrate, regime, report, and one
+    # online job per policy of an `online:` stream (merged from the default config when tiny has none)
     online = ["online"] * len(list((workdir / "results" / "tiny" / "online").glob("*/*/*/metrics.json")))
     rules = sorted(run.data.tags["rule"] for run in children)
-    assert rules == sorted(["synth"] * 2 + ["split", "profile"] + ["solve"] * 3 + ["simulate"] * 5 + ["serve"] * 2
-                           + ["calibrate", "regime", "report"] + online)
+    assert rules == sorted(["synth"] * 2 + ["split"] * 2 + ["profile"] + ["solve"] * 5 + ["simulate"] * 7
+                           + ["serve"] * 2 + ["calibrate", "regime", "report"] + online)
+    assert {"splits.csv", "headline_splits.csv", "headline_margins.csv"} <= artifacts
+    splits = pd.read_csv(workdir / "results" / "tiny" / "report" / "headline_splits.csv")
+    assert list(splits[["solver", "splits"]].itertuples(index=False, name=None)) == [("eplb", 2)]
     for run in children:
         assert run.info.status == "FINISHED"
         assert len(run.data.tags["config_hash"]) == 12 and run.data.tags["git_commit"]
@@ -168,7 +172,7 @@ def test_tiny_study_mlflow_parent_and_children(tiny_study: tuple[Path, str, subp
     assert {run.data.tags["wildcard.solver"] for run in solves} == {"contiguous", "eplb"}
     names = {run.info.run_name for run in children}
     assert {"solve:synth-a/cpu_2x2/eplb-r1", "simulate:synth-a/cpu_2x2/eplb-r0/synth-b", "synth:synth-b",
-            "regime", "report"} <= names
+            "split:synth-a.split1", "solve:synth-a.split1/cpu_2x2/eplb-r0", "regime", "report"} <= names
 
 
 def test_tiny_study_second_run_has_nothing_to_do(tiny_study: tuple[Path, str, subprocess.CompletedProcess]) -> None:

@@ -25,7 +25,8 @@ def main(cfg: DictConfig) -> AppRun:
     def work() -> AppResult:
         report = build_report(cfg.results, cfg.out, title=str(cfg.title or f"moetuner study: {Path(cfg.results).name}"),
                               notes=[*notes, *cfg.notes],
-                              extra=[s for s in [online_section(cfg.results, cfg.out)] if s is not None])
+                              extra=[s for s in [online_section(cfg.results, cfg.out)] if s is not None],
+                              main_seed=int(cfg.split_seed))
         print(report.headline)
         print(report.table.to_string(index=False))
         return AppResult(report.metrics, report.files)

@@ -5,6 +5,7 @@ simulate, per_layer, serve), where the study's rules write it.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pandas as pd
 
 from moetuner.serving.emulation import shaped_run
 from moetuner.solvers.mip import relative_gap
-from moetuner.study.targets import LAYOUT, find_files, per_layer_path
+from moetuner.study.targets import LAYOUT, find_files, parse_split_variant, per_layer_path
 
 KEY = ["trace", "topology", "solver", "replicas"]
 TABLE_COLUMNS = ["trace", "topology", "solver", "solver_label", "replicas", "eval", "predicted_layer_time_s",
@@ -92,11 +93,17 @@ def read_metrics(results: Path, stage: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def speedup_vs_contiguous(sim: pd.DataFrame) -> pd.Series:
-    """Layer time of the contiguous placement (replicas 0, same trace/topology/eval) / this layer time."""
-    base = sim[(sim.solver == "contiguous") & (sim.replicas == 0)].set_index(["trace", "topology", "eval"])
-    ref = sim.join(base["layer_time_s"].rename("base"), on=["trace", "topology", "eval"])["base"]
+def speedup_vs_contiguous(sim: pd.DataFrame, same: Sequence[str] = ("trace", "topology", "eval")) -> pd.Series:
+    """Layer time of the contiguous placement (replicas 0, the same `same` columns) / this layer time."""
+    same = list(same)
+    base = sim[(sim.solver == "contiguous") & (sim.replicas == 0)].set_index(same)
+    ref = sim.join(base["layer_time_s"].rename("base"), on=same)["base"]
     return ref / sim["layer_time_s"]
+
+
+def main_split(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the study's main split: those whose trace is not a re-split (`<trace>.split<seed>`)."""
+    return frame[[parse_split_variant(t)[1] is None for t in frame["trace"]]] if len(frame) else frame
 
 
 SERVE_COLUMNS = ["moe_layer_time_s", "served_predicted_layer_time_s", "serve_links_shaped", "injected_share",
@@ -119,7 +126,7 @@ def results_table(results: str | Path) -> pd.DataFrame:
     """The study's results: one row per (placement, evaluation trace), TABLE_COLUMNS (then
     `speedup_vs_contiguous.<dispatch>` for every dispatch the simulate runs scored), sorted."""
     results = Path(results)
-    sim = read_metrics(results, "simulate")
+    sim = main_split(read_metrics(results, "simulate"))
     if sim.empty:
         raise ReportError(f"{results}: no {LAYOUT['simulate']}; run the study (snakemake) first")
     table = sim.merge(read_placements(results), on=KEY, how="left")
@@ -139,6 +146,30 @@ def results_table(results: str | Path) -> pd.DataFrame:
             table[column] = np.nan
     per_dispatch = sorted(c for c in table.columns if c.split(".")[0] in PER_DISPATCH_COLUMNS and "." in c)
     return table[TABLE_COLUMNS + per_dispatch].sort_values(["trace", "topology", "eval", "replicas", "solver"]) \
+        .reset_index(drop=True)
+
+
+SPLIT_COLUMNS = ["trace", "topology", "solver", "replicas", "eval", "split_seed", "layer_time_s",
+                 "speedup_vs_contiguous", "speedup_ci_low", "speedup_ci_high"]
+
+
+def split_table(results: str | Path, main_seed: int) -> pd.DataFrame:
+    """Every simulate run of a trace that was also re-split (a grid's `split_seeds`), one row per split:
+    SPLIT_COLUMNS, `trace` the trace itself and `split_seed` the seed it was split with (`main_seed` for the
+    study's main split); speedup vs the contiguous r0 placement of the same split and evaluation, and its paired
+    95% interval over that split's scored steps. Sorted; empty without re-splits."""
+    sim = read_metrics(results, "simulate")
+    if sim.empty:
+        return pd.DataFrame(columns=SPLIT_COLUMNS)
+    names = [parse_split_variant(t) for t in sim["trace"]]
+    sim = sim.assign(trace=[trace for trace, _ in names],
+                     split_seed=[main_seed if seed is None else seed for _, seed in names])
+    sim = sim[sim["trace"].isin({trace for trace, seed in names if seed is not None})]
+    sim = sim.assign(speedup_vs_contiguous=speedup_vs_contiguous(sim, ("trace", "topology", "eval", "split_seed")))
+    for column in SPLIT_COLUMNS:
+        if column not in sim:
+            sim[column] = np.nan
+    return sim[SPLIT_COLUMNS].sort_values(["trace", "topology", "eval", "replicas", "solver", "split_seed"]) \
         .reset_index(drop=True)
 
 

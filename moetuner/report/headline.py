@@ -9,13 +9,15 @@ All functions are pure (tables in, tables/text out); `collect.results_table` giv
 from __future__ import annotations
 
 import html
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from moetuner.costmodel.intervals import distinguishable, speedup_interval
+from moetuner.costmodel.intervals import (beaten_in_every_split, distinguishable, speedup_interval,
+                                          split_speedup_interval)
 from moetuner.costmodel.settings import DISPATCHES
+from moetuner.study.targets import split_variant
 
 HELDOUT = "heldout"
 BASELINE = "contiguous"
@@ -58,10 +60,37 @@ def headline_intervals(table: pd.DataFrame, trace: str) -> Intervals:
     return {ev: (low[ev], high[ev]) for ev in low}
 
 
-def winner_margins(tables: Headline, steps: StepTimes, trace: str) -> Margins:
+MARGIN_COLUMNS = ["topology", "replicas", "winner", "runner_up", "low", "high", "splits", "split_min", "split_max",
+                  "split_low", "split_high", "every_split"]
+
+
+def split_step_times(steps: StepTimes, trace: str, topology: str, solver: str, replicas: int, ev: str,
+                     seeds: Sequence[int], main_seed: int) -> list[np.ndarray] | None:
+    """Seconds per scored step of one placement in each split of `seeds` (each solved on that split's profile),
+    or None where a split's run is missing. [S_d] each"""
+    out = [steps.get((split_variant(trace, seed, main_seed), topology, solver, replicas, ev)) for seed in seeds]
+    return None if any(s is None for s in out) else out
+
+
+def over_splits(base_s: Sequence[np.ndarray], placement_s: Sequence[np.ndarray]) -> dict[str, float | bool]:
+    """A placement against a rival over re-splits (each split's own placements and scored steps): the speedup in
+    each split (`per_split`, in the order given), its min and max, the interval over splits (resampling splits,
+    then steps: intervals.split_speedup_interval) and whether the rival is beaten in every split."""
+    per_split = [float(np.mean(b) / np.mean(p)) for b, p in zip(base_s, placement_s)]
+    low, high = split_speedup_interval(base_s, placement_s)
+    return {"per_split": per_split, "splits": len(per_split), "split_min": min(per_split),
+            "split_max": max(per_split), "split_low": low, "split_high": high,
+            "every_split": beaten_in_every_split(per_split)}
+
+
+def winner_margins(tables: Headline, steps: StepTimes, trace: str, seeds: Sequence[int] = (),
+                   main_seed: int = 0) -> Margins:
     """Per evaluation and setting with two or more solvers: the fastest (winner), the next (runner-up), and the
-    paired bootstrap interval of the winner's speedup over the runner-up on the same scored steps. Settings
-    whose step times are missing are left out."""
+    paired bootstrap interval of the winner's speedup over the runner-up on the same scored steps (of the main
+    split). With re-split `seeds` (the main split's among them) and both placements' runs in every one of them,
+    also the winner's speedup over the runner-up in the worst and best split, its interval over splits and
+    whether the runner-up is beaten in every split (over_splits; `splits` 1 and NaN otherwise). Settings whose
+    step times are missing are left out."""
     out = {}
     for ev, speedups in tables.items():
         rows = []
@@ -74,11 +103,43 @@ def winner_margins(tables: Headline, steps: StepTimes, trace: str) -> Margins:
             if a is None or b is None or len(a) != len(b):
                 continue
             low, high = speedup_interval(a, b)
-            rows.append({"topology": topology, "replicas": replicas, "winner": winner, "runner_up": runner,
-                         "low": low, "high": high})
-        out[ev] = pd.DataFrame(rows, columns=["topology", "replicas", "winner", "runner_up", "low", "high"]) \
-            .set_index(["topology", "replicas"])
+            margin = {"topology": topology, "replicas": replicas, "winner": winner, "runner_up": runner,
+                      "low": low, "high": high, "splits": 1, "split_min": np.nan, "split_max": np.nan,
+                      "split_low": np.nan, "split_high": np.nan, "every_split": np.nan}
+            runs = [split_step_times(steps, trace, topology, s, replicas, ev, seeds, main_seed) for s in (runner, winner)]
+            if len(seeds) > 1 and all(r is not None for r in runs):
+                margin.update({k: v for k, v in over_splits(*runs).items() if k != "per_split"})
+            rows.append(margin)
+        out[ev] = pd.DataFrame(rows, columns=MARGIN_COLUMNS).set_index(["topology", "replicas"])
     return out
+
+
+SPLIT_SUMMARY_COLUMNS = ["eval", "topology", "replicas", "solver", "splits", "mean", "split_low", "split_high",
+                         "split_min", "split_max", "every_split"]
+
+
+def split_summary(splits: pd.DataFrame, steps: StepTimes, trace: str, main_seed: int) -> pd.DataFrame:
+    """Per evaluation, setting and solver of `trace` re-split (collect.split_table rows): the speedup vs contiguous
+    in each split (`split_<seed>` columns), their mean, the interval over splits (resampling splits, then steps),
+    min, max and whether contiguous is beaten in every split; SPLIT_SUMMARY_COLUMNS then the per-split columns.
+    Cells without every split's runs are left out."""
+    rows = splits[(splits["trace"] == trace) & (splits["solver"] != BASELINE)]
+    seeds = sorted(rows["split_seed"].unique())
+    out = []
+    for (ev, topology, replicas, solver), group in rows.groupby(["eval", "topology", "replicas", "solver"]):
+        base = split_step_times(steps, trace, topology, BASELINE, 0, ev, seeds, main_seed)
+        ours = split_step_times(steps, trace, topology, solver, replicas, ev, seeds, main_seed)
+        if base is None or ours is None:
+            continue
+        summary = over_splits(base, ours)
+        out.append({"eval": ev, "topology": topology, "replicas": int(replicas), "solver": solver,
+                    "mean": float(np.mean(summary["per_split"])),
+                    **{k: v for k, v in summary.items() if k != "per_split"},
+                    **{f"split_{seed}": value for seed, value in zip(seeds, summary["per_split"])}})
+    columns = [*SPLIT_SUMMARY_COLUMNS, *(f"split_{seed}" for seed in seeds)]
+    frame = pd.DataFrame(out, columns=columns)
+    return frame.sort_values(["eval", "topology", "replicas", "solver"], key=lambda c: c.map(
+        lambda v: f"{v != HELDOUT:d}{v}") if c.name == "eval" else c).reset_index(drop=True)
 
 
 def eval_title(trace: str, ev: str) -> str:
@@ -150,6 +211,21 @@ def html_headline(speedups: pd.DataFrame, interval: tuple[pd.DataFrame, pd.DataF
     return f"<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def split_display(summary: pd.DataFrame, ev: str) -> pd.DataFrame:
+    """One evaluation's rows of split_summary as a table to show: topology, replicas, solver, the speedup vs
+    contiguous in each split (3 decimals), their mean, the 95% interval over splits and whether contiguous is
+    beaten in every split."""
+    rows = summary[summary["eval"] == ev]
+    per_split = [c for c in summary.columns if c.startswith("split_") and c.removeprefix("split_").isdigit()]
+    return pd.DataFrame({"topology": rows["topology"], "replicas": rows["replicas"].map(lambda r: f"r{int(r)}"),
+                         "solver": rows["solver"],
+                         **{f"split {c.removeprefix('split_')}": rows[c].map(lambda v: f"{v:.3f}") for c in per_split},
+                         "mean": rows["mean"].map(lambda v: f"{v:.3f}"),
+                         "95% over splits": [f"{lo:.3f}-{hi:.3f}" for lo, hi in zip(rows["split_low"],
+                                                                                    rows["split_high"])],
+                         "every split": rows["every_split"].map(lambda b: "yes" if b else "no")})
+
+
 def headline_metrics(tables: Headline) -> dict[str, float]:
     """`speedup.<eval>.<topology>.r<replicas>.<solver>` for every cell with a number."""
     metrics = {}
@@ -185,7 +261,27 @@ def _count_phrase(counts: pd.Series, total: int) -> str:
 
 
 def _margin_phrase(key: tuple[str, int], row: pd.Series) -> str:
-    return f"{_setting(key)} (vs {row['runner_up']}: {row['low']:.3f}-{row['high']:.3f}x)"
+    text = f"{_setting(key)} (vs {row['runner_up']}: {row['low']:.3f}-{row['high']:.3f}x"
+    if row.get("splits", 1) > 1:
+        text += (f"; {row['split_min']:.3f}-{row['split_max']:.3f}x across {int(row['splits'])} splits, "
+                 f"{row['split_low']:.3f}-{row['split_high']:.3f}x over splits")
+    return text + ")"
+
+
+def beaten(row: pd.Series) -> bool:
+    """Whether a margin (winner_margins row) calls the winner faster: its paired interval on the main split's
+    steps excludes 1.0 and, where the study re-split the trace, the runner-up is beaten in every split."""
+    every = row.get("every_split", np.nan)
+    return distinguishable((row["low"], row["high"])) and (pd.isna(every) or bool(every))
+
+
+def verdict(row: pd.Series) -> str:
+    """A margin (winner_margins row) in words: `faster` (beaten in every split), `faster in the one split` (beaten,
+    where that evaluation was not re-split), `not in every split` (the main split's interval excludes 1.0 but the
+    runner-up wins a re-split) or `not distinguishable` (the interval includes 1.0)."""
+    if beaten(row):
+        return "faster in the one split" if pd.isna(row.get("every_split", np.nan)) else "faster"
+    return "not in every split" if distinguishable((row["low"], row["high"])) else "not distinguishable"
 
 
 def winner_sentence(speedups: pd.DataFrame, where: str, margins: pd.DataFrame | None = None) -> str:
@@ -199,14 +295,21 @@ def winner_sentence(speedups: pd.DataFrame, where: str, margins: pd.DataFrame | 
     if margins is not None and not margins.empty:
         lead = (f"On {where}, the highest speedup is {_count_phrase(counts, len(speedups))} (largest "
                 f"{best[top]:.3f}x contiguous, {winners[top]} on {_setting(top)})")
-        clear = [k for k, row in margins.iterrows() if distinguishable((row["low"], row["high"]))]
+        clear = [k for k, row in margins.iterrows() if beaten(row)]
+        resplit = bool((margins["splits"] > 1).any()) if "splits" in margins else False
+        rule = ("paired 95% bootstrap interval over the main split's scored steps excludes 1.0, and the runner-up "
+                "is beaten in every re-split; the range across splits and the 95% interval over splits, resampling "
+                "splits then steps, follow" if resplit else
+                "paired 95% bootstrap interval over the scored steps excludes 1.0")
         parts = []
         if clear:
-            parts.append("it is faster than the runner-up (paired 95% bootstrap interval over the scored steps "
-                         "excludes 1.0) on " + ", ".join(_margin_phrase(k, margins.loc[k]) for k in clear))
+            parts.append(f"it is faster than the runner-up ({rule}) on "
+                         + ", ".join(_margin_phrase(k, margins.loc[k]) for k in clear))
         unclear = [k for k in margins.index if k not in clear]
         if unclear:
-            parts.append(("and " if clear else "it is ") + "not distinguishable from the runner-up on "
+            what = "not shown faster than" if resplit else "not distinguishable from"
+            parts.append(("and " if clear else "it is ") + f"{what} the runner-up"
+                         + ("" if clear or not resplit else f" ({rule})") + " on "
                          + ", ".join(_margin_phrase(k, margins.loc[k]) for k in unclear))
         return lead + "; " + " ".join(parts) + "."
     if len(speedups) == 1:

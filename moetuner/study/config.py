@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from moetuner.study.targets import SPLIT_VARIANT, main_split_seed
+
 # trace kind -> the keys its spec must have (besides `kind`); `args` is optional for every kind
 TRACE_KINDS: dict[str, tuple[str, ...]] = {
     "extract": ("preset",),  # a tiny preset model on text
@@ -27,7 +29,7 @@ TRACE_KINDS: dict[str, tuple[str, ...]] = {
     "synth": (),
     "loads": ("of",),  # the load profile of trace `of` (per-step expert loads, as an engine dumps them)
 }
-GRID_KEYS = ("traces", "topologies", "solvers", "replicas", "evaluate_on")
+GRID_KEYS = ("traces", "topologies", "solvers", "replicas", "evaluate_on")  # and optionally split_seeds
 
 
 class StudyConfigError(ValueError):
@@ -61,11 +63,31 @@ def check_load_only(setting: str, names: list[str], solvers: list[str], traces: 
                                f"put loads traces in a grid of {list(LOAD_ONLY_SOLVERS)}")
 
 
+def check_split_seeds(setting: str, grid: Mapping[str, Any], traces: Mapping[str, Any], main_seed: int) -> None:
+    """A grid's `split_seeds`: distinct integers >= 0, the main split's seed among them, over routing traces;
+    its `split_evaluate_on` (optional) some of its `evaluate_on`."""
+    seeds = list(grid["split_seeds"])
+    if not seeds or any(not isinstance(s, int) or s < 0 for s in seeds) or len(set(seeds)) < len(seeds):
+        raise StudyConfigError(f"{setting}.split_seeds: {seeds}; give distinct integers >= 0 (e.g. [0, 1, 2, 3, 4])")
+    if main_seed not in seeds:
+        raise StudyConfigError(f"{setting}.split_seeds: {seeds} lacks the main split's seed {main_seed} (`split:`); "
+                               f"add it, so the grid's other stages and its re-splits share that split")
+    _check_token_traces(f"{setting}.traces", list(grid["traces"]), traces)
+    extra = [e for e in grid.get("split_evaluate_on", []) if e not in grid["evaluate_on"]]
+    if extra:
+        raise StudyConfigError(f"{setting}.split_evaluate_on: {extra} not in the grid's evaluate_on "
+                               f"{list(grid['evaluate_on'])}; re-splits are scored on some of the grid's evaluations")
+
+
 def check_traces(traces: Mapping[str, Any], project: Path) -> None:
-    """Every trace spec has a known kind and its keys; every `file` trace exists under `project`."""
+    """Every trace spec has a known kind and its keys; every `file` trace exists under `project`; no name is
+    a re-split's (`<trace>.split<seed>`, moetuner.study.targets.SPLIT_VARIANT)."""
     if not traces:
         raise StudyConfigError("traces: empty; a study needs at least one trace")
     for name, spec in traces.items():
+        if SPLIT_VARIANT.fullmatch(name):
+            raise StudyConfigError(f"traces.{name}: names ending in .split<digits> are the study's re-splits "
+                                   f"(a grid's split_seeds); rename the trace")
         kind = spec.get("kind")
         if kind not in TRACE_KINDS:
             raise StudyConfigError(f"traces.{name}.kind={kind!r}; choose one of {sorted(TRACE_KINDS)}")
@@ -101,6 +123,8 @@ def check_study_config(config: Mapping[str, Any], project: Path) -> None:
         bad = [r for r in grid["replicas"] if not isinstance(r, int) or r < 0]
         if bad:
             raise StudyConfigError(f"grids[{i}].replicas: {bad}; replicas are integers >= 0")
+        if "split_seeds" in grid:
+            check_split_seeds(f"grids[{i}]", grid, traces, main_split_seed(config))
     regime = config.get("regime")
     if regime:
         _check_names("regime.traces", list(regime["traces"]), list(traces), "trace(s)")

@@ -52,9 +52,14 @@ def skipped_traces(traces: Mapping[str, Mapping[str, Any]], shared: Path) -> lis
             if not real_data_present(spec, shared)]
 
 
+def one_of(names: Sequence[str]) -> str:
+    """Wildcard constraint (a regex) matching exactly `names` ('^$' when none)."""
+    return "|".join(re.escape(n) for n in names) or "^$"
+
+
 def traces_of_kind(traces: Mapping[str, Mapping[str, Any]], *kinds: str) -> str:
     """Wildcard constraint (a regex) matching exactly the trace names of the `kinds` ('^$' when none)."""
-    return "|".join(re.escape(n) for n, s in traces.items() if s["kind"] in kinds) or "^$"
+    return one_of([n for n, s in traces.items() if s["kind"] in kinds])
 
 
 ROUTING_KINDS = ("extract", "file", "import", "synth")
@@ -175,6 +180,60 @@ def evaluation_path(results: str, trace: str, evaluate_on: str) -> str:
     return split_path(results, trace, "heldout") if evaluate_on == "heldout" else trace_path(results, evaluate_on)
 
 
+# --- re-splits ---------------------------------------------------------------------------------------
+
+SPLIT_VARIANT = re.compile(r"(?P<trace>.+)\.split(?P<seed>\d+)")
+"""A re-split's name in the layout: `<trace>.split<seed>` (`intent.split3`: intent split with seed 3). The
+study's main split (`split:`'s seed) keeps the trace's own name, so the serve, online and regime stages and
+every grid without `split_seeds` read the same files as before."""
+
+
+def main_split_seed(config: StudyConfig) -> int:
+    """The seed of the study's main split: `seed=` in `split:` (moetuner-split's default 0 without one)."""
+    seeds = [str(a).split("=", 1)[1] for a in config.get("split") or [] if str(a).startswith("seed=")]
+    return int(seeds[-1]) if seeds else 0
+
+
+def split_variant(trace: str, seed: int, main_seed: int) -> str:
+    """The layout name of `trace` split with `seed`: the trace itself for the main split, else `<trace>.split<seed>`."""
+    return trace if seed == main_seed else f"{trace}.split{seed}"
+
+
+def parse_split_variant(name: str) -> tuple[str, int | None]:
+    """'intent.split3' -> ('intent', 3); a trace's own name -> (name, None): its main split."""
+    match = SPLIT_VARIANT.fullmatch(name)
+    return (name, None) if match is None else (match["trace"], int(match["seed"]))
+
+
+def split_args(config: StudyConfig, name: str) -> list[str]:
+    """moetuner-split overrides of a layout name: `split:` as is for a trace, its seed replaced for a re-split."""
+    _, seed = parse_split_variant(name)
+    if seed is None:
+        return list(config["split"])
+    return [*(a for a in config["split"] if not str(a).startswith("seed=")), f"seed={seed}"]
+
+
+def resplit_points(config: StudyConfig, available: Sequence[str]) -> list[GridPoint]:
+    """Every point of the grids with `split_seeds`, once per seed other than the main split's, its trace
+    named as that re-split (split_variant), in config order: solved on the re-split's profile part and scored on
+    the grid's `split_evaluate_on` (default: its `evaluate_on`; `heldout` is the re-split's held-out part)."""
+    main, points = main_split_seed(config), []
+    for grid in config["grids"]:
+        for seed in (s for s in grid.get("split_seeds", []) if s != main):
+            for trace in (t for t in grid["traces"] if t in available):
+                evals = [e for e in grid.get("split_evaluate_on", grid["evaluate_on"])
+                         if e == "heldout" or e in available]
+                points += [(split_variant(trace, seed, main), topology, solver, replicas, evals)
+                           for topology in grid["topologies"] for solver in grid["solvers"]
+                           for replicas in grid["replicas"]]
+    return points
+
+
+def resplit_traces(config: StudyConfig, available: Sequence[str]) -> list[str]:
+    """Layout names of every re-split the grids ask for, sorted, each once."""
+    return sorted({point[0] for point in resplit_points(config, available)})
+
+
 # --- the grids --------------------------------------------------------------------------------------
 
 def grid_points(config: StudyConfig, available: Sequence[str]) -> list[GridPoint]:
@@ -213,11 +272,12 @@ def serve_nodes(config: StudyConfig) -> int:
 
 
 def simulation_targets(config: StudyConfig, available: Sequence[str], results: str) -> list[str]:
-    """Simulator metrics of every grid point on each of its evaluations, and of every served placement on
-    its held-out split; sorted, each once."""
+    """Simulator metrics of every grid point (and re-split point) on each of its evaluations, and of every served
+    placement on its held-out split; sorted, each once."""
     topology = config["serve"]["topology"]
+    points = [*grid_points(config, available), *resplit_points(config, available)]
     targets = [simulate_path(results, trace, grid_topology, solver, replicas, ev)
-               for trace, grid_topology, solver, replicas, evals in grid_points(config, available) for ev in evals]
+               for trace, grid_topology, solver, replicas, evals in points for ev in evals]
     targets += [simulate_path(results, trace, topology, solver, replicas, "heldout")
                 for trace, solver, replicas in serve_points(config, available)]
     return sorted(set(targets))

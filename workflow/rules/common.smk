@@ -22,6 +22,7 @@ PROFILE_TARGETS = targets.profile_targets(config, AVAILABLE, RESULTS)
 REGIME_TRACE = targets.regime_trace(config, AVAILABLE)
 REGIME_PLACEMENTS = targets.regime_placements(config, AVAILABLE, RESULTS)
 ONLINE_TARGETS = targets.online_targets(config, AVAILABLE, RESULTS)
+RESPLITS = targets.resplit_traces(config, AVAILABLE)  # `<trace>.split<seed>`: the grids' `split_seeds`
 
 
 wildcard_constraints:

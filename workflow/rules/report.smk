@@ -18,6 +18,9 @@ rule report:
         markdown=f"{REPORT}/report.md",
         headline=report(f"{REPORT}/headline.md", caption="../report/headline.rst", category="Report"),
         headline_table=f"{REPORT}/headline.csv",
+        splits=f"{REPORT}/splits.csv",  # every split of a re-split trace (a grid's split_seeds)
+        headline_splits=f"{REPORT}/headline_splits.csv",
+        headline_margins=f"{REPORT}/headline_margins.csv",
         metrics=f"{REPORT}/summary_metrics.json",
         regime=f"{REPORT}/regime.png",  # drawn from regime.csv (in Snakemake's report as the regime rule's figure)
         figures=[report(f"{REPORT}/{name}.png", caption=f"../report/{name}.rst", category="Figures")
@@ -26,7 +29,8 @@ rule report:
         app=lambda w: app("report", w),
         results=lambda w, output: str(Path(output.html).parent.parent),
         out=lambda w, output: str(Path(output.html).parent),
-        skipped=overrides([f"skipped=[{','.join(repr(s) for s in SKIPPED)}]"]),
+        skipped=overrides([f"skipped=[{','.join(repr(s) for s in SKIPPED)}]",
+                           f"split_seed={targets.main_split_seed(config)}"]),
     log:
         log_path("report", "report"),
     benchmark:
@@ -36,5 +40,6 @@ rule report:
     shell:
         "{params.app} moetuner-report results={params.results} out={params.out} {params.skipped} > {log} 2>&1 && "
         "python -m moetuner.study finish --results {params.results} --metrics {output.metrics} --note {output.headline} "
-        "{output.html} {output.markdown} {output.headline} {output.headline_table} {output.table} {output.regime} "
+        "{output.html} {output.markdown} {output.headline} {output.headline_table} {output.headline_splits} "
+        "{output.headline_margins} {output.table} {output.splits} {output.regime} "
         "{output.figures} >> {log} 2>&1"

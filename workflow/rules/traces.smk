@@ -1,5 +1,6 @@
 # Traces: tiny preset models extract routing from text; real routing shipped in data/ is copied, or
-# imported from shared_data; synthetic traces. A `loads` trace's split is its `of` trace's, the profile
+# imported from shared_data; synthetic traces. A re-split (`<trace>.split<seed>`, a grid's `split_seeds`) is its
+# trace split again with another seed. A `loads` trace's split is its `of` trace's, the profile
 # part turned into per-step expert loads (a load profile, as an engine dumps them).
 
 
@@ -92,15 +93,15 @@ rule synth:
 
 rule split:
     input:
-        trace=lambda w: trace_path(w.trace),
+        trace=lambda w: trace_path(targets.parse_split_variant(w.trace)[0]),
     output:
         profile=split_path("{trace}", "profile"),
         heldout=split_path("{trace}", "heldout"),
     wildcard_constraints:
-        trace=traces_of_kind(*targets.ROUTING_KINDS),
+        trace=f"{traces_of_kind(*targets.ROUTING_KINDS)}|{targets.one_of(RESPLITS)}",
     params:
         app=lambda w: app("split", w),
-        args=overrides(config["split"]),
+        args=lambda w: overrides(targets.split_args(config, w.trace)),
         out=lambda w, output: str(Path(output.profile).parent),
     log:
         log_path("split", "{trace}"),

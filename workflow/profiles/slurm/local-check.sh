@@ -7,8 +7,9 @@
 # server (sqlite backend, artifact serving) on 127.0.0.1, runs the study locally (--cores 2, its own
 # sqlite store) and through `snakemake --workflow-profile workflow/profiles/slurm --jobs 2` with
 # MLFLOW_TRACKING_URI on the server, then checks (python -m moetuner.study.cluster_check): every job went through
-# sbatch and is COMPLETED in sacct; the rows of summary.csv with identical placements equal the local
-# run's; served placements move the same bytes (the tiny study serves on two Slurm nodes, one torchrun
+# sbatch and is COMPLETED in sacct; every placement (re-splits included) is identical to the local run's,
+# summary.csv and splits.csv equal it in every computed column and the measured serve columns within the
+# tolerance the check prints (MEASURED_TOLERANCE, from `cluster_check spread` over local runs); served placements move the same bytes (the tiny study serves on two Slurm nodes, one torchrun
 # each); the parent run and the same child runs as locally are on the server, FINISHED, with artifacts.
 # Then one `moetuner-solve -m` sweep through the submitit launcher. Everything started is stopped at
 # the end, also on failure or Ctrl-C; the last line is "ok: ..." or "failed: <step>: <what> (log: ...)".
