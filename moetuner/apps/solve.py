@@ -8,6 +8,7 @@ domains, `robust` combines them (mean | worst); `dispatch` and `dataflow` are th
 solvers optimise for. `trace` may instead be one load profile (moetuner-import format=<engine dump>),
 which the load-only solvers place from. Engine files (SGLang, vLLM, TensorRT-LLM) are written beside
 `out` where the model's decoder layers are known: from the trace, or from `model_config` (a config.json).
+`phase=prefill|decode` fixes step_tokens and dataflow and solves on the phase's steps (moetuner/phase.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from moetuner.apps.common import CONF_DIR
 from moetuner.engines import write_placement
 from moetuner.load_profile import LOAD_FORMAT, file_format, load_load_profile
 from moetuner.model_layout import ModelLayout, check_record, read_model_config
+from moetuner.phase import phase_from_config, phase_trace, step_settings
 from moetuner.solvers.problem import PlacementProblem, ProblemError
 from moetuner.solvers.registry import check_solver_inputs, placement_metrics, solve_placement
 from moetuner.topology import topology_from_config
@@ -41,21 +43,25 @@ def trace_paths(trace: Any) -> list[str]:
 
 
 def problem_from_config(cfg: DictConfig) -> PlacementProblem:
-    """The placement problem of a solve config: traces (one or several domains), topology, engine."""
+    """The placement problem of a solve config: traces (one or several domains), topology, engine. With a
+    `phase`, the phase fixes step_tokens and dataflow and each trace becomes its step trace (moetuner/phase.py)."""
     paths = trace_paths(cfg.trace)
-    engine = dict(replicas=int(cfg.replicas), step_tokens=int(cfg.step_tokens), dispatch=str(cfg.dispatch),
-                  dataflow=str(cfg.dataflow), robust=str(cfg.robust))
+    topology = topology_from_config(cfg.topology)
+    phase = phase_from_config(cfg.get("phase"))
+    step_tokens, dataflow = step_settings(phase, topology, int(cfg.step_tokens), str(cfg.dataflow))
+    engine = dict(replicas=int(cfg.replicas), step_tokens=step_tokens, dispatch=str(cfg.dispatch),
+                  dataflow=dataflow, robust=str(cfg.robust))
     loads = [p for p in paths if file_format(p) == LOAD_FORMAT]
     if loads:
         if len(paths) != 1:
             raise ProblemError(f"{loads[0]} is a load profile; solve from one load profile alone, not with "
                                f"other profiles ({len(paths)} given)")
-        return PlacementProblem.from_load_profile(load_load_profile(loads[0]), topology_from_config(cfg.topology),
-                                                  **engine)
+        return PlacementProblem.from_load_profile(load_load_profile(loads[0]), topology, **engine)
     traces: list[Trace] = [load_trace(path) for path in paths]
+    if phase is not None:
+        traces = [phase_trace(trace, phase, topology) for trace in traces]
     weights = cfg.get("trace_weights")
-    return PlacementProblem.from_traces(traces, topology_from_config(cfg.topology),
-                                        weights=None if weights is None else list(weights), **engine)
+    return PlacementProblem.from_traces(traces, topology, weights=None if weights is None else list(weights), **engine)
 
 
 def config_layout(model_config: str | None, trace: Trace) -> ModelLayout | None:
@@ -78,7 +84,8 @@ def main(cfg: DictConfig) -> AppRun:
     check_solver_inputs(problem, cfg.solver.name)
     layout = config_layout(cfg.get("model_config"), trace)
     tags = {"model": trace.model, "dataset": trace.source, "solver": cfg.solver.name,
-            "topology": problem.topology.name, "dispatch": problem.dispatch, "dataflow": problem.dataflow}
+            "topology": problem.topology.name, "dispatch": problem.dispatch, "dataflow": problem.dataflow,
+            "phase": str(cfg.phase.name) if cfg.get("phase") else "none"}
 
     def work() -> AppResult:
         placement = solve_placement(problem, cfg.solver.name, OmegaConf.to_container(cfg.solver, resolve=True))
