@@ -2,7 +2,13 @@
 V3-shaped EP144 decode solve timed.
 
     nice .venv/bin/python benchmarks/phases.py                      # every section
-    nice .venv/bin/python benchmarks/phases.py --sections splits     # one section (splits | regime | v3)
+    nice .venv/bin/python benchmarks/phases.py --sections splits --phases decode --traces intent --max-moves 130 \
+        --out docs/results/phases/decode_intent        # and --traces law ... decode_law
+    nice .venv/bin/python benchmarks/phases.py --sections splits --phases prefill --prefill-steps 1 \
+        --max-moves 130 --out docs/results/phases/prefill
+    nice .venv/bin/python benchmarks/phases.py --sections regime --out docs/results/phases/regime
+    nice .venv/bin/python benchmarks/phases.py --sections v3 --out docs/results/phases/v3
+(the committed results: one folder per run, each with its run.json).
 
 Sections, each writing its CSV under docs/results/phases/ (and run.json, the command and a note):
 - `splits` (phases_splits.csv, phases_summary.csv): for each shipped ESFT trace (intent, law) and each re-split by
@@ -17,7 +23,7 @@ Sections, each writing its CSV under docs/results/phases/ (and run.json, the com
   above 1 (issue's decode aim).
 - `regime` (phases_regime.csv): intent split with `--bound-seed`, per phase on its unit, tokens per rank 1 to
   4096: EPLB, metro and steptail (a small budget: `--regime-moves`, EPLB and metro warm starts, one search step) solved at
-  that size and scored on the held-out steps; `winner` is the fastest.
+  that size and scored on the held-out steps; `winner` is the fastest (ties joined by ' = ').
 - `v3` (phases_v3.csv): a synthetic V3-shaped trace (moetuner-synth's deepseek_v3 shape, `--v3-tokens` tokens,
   skew 1.0, affinity 0.3), the v3 deployment's EP144 decode unit (h800_18x8, 2 slots per GPU, 4 steps of 18432
   tokens): steptail with its default options (3000 moves), the wall seconds of the solve.
@@ -110,14 +116,14 @@ def summary_row(trace: str, name: str, unit: Unit, per_split: list[dict[str, np.
     return row
 
 
-def splits_section(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
-    """Per-split rows and per trace x phase summaries (module docstring)."""
+def splits_section(args: argparse.Namespace, out: Path) -> tuple[list[dict], list[dict]]:
+    """Per-split rows and per trace x phase summaries (module docstring), written to `out` as they come."""
     units = v2_lite_units(args.decode_steps, args.prefill_steps)
     options = {"steptail": {"max_moves": args.max_moves, "max_search_steps": max(args.decode_steps, args.prefill_steps)}}
     rows, summaries = [], []
     for trace_name in args.traces:
         trace = load_trace(DATA / f"{trace_name}.safetensors")
-        for name, unit in units.items():
+        for name, unit in ((n, u) for n, u in units.items() if n in args.phases):
             per_split, gaps = [], {}
             for seed in args.split_seeds:
                 profile, held = split_by_sequence(trace, 0.5, seed)
@@ -128,6 +134,7 @@ def splits_section(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
                              **{f"{s}_us": us[s] for s in SOLVERS}, "vs_eplb": us["eplb"] / us["steptail"],
                              "vs_metro": us["metro"] / us["steptail"], "steptail_seconds": seconds["steptail"]})
                 print(markdown(rows[-1:], SPLIT_COLUMNS, ".4f"), flush=True)
+                write_csv(out / "phases_splits.csv", rows, SPLIT_COLUMNS)  # a stopped run keeps its splits
                 if seed == args.bound_seed and args.bound:
                     topo, phase = unit.topology, unit.phase
                     lb = fixed_bound(held_steps, topo, unit.slots_per_gpu, phase.step_tokens(topo),
@@ -135,11 +142,18 @@ def splits_section(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
                     gaps = {s: float(times[s].mean()) / lb for s in SOLVERS}
             summaries.append(summary_row(trace_name, name, unit, per_split, gaps))
             print(markdown(summaries[-1:], SUMMARY_COLUMNS, ".4f"), flush=True)
+            write_csv(out / "phases_summary.csv", summaries, SUMMARY_COLUMNS)
     return rows, summaries
 
 
-def regime_section(args: argparse.Namespace) -> list[dict]:
-    """Which objective wins at each tokens per rank, per phase (module docstring)."""
+def winners(us: dict[str, float]) -> str:
+    """The fastest solver(s) of {solver: time}, ties (within 1e-9 relative) joined by ' = '."""
+    best = min(us.values())
+    return " = ".join(s for s in SOLVERS if us[s] <= best * (1 + 1e-9))
+
+
+def regime_section(args: argparse.Namespace, out: Path) -> list[dict]:
+    """Which objective wins at each tokens per rank, per phase (module docstring), written to `out` as they come."""
     units = v2_lite_units(args.regime_steps, args.regime_steps)
     profile, held = split_by_sequence(load_trace(DATA / "intent.safetensors"), 0.5, args.bound_seed)
     options = {"steptail": {"max_moves": args.regime_moves, "warm_starts": ["eplb", "metro"], "max_search_steps": 1}}
@@ -151,8 +165,9 @@ def regime_section(args: argparse.Namespace) -> list[dict]:
             us = {s: float(times[s].mean()) * 1e6 for s in SOLVERS}
             rows.append({"phase": name, "topology": unit.topology.name, "tokens_per_rank": tokens,
                          **{f"{s}_us": us[s] for s in SOLVERS}, "steptail_vs_eplb": us["eplb"] / us["steptail"],
-                         "metro_vs_eplb": us["eplb"] / us["metro"], "winner": min(SOLVERS, key=us.get)})
+                         "metro_vs_eplb": us["eplb"] / us["metro"], "winner": winners(us)})
             print(markdown(rows[-1:], REGIME_COLUMNS, ".4f"), flush=True)
+            write_csv(out / "phases_regime.csv", rows, REGIME_COLUMNS)
     return rows
 
 
@@ -180,6 +195,8 @@ def v3_section(args: argparse.Namespace) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", nargs="+", default=["splits", "regime", "v3"], choices=["splits", "regime", "v3"])
+    parser.add_argument("--phases", nargs="+", default=["prefill", "decode"], choices=["prefill", "decode"],
+                        help="phases of `splits`")
     parser.add_argument("--traces", nargs="+", default=["intent", "law"], choices=["intent", "law"])
     parser.add_argument("--split-seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--bound-seed", type=int, default=0, help="split whose held-out steps get the bound")
@@ -194,18 +211,14 @@ def main() -> None:
     parser.add_argument("--out", default=str(OUT), help="folder of the CSVs and run.json")
     parser.add_argument("--note", default="", help="what to say about the machine (e.g. 2 shared cores)")
     args = parser.parse_args()
-    out, started, written = Path(args.out), time.time(), []
+    out, started = Path(args.out), time.time()
     if "splits" in args.sections:
-        rows, summaries = splits_section(args)
+        rows, summaries = splits_section(args, out)
         print(markdown(rows, SPLIT_COLUMNS, ".4f"), "\n", markdown(summaries, SUMMARY_COLUMNS, ".4f"))
-        written += [write_csv(out / "phases_splits.csv", rows, SPLIT_COLUMNS),
-                    write_csv(out / "phases_summary.csv", summaries, SUMMARY_COLUMNS)]
     if "regime" in args.sections:
-        rows = regime_section(args)
-        print(markdown(rows, REGIME_COLUMNS, ".4f"))
-        written.append(write_csv(out / "phases_regime.csv", rows, REGIME_COLUMNS))
+        print(markdown(regime_section(args, out), REGIME_COLUMNS, ".4f"))
     if "v3" in args.sections:
-        written.append(write_csv(out / "phases_v3.csv", v3_section(args), V3_COLUMNS))
+        write_csv(out / "phases_v3.csv", v3_section(args), V3_COLUMNS)
     write_run_record(out, command_line("phases.py", sys.argv[1:]),
                      f"{time.time() - started:.0f} s wall ({', '.join(args.sections)})" + (f"; {args.note}" if args.note else ""))
 
