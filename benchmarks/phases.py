@@ -26,7 +26,8 @@ Sections, each writing its CSV under docs/results/phases/ (and run.json, the com
   that size and scored on the held-out steps; `winner` is the fastest (ties joined by ' = ').
 - `v3` (phases_v3.csv): a synthetic V3-shaped trace (moetuner-synth's deepseek_v3 shape, `--v3-tokens` tokens,
   skew 1.0, affinity 0.3), the v3 deployment's EP144 decode unit (h800_18x8, 2 slots per GPU, 4 steps of 18432
-  tokens): steptail with its default options (3000 moves), the wall seconds of the solve.
+  tokens): steptail with its default options (3000 moves; or `--v3-moves N` with EPLB as its only warm start and one
+  search step), the wall seconds of the solve.
 
 Steps: prefill steps hold whole sequences (32768 tokens per step on 8 GPUs: the trace's sequences recur in
 every step), decode steps 4096 tokens drawn across sequences (each sequence about 32 times per step: requests
@@ -172,7 +173,7 @@ def regime_section(args: argparse.Namespace, out: Path) -> list[dict]:
 
 
 def v3_section(args: argparse.Namespace) -> list[dict]:
-    """A V3-shaped EP144 decode solve with steptail's default options, timed (module docstring)."""
+    """A V3-shaped EP144 decode solve with steptail, timed (module docstring)."""
     shape = OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "synth_shape" / "deepseek_v3.yaml"))
     spec = SynthSpec(**{k: v for k, v in shape.items() if k in SynthSpec.__dataclass_fields__},
                      num_tokens=args.v3_tokens, skew=1.0, affinity=0.3, coactivation=0.3).check()
@@ -181,8 +182,10 @@ def v3_section(args: argparse.Namespace) -> list[dict]:
     topology, phase = unit.topology, unit.phase
     problem = PlacementProblem(phase_trace(trace, phase, topology), topology, replicas=unit.replicas(trace.num_experts),
                                step_tokens=phase.step_tokens(topology), dataflow=phase.dataflow_on(topology))
+    options = {} if args.v3_moves is None else {"max_moves": args.v3_moves, "warm_starts": ["eplb"],
+                                                "max_search_steps": 1}
     start = time.perf_counter()
-    placement = solve_placement(problem, "steptail", {})
+    placement = solve_placement(problem, "steptail", options)
     seconds = time.perf_counter() - start
     row = {"trace": f"synthetic V3 ({args.v3_tokens} tokens)", "phase": "decode", "topology": topology.name,
            "gpus": topology.num_gpus, "slots_per_gpu": unit.slots_per_gpu, "tokens_per_step": problem.step_tokens,
@@ -207,6 +210,9 @@ def main() -> None:
     parser.add_argument("--tokens-per-rank", nargs="+", type=int, default=list(TOKENS_PER_RANK))
     parser.add_argument("--regime-steps", type=int, default=2, help="steps per size in `regime`")
     parser.add_argument("--regime-moves", type=int, default=52, help="steptail's work budget in `regime`")
+    parser.add_argument("--v3-moves", type=int, default=None,
+                        help="steptail's budget in `v3`, with EPLB as its only warm start and one search step "
+                             "(default: steptail's default options)")
     parser.add_argument("--v3-tokens", type=int, default=32768, help="tokens of the synthetic V3 trace")
     parser.add_argument("--out", default=str(OUT), help="folder of the CSVs and run.json")
     parser.add_argument("--note", default="", help="what to say about the machine (e.g. 2 shared cores)")
