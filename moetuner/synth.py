@@ -44,6 +44,7 @@ class SynthSpec:
     hidden_size: int = 2048
     moe_intermediate_size: int = 1408
     n_group: int = 1  # the model's expert groups (trace metadata n_group; EPLB packs them onto nodes)
+    first_dense_layers: int = 0  # dense decoder layers before the MoE layers (the layout engine files are keyed by)
 
     def check(self) -> "SynthSpec":
         """Raise SynthError naming the first knob out of range; return self."""
@@ -62,6 +63,7 @@ class SynthSpec:
             (self.num_experts <= np.iinfo(np.int16).max, "num_experts must fit int16"),
             (self.n_group >= 1 and self.num_experts % self.n_group == 0,
              "n_group (the model's expert groups) must be >= 1 and divide num_experts"),
+            (self.first_dense_layers >= 0, "first_dense_layers must be >= 0"),
         ]
         for ok, message in rules:
             if not ok:
@@ -166,9 +168,10 @@ def synthesize(spec: SynthSpec) -> Trace:
         if layer:
             follow = rng.random(T) < spec.affinity
             ids[follow, layer] = successor[layer - 1][ids[follow, layer - 1]]
-    return Trace(topk_ids=ids, seq_ids=seq_ids, model=spec.model, num_experts=E, moe_layers=list(range(L)),
+    dense = spec.first_dense_layers
+    return Trace(topk_ids=ids, seq_ids=seq_ids, model=spec.model, num_experts=E, moe_layers=list(range(dense, dense + L)),
                  source=f"synth:seed={spec.seed}", hidden_size=spec.hidden_size,
                  moe_intermediate_size=spec.moe_intermediate_size,
-                 extra={"dataset": "synthetic", "num_hidden_layers": str(L), "synth_spec": json.dumps(asdict(spec)),
+                 extra={"dataset": "synthetic", "num_hidden_layers": str(dense + L), "synth_spec": json.dumps(asdict(spec)),
                         N_GROUP: str(spec.n_group),
                         "sequence_domains": json.dumps(seq_domain.tolist())})

@@ -64,7 +64,7 @@ def test_h800_preset_is_the_published_fit() -> None:
     """Every h800 preset carries the calibration block benchmarks/published_hardware.py wrote."""
     fitted = OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "docs" / "results" / "published_hardware"
                                                    / "calibration.yaml"))["calibration"]
-    for nodes in (1, 2, 4, 8):
+    for nodes in (1, 2, 4, 8, 18):
         topo = topology_from_config(topology_preset(f"h800_{nodes}x8"))
         assert topo.calibration == fitted and topo.num_gpus == 8 * nodes
         cost = cost_model(topo, 7168, 2048)

@@ -125,5 +125,7 @@ def test_synth_shape_presets() -> None:
                                  num_tokens=64).check())
     assert trace.hidden_size == 7168 and trace.moe_intermediate_size == 2048 and trace.topk_ids.shape == (64, 2, 8)
     assert trace.n_group == 8 and lite.n_group == 1  # V3's config.json: n_group 8; V2-Lite: 1
+    # V3's layout: first_k_dense_replace = 3, so with 2 MoE layers the decoder layers are 0-4, MoE 3 and 4
+    assert trace.moe_layers == [3, 4] and trace.extra["num_hidden_layers"] == "5" and v3.first_dense_layers == 3
     with pytest.raises(SynthError, match="n_group"):
         SynthSpec(num_experts=64, n_group=6).check()

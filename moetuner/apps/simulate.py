@@ -8,6 +8,8 @@ writes out/metrics.json (top level: the placement's own dispatch, or `dispatch`;
 one of `dispatches`; lp and lp_comm charged for their per-batch decision; speedup_ci95 from a paired
 bootstrap over the steps; with bound=true the fixed-placement lower bound `bound_step_s` and each
 dispatch's `gap_to_bound`), out/per_layer.csv, out/gpu_load_boxplot.png, out/a2a_tail_per_layer.png.
+With `phase=prefill|decode` the phase fixes step_tokens and dataflow and scores its own steps of the trace
+(moetuner/phase.py: whole sequences at prefill, seeded draws across sequences at decode).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from moetuner.costmodel.cost import SimulationError
 from moetuner.costmodel.evaluate import check_dispatches, check_inputs, own_dispatch, run_simulation
 from moetuner.costmodel.placement_bound import check_bound_dataflow
 from moetuner.costmodel.simulator import SimResult
+from moetuner.phase import phase_from_config, phase_trace, step_settings
 from moetuner.placement import load_placement
 from moetuner.plotting import plt, save_figure
 from moetuner.topology import topology_from_config
@@ -88,20 +91,25 @@ def main(cfg: DictConfig) -> AppRun:
     placement, trace = load_placement(cfg.placement), load_trace(cfg.trace)
     topology = topology_from_config(cfg.topology)
     check_inputs(placement, trace, topology)  # bad input fails before a run is opened
+    phase = phase_from_config(cfg.get("phase"))
+    step_tokens, dataflow = step_settings(phase, topology, int(cfg.step_tokens), str(cfg.dataflow))
+    if phase is not None:
+        trace = phase_trace(trace, phase, topology)
     dispatch = own_dispatch(placement, cfg.dispatch)
     dispatches = [str(d) for d in cfg.dispatches or []]
     check_dispatches(dispatches)
     charge = DispatchCharge(str(cfg.dispatch_charge), float(cfg.dispatch_budget_us))
     charge.check()
     if cfg.bound:
-        check_bound_dataflow(str(cfg.dataflow))
+        check_bound_dataflow(dataflow)
     if int(cfg.bootstrap_resamples) < 200:
         raise SimulationError(f"bootstrap_resamples={cfg.bootstrap_resamples}; give at least 200 resamples")
     tags = {"model": trace.model, "dataset": trace.extra.get("dataset", trace.source), "solver": placement.solver,
-            "topology": topology.name, "dataflow": str(cfg.dataflow), "dispatch": dispatch}
+            "topology": topology.name, "dataflow": dataflow, "dispatch": dispatch,
+            "phase": "none" if phase is None else phase.name}
 
     def work() -> AppResult:
-        result, base, metrics = run_simulation(placement, trace, topology, int(cfg.step_tokens), str(cfg.dataflow),
+        result, base, metrics = run_simulation(placement, trace, topology, step_tokens, dataflow,
                                                dispatch, dispatches, charge, int(cfg.bootstrap_resamples),
                                                int(cfg.bootstrap_seed), bool(cfg.bound))
         paths = write_outputs(result, base, metrics, trace.moe_layers, cfg.out)
