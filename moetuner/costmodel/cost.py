@@ -249,10 +249,14 @@ def a2a_time(copies: np.ndarray, cost: CostModel, token_bytes: float | None = No
 
 
 def source_totals(src: np.ndarray, per_token: np.ndarray, num_gpus: int) -> np.ndarray:
-    """Sum of per_token over the tokens of each source GPU (a one-hot matrix product; exact for counts).
+    """Sum of per_token over the tokens of each source GPU (one bincount over (batch, GPU, column) cells;
+    exact for counts; no BLAS, so its time does not depend on BLAS threads fighting over shared cores).
     src [..., B], per_token [..., B, N] counts -> [..., G, N] int64"""
-    onehot = (src[..., None] == np.arange(num_gpus)).astype(np.float64)
-    return np.matmul(np.swapaxes(onehot, -1, -2), per_token.astype(np.float64)).astype(np.int64)
+    lead, tokens, cols = src.shape[:-1], src.shape[-1], per_token.shape[-1]
+    batch = int(np.prod(lead, dtype=np.int64))
+    cell = (np.arange(batch)[:, None] * num_gpus + src.reshape(batch, tokens)).reshape(-1, 1) * cols + np.arange(cols)
+    sums = np.bincount(cell.ravel(), weights=per_token.reshape(-1).astype(np.float64), minlength=batch * num_gpus * cols)
+    return sums.astype(np.int64).reshape(*lead, num_gpus, cols)
 
 
 def off_diagonal(copies: np.ndarray) -> np.ndarray:
