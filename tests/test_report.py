@@ -357,6 +357,10 @@ def test_unshaped_serve_runs_stay_out_of_the_headline() -> None:
     assert serve_sentence(rows.assign(serve_links_shaped=False)) == \
         "3 serve runs on unshaped links (emulation without root) are left out."
     assert serve_sentence(rows.assign(measured_layer_time_s=np.nan)) is None
+    plain = rows.assign(served_predicted_layer_time_s=np.nan, predicted_layer_time_s=[1.0, 0.9, 1.0],
+                        injected_share=np.nan, comm_rel_error=np.nan)  # plain runs: judged by the simulate run
+    assert serve_sentence(plain).startswith("Served on the h200_2x8 with shaped links (2 placements), the "
+                                            "measured step time is +10.0% to +10.0% off the prediction.")
 
 
 def test_solver_label_says_what_ran() -> None:

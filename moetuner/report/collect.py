@@ -122,6 +122,13 @@ def serve_times(serve: pd.DataFrame) -> pd.DataFrame:
                         comm_rel_error=serve.get("comm_rel_error", missing))
 
 
+def served_prediction(table: pd.DataFrame) -> pd.Series:
+    """The prediction a serve run is judged against: the simulator on exactly the served steps where the run
+    recorded it (emulated runs), else the simulate run's layer time (plain runs: a real cluster, or CPU)."""
+    missing = pd.Series(np.nan, index=table.index)
+    return table.get("served_predicted_layer_time_s", missing).fillna(table.get("predicted_layer_time_s", missing))
+
+
 def results_table(results: str | Path) -> pd.DataFrame:
     """The study's results: one row per (placement, evaluation trace), TABLE_COLUMNS (then
     `speedup_vs_contiguous.<dispatch>` for every dispatch the simulate runs scored), sorted."""

@@ -13,7 +13,7 @@ from matplotlib.ticker import MaxNLocator
 from moetuner.placement import gpu_loads, load_placement
 from moetuner.profiling.stats import expert_load
 from moetuner.plotting import plt, save_figure, spread_layers
-from moetuner.report.collect import per_layer
+from moetuner.report.collect import per_layer, served_prediction
 from moetuner.study.targets import placement_path, split_path
 from moetuner.trace import load_trace
 
@@ -107,8 +107,7 @@ def predicted_vs_measured(table: pd.DataFrame, path: str | os.PathLike[str]) -> 
     pairs = pairs[pairs["serve_links_shaped"].fillna(False).astype(bool)] if "serve_links_shaped" in pairs else pairs
     if pairs.empty:
         return no_data(path, "predicted vs measured layer time", "no serve runs on shaped links")
-    pairs = pairs.assign(predicted_layer_time_s=pairs["served_predicted_layer_time_s"].fillna(
-        pairs["predicted_layer_time_s"]))
+    pairs = pairs.assign(predicted_layer_time_s=served_prediction(pairs))
     fig, ax = plt.subplots(figsize=(5, 4.5))
     for i, (_, row) in enumerate(pairs.iterrows()):
         ax.scatter(row.predicted_layer_time_s * 1e3, row.measured_layer_time_s * 1e3, color=f"C{i}",

@@ -17,6 +17,7 @@ import pandas as pd
 from moetuner.costmodel.intervals import (beaten_in_every_split, distinguishable, speedup_interval,
                                           split_speedup_interval)
 from moetuner.costmodel.settings import DISPATCHES
+from moetuner.report.collect import served_prediction
 from moetuner.study.targets import split_variant
 
 HELDOUT = "heldout"
@@ -415,8 +416,9 @@ def serve_sentence(table: pd.DataFrame) -> str | None:
     left_out = len(served) - len(shaped)
     text = ""
     if not shaped.empty:
-        total = shaped["measured_layer_time_s"] / shaped["served_predicted_layer_time_s"] - 1
-        text = (f"Served on the emulated {shaped['topology'].iloc[0]} with shaped links ({len(shaped)} placements), "
+        total = shaped["measured_layer_time_s"] / served_prediction(shaped) - 1
+        emulated = "emulated " if shaped.get("served_predicted_layer_time_s", pd.Series(dtype=float)).notna().any() else ""
+        text = (f"Served on the {emulated}{shaped['topology'].iloc[0]} with shaped links ({len(shaped)} placements), "
                 f"the measured step time is {total.min():+.1%} to {total.max():+.1%} off the prediction")
         comm = shaped["comm_rel_error"].dropna()
         if len(comm):
