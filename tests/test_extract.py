@@ -160,6 +160,7 @@ def test_missing_checkpoint_is_named(tmp_path: Path) -> None:
         load_model(str(tmp_path / "no-such-model"))
 
 
+@pytest.mark.slow
 def test_app_writes_trace_and_logs_to_mlflow(checkpoints, tmp_path: Path, mlflow_uri: str) -> None:
     import mlflow
 

@@ -167,6 +167,7 @@ def published_fit():
     return fit_published()
 
 
+@pytest.mark.slow
 def test_published_numbers_reproduced(published_fit) -> None:
     """The aims of the calibration: fit rows within 15%, validation rows within 25% (at least four), the
     DeepGEMM dense shapes that are no expert GEMM (attention and dense projections) included."""

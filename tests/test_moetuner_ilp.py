@@ -174,6 +174,7 @@ def test_zero_nodes_keep_the_warm_start() -> None:
     assert ilp1_objective(load, clusters, 6) == pytest.approx(ilp1_objective(load, start, 6))
 
 
+@pytest.mark.slow
 def test_same_placement_under_different_cpu_load() -> None:
     """Node budgets on one thread: a solve beside a busy loop gives the same clusters and GPUs."""
     problem = PlacementProblem(random_trace(400, 3, 24, 3, seed=6), topology(2, 3), replicas=1)

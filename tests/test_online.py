@@ -463,6 +463,7 @@ def test_bad_policy_and_migration_are_refused(two_traces: tuple[Path, Path]) -> 
 APP = [sys.executable, "-c", "from moetuner.apps.online import main; main()"]
 
 
+@pytest.mark.slow
 def test_app_writes_outputs_and_refuses_bad_spec_first(two_traces: tuple[Path, Path], tmp_path: Path,
                                                        mlflow_uri: str) -> None:
     a, b = two_traces

@@ -62,6 +62,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nodes", [1, 2])
 def test_model_mode_logits_match_single_process(tmp_path: Path, checkpoint: Path, nodes: int) -> None:
     """1 node x 2 ranks (intra-node exchange only) and 2 nodes x 2 ranks (intra and inter node)."""
@@ -96,6 +97,7 @@ def tiny_trace(path: Path, tokens: int = 48, layers: int = 3) -> Trace:
     return trace
 
 
+@pytest.mark.slow
 def test_replay_delivers_every_pair_exactly_once(tmp_path: Path) -> None:
     trace = tiny_trace(tmp_path / "trace.safetensors")
     placement = write_placement(tmp_path, three_kinds(4), 2)
@@ -128,6 +130,7 @@ def test_unshaped_emulation_delivers_every_pair_exactly_once(tmp_path: Path, mon
     np.testing.assert_array_equal(delivered, expected_pairs(trace.topk_ids, E))
 
 
+@pytest.mark.slow
 def test_hierarchical_replay_relays_like_the_simulator(tmp_path: Path) -> None:
     """cpu_2x2, replicas split by `lp`: every pair computed once, and the bytes each phase moves equal
     the simulator's hierarchical copies times the rows' sizes on the wire."""
@@ -159,6 +162,7 @@ def test_hierarchical_replay_relays_like_the_simulator(tmp_path: Path) -> None:
     assert sim["bytes_inter_per_step"] < flat["bytes_inter_per_step"]  # relaying saves inter-node copies
 
 
+@pytest.mark.slow
 def test_killed_rank_ends_job_with_named_rank(tmp_path: Path) -> None:
     tiny_trace(tmp_path / "trace.safetensors")
     placement = write_placement(tmp_path, three_kinds(2), 1)
@@ -173,6 +177,7 @@ def test_killed_rank_ends_job_with_named_rank(tmp_path: Path) -> None:
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_hung_rank_ends_job_within_timeout(tmp_path: Path) -> None:
     tiny_trace(tmp_path / "trace.safetensors")
     placement = write_placement(tmp_path, three_kinds(2), 1)

@@ -103,6 +103,7 @@ def test_time_cap_binding_is_reported() -> None:
         get_solver("steptail")(problem, {"max_moves": -1})
 
 
+@pytest.mark.slow
 def test_same_placement_under_different_cpu_load() -> None:
     """A work budget: a run beside a busy loop scores the same moves as one without."""
     problem = PlacementProblem(random_trace(1024, 4, 32, 4, seed=2), topology(2, 4), replicas=1, step_tokens=256)

@@ -26,6 +26,7 @@ def tiny_trace(path: Path, num_experts: int = 6) -> Path:
     return save_trace(trace, path)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (BIN / "moetuner-solve").exists(), reason="moetuner-solve is not installed")
 def test_solver_by_replica_sweep(tmp_path: Path) -> None:
     trace = tiny_trace(tmp_path / "t.safetensors")

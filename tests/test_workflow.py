@@ -91,6 +91,7 @@ def tiny_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, sub
     return workdir, uri, snakemake(workdir, uri=uri)
 
 
+@pytest.mark.slow
 def test_tiny_study_outputs_and_report(tiny_study: tuple[Path, str, subprocess.CompletedProcess]) -> None:
     workdir, _, done = tiny_study
     assert done.returncode == 0, done.stderr[-5000:]
@@ -134,6 +135,7 @@ def test_tiny_study_outputs_and_report(tiny_study: tuple[Path, str, subprocess.C
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_tiny_study_mlflow_parent_and_children(tiny_study: tuple[Path, str, subprocess.CompletedProcess]) -> None:
     workdir, uri, done = tiny_study
     assert done.returncode == 0, done.stderr[-5000:]
@@ -175,6 +177,7 @@ def test_tiny_study_mlflow_parent_and_children(tiny_study: tuple[Path, str, subp
             "split:synth-a.split1", "solve:synth-a.split1/cpu_2x2/eplb-r0", "regime", "report"} <= names
 
 
+@pytest.mark.slow
 def test_tiny_study_second_run_has_nothing_to_do(tiny_study: tuple[Path, str, subprocess.CompletedProcess]) -> None:
     workdir, uri, first = tiny_study
     assert first.returncode == 0, first.stderr[-5000:]
@@ -188,6 +191,7 @@ def test_tiny_study_second_run_has_nothing_to_do(tiny_study: tuple[Path, str, su
     assert runs_after == runs_before
 
 
+@pytest.mark.slow
 def test_tiny_study_snakemake_report(tiny_study: tuple[Path, str, subprocess.CompletedProcess]) -> None:
     workdir, uri, first = tiny_study
     assert first.returncode == 0, first.stderr[-5000:]
