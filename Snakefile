@@ -1,4 +1,5 @@
-# moetuner study: traces -> split -> profile -> solve -> simulate / serve -> calibrate -> report.
+# moetuner study: traces -> split -> profile -> solve -> simulate / serve -> calibrate -> report (and per phase:
+# solve_phases -> simulate_phase).
 #   snakemake --cores 2                                   # the default study (conf/study/default.yaml)
 #   snakemake --cores 2 --configfile conf/study/tiny.yaml # another study grid
 #   snakemake --report report.html                        # the Snakemake report (after a run)
@@ -28,6 +29,7 @@ include: "workflow/rules/serve.smk"
 include: "workflow/rules/calibrate.smk"
 include: "workflow/rules/regime.smk"
 include: "workflow/rules/online.smk"
+include: "workflow/rules/phases.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -11,6 +11,7 @@ study's main split) and `splits.csv` (every split of the re-split trace) to docs
   (resampling splits, then steps; the report's headline_splits.csv as shown);
 - headline_margins.csv: per setting the winner's speedup over the runner-up within the main split, across
   splits and over splits, and the verdict (`faster` only when the runner-up is beaten in every split);
+- phases.csv: the report's phases table (each phase of the v2_lite deployment on its own unit), numbers rounded;
 - serve.csv: the served placements on shaped links, measured vs predicted step time in total and on
   the transfers alone, and the share of the prediction the emulation waits out from the cost model
   (runs on unshaped links are left out and counted in run.json's note);
@@ -35,7 +36,7 @@ from render_tables import main as render  # benchmarks/render_tables.py
 from table import command_line, write_run_record  # benchmarks/table.py
 
 OUT = PROJECT_ROOT / "docs" / "results" / "default_study"
-REPORT_FILES = ("summary.csv", "splits.csv", "headline_splits.csv", "headline_margins.csv")
+REPORT_FILES = ("summary.csv", "splits.csv", "headline_splits.csv", "headline_margins.csv", "phases.csv")
 """What this script reads from the study's report folder (moetuner.report.build.build_report writes them)."""
 
 
@@ -120,6 +121,8 @@ def main() -> None:
     write_atomic(OUT / "headline_splits.csv", lambda tmp: splits.to_csv(tmp, index=False))
     margins = margin_rows(pd.read_csv(report / "headline_margins.csv"), args.split_seed)
     write_atomic(OUT / "headline_margins.csv", lambda tmp: margins.to_csv(tmp, index=False))
+    phases = pd.read_csv(report / "phases.csv").round(4)
+    write_atomic(OUT / "phases.csv", lambda tmp: phases.to_csv(tmp, index=False))
     serve, unshaped = serve_rows(table)
     write_atomic(OUT / "serve.csv", lambda tmp: serve.to_csv(tmp, index=False))
     note = "the default study, `snakemake --cores 2`" + (f"; {args.note}" if args.note else "")

@@ -34,6 +34,31 @@ def phase_preset(name: str) -> dict[str, Any]:
     return dict(OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "phase" / f"{name}.yaml")))
 
 
+def deployment_preset(name: str) -> dict[str, Any]:
+    """The preset `conf/deployment/<name>.yaml` as a plain dict."""
+    from omegaconf import OmegaConf
+
+    from moetuner import PROJECT_ROOT
+
+    path = PROJECT_ROOT / "conf" / "deployment" / f"{name}.yaml"
+    if not path.is_file():
+        presets = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise DeploymentError(f"no deployment preset {name!r}; choose one of {presets}")
+    return dict(OmegaConf.to_container(OmegaConf.load(path)))
+
+
+def unit_overrides(cfg: Mapping[str, Any], phase: str) -> list[str]:
+    """Hydra overrides that score a placement on a deployment's `phase` unit (`moetuner-simulate`): its
+    topology, the phase preset and the unit's overrides of it. cfg: a deployment config."""
+    units = dict(cfg.get("units") or {})
+    if phase not in units:
+        raise DeploymentError(f"deployment {cfg.get('name')!r} has no {phase} unit (units: {sorted(units)}); "
+                              f"name a phase it serves")
+    unit = units[phase]
+    return [f"topology={unit['topology']}", f"phase={phase}",
+            *(f"phase.{key}={'null' if value is None else value}" for key, value in (unit.get("phase") or {}).items())]
+
+
 @dataclass(frozen=True)
 class Unit:
     """The cluster serving one phase: `topology`, `slots_per_gpu` expert slots per GPU per layer."""

@@ -104,6 +104,8 @@ class RunLogger:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log numeric metrics (non-numeric values are skipped)."""
+        if not self.active:  # no MLflow import (seconds) for a run that logs nothing
+            return
         from mlflow.entities import Metric
         import time
 
@@ -114,6 +116,8 @@ class RunLogger:
             self._call("metrics", "log_batch", metrics=items[i:i + 1000])
 
     def log_params(self, params: Mapping[str, str]) -> None:
+        if not self.active:
+            return
         from mlflow.entities import Param
 
         items = [Param(k, v) for k, v in params.items()]

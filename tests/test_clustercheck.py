@@ -49,7 +49,7 @@ def test_a_measured_column_beyond_its_tolerance_fails(tmp_path: Path, change: di
 def test_a_placement_that_differs_fails(tmp_path: Path) -> None:
     local = results(tmp_path / "local", [[1, 0]])
     slurm = results(tmp_path / "slurm", [[0, 1]])  # steptail found another map: not deterministic
-    with pytest.raises(CheckFailed, match="placement t/cpu_2x2/steptail-r0 differs"):
+    with pytest.raises(CheckFailed, match="placement placements/t/cpu_2x2/steptail-r0 differs"):
         compare_summaries(local, slurm)
 
 
@@ -66,7 +66,28 @@ def test_a_resplit_placement_and_its_splits_rows_are_compared(tmp_path: Path) ->
         compare_summaries(*roots)
     (roots[1] / "placements" / "t.split1" / "cpu_2x2" / "steptail-r0.json").write_text(
         json.dumps({"physical_to_logical_map": [[0, 1]]}))
-    with pytest.raises(CheckFailed, match="placement t.split1/cpu_2x2/steptail-r0 differs"):
+    with pytest.raises(CheckFailed, match="placement placements/t.split1/cpu_2x2/steptail-r0 differs"):
+        compare_summaries(*roots)
+
+
+def test_phase_placements_and_phases_rows_are_compared(tmp_path: Path) -> None:
+    """The `phases` section's placements (phases/<trace>/<deployment>/<solver>/<phase>.json, engine files beside
+    them left out) and phases.csv rows are compared like the rest."""
+    roots = [results(tmp_path / name, [[1, 0]]) for name in ("first", "second")]
+    for root, step_ms in zip(roots, (4.2, 4.3)):
+        folder = root / "phases" / "t" / "tiny" / "steptail"
+        folder.mkdir(parents=True)
+        for name in ("prefill.json", "decode.json", "decode.sglang.json"):
+            (folder / name).write_text(json.dumps({"physical_to_logical_map": [[1, 0]]}))
+        pd.DataFrame([{"trace": "t", "deployment": "tiny", "phase": "decode", "eval": "heldout", "solver": "steptail",
+                       "step_time_ms": step_ms}]).to_csv(root / "report" / "phases.csv", index=False)
+    with pytest.raises(CheckFailed, match="phases.csv: step_time_ms differs for .*'phase': 'decode'"):
+        compare_summaries(*roots)
+    pd.read_csv(roots[0] / "report" / "phases.csv").to_csv(roots[1] / "report" / "phases.csv", index=False)
+    assert compare_summaries(*roots).startswith("placements: all 5 are identical")  # 3 + prefill and decode
+    (roots[1] / "phases" / "t" / "tiny" / "steptail" / "decode.json").write_text(
+        json.dumps({"physical_to_logical_map": [[0, 1]]}))
+    with pytest.raises(CheckFailed, match="placement phases/t/tiny/steptail/decode differs"):
         compare_summaries(*roots)
 
 

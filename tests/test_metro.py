@@ -35,7 +35,7 @@ def test_matches_brute_force_on_a_tiny_instance() -> None:
     ids = trace.topk_ids[:, 0].astype(np.int64)
     best = min(peak_activated(np.argsort(np.array(gpu_of), kind="stable"), ids, 3, 4)
                for gpu_of in itertools.product(range(3), repeat=6) if np.bincount(gpu_of, minlength=3).max() <= 2)
-    placement = solve_metro(PlacementProblem(trace, topology(1, 3), step_tokens=4), {"time_limit_s": 10})
+    placement = solve_metro(PlacementProblem(trace, topology(1, 3), step_tokens=4), {"max_nodes": 1000})
     assert placement.status == "optimal"
     assert peak_activated(placement.phy2log[0], ids, 3, 4) == best
     assert placement.objective == pytest.approx(best / 8)
@@ -55,3 +55,18 @@ def test_replicas_fill_the_slot_budget_unless_told_not_to() -> None:
     problem = PlacementProblem(random_trace(64, 2, 8, 2), topology(2, 2), replicas=1, step_tokens=8)
     assert (solve_metro(problem, {}).phy2log >= 0).all()
     assert (solve_metro(problem, {"fill_replicas": False}).phy2log < 0).sum() == 2 * 4
+
+
+def test_node_budget_is_the_work_budget() -> None:
+    """The proven solve above says what stopped it (nothing: proven); with no branch-and-bound node the MIP
+    keeps what its root found (here already the optimum, 2.0, but unproven), and the record says the node budget
+    stopped it."""
+    trace = random_trace(32, 1, 6, 2, seed=5)
+    problem = PlacementProblem(trace, topology(1, 3), step_tokens=4)
+    proven = solve_metro(problem, {"max_nodes": 1000})
+    assert proven.extra["budget_bound_by"] == "none" and proven.extra["max_nodes"] == 1000
+    again = solve_metro(problem, {"max_nodes": 1000})
+    assert np.array_equal(again.phy2log, proven.phy2log)  # one thread, fixed seed: the same map
+    start = solve_metro(problem, {"max_nodes": 0})
+    assert start.extra["max_nodes"] == 0 and start.objective >= proven.objective
+    assert start.status == "feasible" and start.extra["budget_bound_by"] == "nodes"

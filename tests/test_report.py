@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,7 +17,9 @@ from moetuner.profiling.stats import expert_load
 from moetuner.report.figures import relative_load
 from moetuner.report.headline import (dispatch_tables, headline_metrics, headline_sentences, headline_tables, headline_trace,
                                       html_headline, markdown_headline, regime_sentence)
+from moetuner.report.phase_section import COLUMNS as PHASE_COLUMNS, phase_section, phase_sentence, phase_table
 from moetuner.report.regime import regime_table, tile_tokens
+from moetuner.study import targets
 from moetuner.costmodel.cost import CostModel
 
 
@@ -375,3 +379,52 @@ def test_solver_label_says_what_ran() -> None:
                                                                                "assignment used"]}) == \
         "MoETuner ILP1 + affinity mapping (ILP2 failed)"
     assert solver_label("eplb", {}) == "eplb"
+
+
+# --- the phases section (moetuner/report/phase_section.py) ------------------------------------------------
+
+def write_phase_run(results: Path, solver: str, phase: str, steps_s: list[float], bound_s: float | None) -> None:
+    path = Path(targets.phase_simulate_path(str(results), "intent", "v2_lite", solver, phase, "heldout"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"topology": "h800_4x8" if phase == "decode" else "h800_1x8", "num_gpus": 32 if phase == "decode" else 8,
+           "step_tokens": 4096 if phase == "decode" else 32768, "dataflow": "low_latency" if phase == "decode" else
+           "dispatch_combine", "layer_time_s": float(np.mean(steps_s)), "step_times_s": steps_s}
+    path.write_text(json.dumps(doc if bound_s is None else {**doc, "bound_step_s": bound_s}))
+
+
+def test_phase_table_compares_each_phase_with_eplb_by_hand(tmp_path: Path) -> None:
+    write_phase_run(tmp_path, "eplb", "decode", [4.0, 4.0, 4.0, 4.0], 2.0)  # the phase's bound, computed once
+    write_phase_run(tmp_path, "steptail", "decode", [2.0, 2.0, 2.0, 2.0], None)  # exactly twice as fast, every step
+    write_phase_run(tmp_path, "metro", "decode", [4.0, 8.0, 4.0, 8.0], None)  # 6 / 4: 1.5x slower than EPLB
+    write_phase_run(tmp_path, "eplb", "prefill", [1.0, 3.0], None)
+    write_phase_run(tmp_path, "steptail", "prefill", [1.0, 3.0], None)  # the same steps: a tie
+    table = phase_table(tmp_path)
+    assert list(table.columns) == PHASE_COLUMNS
+    decode = table[table.phase == "decode"]
+    assert list(decode.solver) == ["steptail", "eplb", "metro"]  # fastest first
+    assert list(decode.tokens_per_rank) == [128] * 3 and set(decode.topology) == {"h800_4x8"}
+    assert decode.vs_reference.tolist() == pytest.approx([2.0, 1.0, 4.0 / 6.0])
+    # steps of equal time: every bootstrap resample gives the same ratio
+    assert decode.iloc[0][["vs_reference_low", "vs_reference_high"]].tolist() == pytest.approx([2.0, 2.0])
+    assert decode.gap_to_bound.tolist() == pytest.approx([1.0, 2.0, 3.0])  # each time / the one bound of 2.0
+    prefill = table[table.phase == "prefill"].reset_index(drop=True)
+    assert prefill.vs_reference.tolist() == [1.0, 1.0] and prefill.gap_to_bound.isna().all()
+    assert list(prefill.tokens_per_rank) == [4096, 4096]
+    sentences = {phase: phase_sentence(group.reset_index(drop=True)) for phase, group in table.groupby("phase")}
+    assert "fastest placement is steptail: 2.000x eplb's speed [2.000, 2.000]" in sentences["decode"]
+    assert "interval over the scored steps excludes 1" in sentences["decode"]
+    assert "1.00x the fixed-placement lower bound" in sentences["decode"]
+    assert "a tie" in sentences["prefill"] and "lower bound" not in sentences["prefill"]
+    assert list(table.phase.unique()) == ["prefill", "decode"]  # the order a request is served in
+    write_phase_run(tmp_path, "steptail", "prefill", [1.1, 3.3], None)  # now 10% slower than the reference
+    prefill = phase_table(tmp_path).query("phase == 'prefill'").reset_index(drop=True)
+    assert "fastest placement is eplb (the reference); runner-up steptail at 0.909x its speed [0.909, 0.909]; " \
+           "the interval over the scored steps excludes 1" in phase_sentence(prefill)
+    section = phase_section(table)
+    assert section is not None and section.markdown.count("### ") == 2 and "<h3>" in section.html
+
+
+def test_phase_table_is_empty_without_phase_runs(tmp_path: Path) -> None:
+    table = phase_table(tmp_path)
+    assert table.empty and list(table.columns) == PHASE_COLUMNS
+    assert phase_section(table) is None

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from moetuner.placement import PlacementError, contiguous_phy2log, expert_location
-from moetuner.costmodel.cost import CostModel, SimulationError, cost_model
+from moetuner.costmodel.cost import CostModel, SimulationError, cost_model, pair_copy_matrix
 from moetuner.costmodel.settings import DATAFLOWS, DISPATCHES
 from moetuner.costmodel.replicas import (choose_slots, pick_lp_comm, round_rows, static_table,
                                water_fill)
@@ -318,3 +318,21 @@ def test_replicated_layout_with_all_dispatches_keeps_pairs(dataflow: str) -> Non
         res = simulate(phy2log, 4, ids, np.zeros((48, 3), dtype=np.int64), 8, cost, 16, dataflow, dispatch)
         assert (res.tokens.sum(-1) == 16 * 2).all()  # every token-expert pair is served once
         assert (res.layer_time_s >= res.compute_tail_s).all()
+
+
+@pytest.mark.parametrize("lead", [(), (3,), (2, 4)])
+def test_pair_copy_matrix_counts_every_pair_by_loop(lead: tuple[int, ...]) -> None:
+    """One copy per (token, expert) pair to its GPU, none to the token's own GPU, over any leading axes:
+    against a plain loop over the pairs (repeated GPUs within a token included)."""
+    rng = np.random.default_rng(7)
+    num_gpus, tokens, k = 5, 40, 4
+    src = rng.integers(0, num_gpus, size=(*lead, tokens))
+    dest = rng.integers(0, num_gpus, size=(*lead, tokens, k))
+    got = pair_copy_matrix(src, dest, num_gpus)
+    want = np.zeros((*lead, num_gpus, num_gpus), dtype=np.int64)
+    for index in np.ndindex(*lead):
+        for b in range(tokens):
+            for gpu in dest[index][b]:
+                if gpu != src[index][b]:
+                    want[index][src[index][b], gpu] += 1
+    assert got.dtype == np.int64 and np.array_equal(got, want)

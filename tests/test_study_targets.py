@@ -58,12 +58,33 @@ def test_tiny_serve_profile_regime_and_online_targets() -> None:
     assert targets.online_targets(TINY, available, R) == []
 
 
+def test_tiny_phase_targets_one_per_solver_and_unit() -> None:
+    # conf/study/tiny.yaml's phases: deployment tiny (conf/deployment/tiny.yaml: prefill then decode units)
+    assert targets.phase_units(TINY) == ["prefill", "decode"]
+    assert targets.phase_targets(TINY, ["synth-a", "synth-b"], R) == [
+        f"{R}/phases/synth-a/tiny/{solver}/{phase}/heldout/metrics.json"
+        for solver in ("eplb", "steptail") for phase in ("prefill", "decode")]
+    assert targets.phase_placement_path(R, "synth-a", "tiny", "eplb", "decode") == \
+        f"{R}/phases/synth-a/tiny/eplb/decode.json"
+    # each unit's topology, the phase and the unit's overrides of it, then `phases.simulate`
+    # the bound once per phase: with the first solver's run
+    assert targets.phase_simulate_args(TINY, "prefill", "eplb") == [
+        "topology=cpu_2x2", "phase=prefill", "phase.tokens_per_rank=64", "phase.num_steps=2", "bound=true"]
+    assert targets.phase_simulate_args(TINY, "decode", "steptail") == [
+        "topology=cpu_2x2", "phase=decode", "phase.tokens_per_rank=8", "phase.num_steps=4"]
+    assert targets.phase_simulate_args({**TINY, "phases": {**TINY["phases"], "bound": False, "simulate": ["x=1"]}},
+                                       "decode", "eplb")[-2:] == ["phase.num_steps=4", "x=1"]
+    assert targets.phase_targets({**TINY, "phases": None}, ["synth-a"], R) == []
+    assert targets.phase_units({**TINY, "phases": None}) == []
+
+
 def test_tiny_has_nothing_without_its_traces() -> None:
     assert targets.grid_points(TINY, []) == []
     assert targets.simulation_targets(TINY, [], R) == []
     assert targets.serve_targets(TINY, [], R) == []
     assert targets.profile_targets(TINY, [], R) == []
     assert targets.regime_trace(TINY, []) is None and targets.regime_placements(TINY, [], R) == []
+    assert targets.phase_targets(TINY, [], R) == []
 
 
 # --- a config with an import trace, regime and online ---------------------------------------------------
@@ -198,6 +219,7 @@ def test_find_files_reads_what_the_path_functions_write(tmp_path: Path) -> None:
             targets.per_layer_path(r, "intent", "h100_1x8", "round_robin", 0, "law"),
             targets.serve_path(r, "intent", "h200_2x8", "steptail", 0),
             targets.online_path(r, "intent-law", "h200_2x8-r1", "static"),
+            targets.phase_simulate_path(r, "intent", "v2_lite", "steptail", "decode", "heldout"),
             f"{r}/simulate/intent/h100_1x8/eplb/heldout/metrics.json"]  # not <solver>-r<replicas>
     for path in made:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -211,6 +233,8 @@ def test_find_files_reads_what_the_path_functions_write(tmp_path: Path) -> None:
     assert [f for _, f in found("serve")] == [{"trace": "intent", "topology": "h200_2x8", "solver": "steptail",
                                                "replicas": "0"}]
     assert [f for _, f in found("online")] == [{"stream": "intent-law", "setting": "h200_2x8-r1", "policy": "static"}]
+    assert [f for _, f in found("phase_simulate")] == [{"trace": "intent", "deployment": "v2_lite", "solver": "steptail",
+                                                        "phase": "decode", "evaluate_on": "heldout"}]
     assert found("regime") == []
     assert targets.regime_path(r) == f"{r}/regime/regime.csv"
 

@@ -136,6 +136,31 @@ def test_tiny_study_outputs_and_report(tiny_study: tuple[Path, str, subprocess.C
 
 
 @pytest.mark.slow
+def test_tiny_study_places_and_scores_each_phase_on_its_unit(
+        tiny_study: tuple[Path, str, subprocess.CompletedProcess]) -> None:
+    """The `phases` section (deployment tiny): one placement per phase and solver, each with the unit's slots,
+    scored on the unit's phase steps, the bound computed once per phase and never above a placement's time."""
+    workdir, _, done = tiny_study
+    assert done.returncode == 0, done.stderr[-5000:]
+    results = workdir / "results" / "tiny"
+    for solver in ("eplb", "steptail"):
+        for phase, slots in (("prefill", 2), ("decode", 3)):  # conf/deployment/tiny.yaml's slots per GPU
+            placement = json.loads((results / "phases" / "synth-a" / "tiny" / solver / f"{phase}.json").read_text())
+            assert np.asarray(placement["physical_to_logical_map"]).shape == (3, 4 * slots)
+            assert placement["phase"] == phase and placement["deployment"] == "tiny"
+    phases = pd.read_csv(results / "report" / "phases.csv")
+    assert len(phases) == 4 and list(phases.phase.unique()) == ["prefill", "decode"]
+    assert dict(zip(phases.phase, phases.tokens_per_rank)) == {"prefill": 64, "decode": 8}
+    assert dict(zip(phases.phase, phases.dataflow)) == {"prefill": "hierarchical", "decode": "low_latency"}
+    assert (phases.gap_to_bound >= 1.0).all()  # the lower bound holds for every placement
+    eplb = phases[phases.solver == "eplb"]
+    assert (eplb.vs_reference == 1.0).all() and (eplb.reference == "eplb").all()
+    bounds = [json.loads(p.read_text()).get("bound_step_s") for p in sorted((results / "phases").rglob("metrics.json"))]
+    assert sum(b is not None for b in bounds) == 2  # once per phase (eplb's runs)
+    assert "## Phases: prefill and decode" in (results / "report" / "report.md").read_text()
+
+
+@pytest.mark.slow
 def test_tiny_study_mlflow_parent_and_children(tiny_study: tuple[Path, str, subprocess.CompletedProcess]) -> None:
     workdir, uri, done = tiny_study
     assert done.returncode == 0, done.stderr[-5000:]
@@ -158,13 +183,15 @@ def test_tiny_study_mlflow_parent_and_children(tiny_study: tuple[Path, str, subp
     assert parent.info.run_name == "study:tiny"
     children = tracking.child_runs(uri, record["run_id"])
     # one child per app job: synth x2, split x2 (the main split and the re-split synth-a.split1), profile, solve x5,
-    # simulate x7 (the re-split's contiguous and eplb r0 on held-out), serve x2, calibrate, regime, report, and one
-    # online job per policy of an `online:` stream (merged from the default config when tiny has none)
+    # simulate x7 (the re-split's contiguous and eplb r0 on held-out), serve x2, calibrate, regime, report, the
+    # phases (solve_phases x2: eplb and steptail; simulate_phase x4: each on prefill and decode), and one online
+    # job per policy of an `online:` stream (merged from the default config when tiny has none)
     online = ["online"] * len(list((workdir / "results" / "tiny" / "online").glob("*/*/*/metrics.json")))
     rules = sorted(run.data.tags["rule"] for run in children)
     assert rules == sorted(["synth"] * 2 + ["split"] * 2 + ["profile"] + ["solve"] * 5 + ["simulate"] * 7
-                           + ["serve"] * 2 + ["calibrate", "regime", "report"] + online)
-    assert {"splits.csv", "headline_splits.csv", "headline_margins.csv"} <= artifacts
+                           + ["serve"] * 2 + ["calibrate", "regime", "report"] + ["solve_phases"] * 2
+                           + ["simulate_phase"] * 4 + online)
+    assert {"splits.csv", "headline_splits.csv", "headline_margins.csv", "phases.csv"} <= artifacts
     splits = pd.read_csv(workdir / "results" / "tiny" / "report" / "headline_splits.csv")
     assert list(splits[["solver", "splits"]].itertuples(index=False, name=None)) == [("eplb", 2)]
     for run in children:

@@ -4,7 +4,8 @@
         topology=h200_2x8 out=sim/eplb dataflow=dispatch_combine step_tokens=1024 \
         dispatch=null dispatches=[dynamic,static,lp,lp_comm] \
         dispatch_charge=budget dispatch_budget_us=100 bootstrap_resamples=1000 bound=false
-writes out/metrics.json (top level: the placement's own dispatch, or `dispatch`; `by_dispatch`: every
+writes out/metrics.json (top level: the placement's own dispatch, or `dispatch`, and the setting scored:
+topology, num_gpus, step_tokens, dataflow, phase; `by_dispatch`: every
 one of `dispatches`; lp and lp_comm charged for their per-batch decision; speedup_ci95 from a paired
 bootstrap over the steps; with bound=true the fixed-placement lower bound `bound_step_s` and each
 dispatch's `gap_to_bound`), out/per_layer.csv, out/gpu_load_boxplot.png, out/a2a_tail_per_layer.png.
@@ -112,6 +113,8 @@ def main(cfg: DictConfig) -> AppRun:
         result, base, metrics = run_simulation(placement, trace, topology, step_tokens, dataflow,
                                                dispatch, dispatches, charge, int(cfg.bootstrap_resamples),
                                                int(cfg.bootstrap_seed), bool(cfg.bound))
+        metrics.update(topology=topology.name, num_gpus=topology.num_gpus, step_tokens=step_tokens, dataflow=dataflow,
+                       phase=None if phase is None else phase.name)  # the setting scored (a phase's is derived)
         paths = write_outputs(result, base, metrics, trace.moe_layers, cfg.out)
         by_dispatch = {f"{name}.{key}": value for name, scalars in metrics["by_dispatch"].items()
                        for key, value in {**scalars, **interval_scalars(scalars)}.items()}

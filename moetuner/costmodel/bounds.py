@@ -48,16 +48,18 @@ def comm_lower_bound(ids: np.ndarray, cost: CostModel, slots_per_gpu: int, dataf
     fastest = float(cost.bandwidth[off].max()) if num_gpus > 1 else np.inf
     if cost.link_model == "concurrent" and cross.any() and (off & ~cross).any():  # both ports at once
         fastest = float(cost.bandwidth[off & ~cross].max() + cost.bandwidth[cross].max())
-    distinct = 1 + (np.diff(np.sort(ids, axis=1), axis=1) != 0).sum(1)  # [B] distinct experts per token
+    ranked = np.sort(ids, axis=1)
+    first = np.ones(ids.shape, dtype=bool)  # [B, k] the first pair of each distinct (token, expert)
+    first[:, 1:] = ranked[:, 1:] != ranked[:, :-1]
+    distinct = first.sum(1)  # [B] distinct experts per token
     need = np.maximum(-(-distinct // slots_per_gpu) - 1, 0)  # [B] other GPUs per token
     src = np.arange(len(ids)) % num_gpus
     total = float(need.sum()) * b / fastest / num_gpus
     if dataflow == "expert_to_expert":
         return 2 * total
     width = int(ids.max()) + 1
-    pairs = np.unique(np.arange(len(ids))[:, None] * width + ids)  # distinct (token, expert) pairs
-    counts = np.zeros((num_gpus, width))
-    np.add.at(counts, (src[pairs // width], pairs % width), 1)
+    token = np.broadcast_to(np.arange(len(ids))[:, None], ids.shape)[first]  # of each distinct pair
+    counts = np.bincount(src[token] * width + ranked[first], minlength=num_gpus * width).reshape(num_gpus, width)
     local = -np.sort(-counts, axis=1)[:, :slots_per_gpu].sum(1)
     copies = np.maximum(np.bincount(src, weights=need, minlength=num_gpus),
                         (counts.sum(1) - local) / min(ids.shape[1], slots_per_gpu))  # [G] sends of each GPU

@@ -273,10 +273,15 @@ def copy_matrix(src: np.ndarray, dst_mask: np.ndarray) -> np.ndarray:
 
 
 def pair_copy_matrix(src: np.ndarray, dest: np.ndarray, num_gpus: int) -> np.ndarray:
-    """One copy per token-expert pair (low_latency: no dedup per GPU), none to the token's own GPU.
-    src [..., B], dest [..., B, k] GPU of each pair -> [..., G, G] (src, dst)"""
-    per_gpu = (dest[..., None] == np.arange(num_gpus)).sum(-2)  # [..., B, G] pairs of each token per GPU
-    return off_diagonal(source_totals(src, per_gpu, num_gpus))
+    """One copy per token-expert pair (low_latency: no dedup per GPU), none to the token's own GPU: one
+    bincount over the (batch, source, destination) cell of every pair, O(B k), not O(B G).
+    src [..., B], dest [..., B, k] GPU of each pair -> [..., G, G] (src, dst) int64"""
+    lead, tokens = src.shape[:-1], src.shape[-1]
+    batch = int(np.prod(lead, dtype=np.int64))
+    rows = np.arange(batch, dtype=np.int64)[:, None, None] * num_gpus + src.reshape(batch, tokens, 1)
+    cell = rows * num_gpus + dest.reshape(batch, tokens, -1)
+    counts = np.bincount(cell.ravel(), minlength=batch * num_gpus * num_gpus)
+    return off_diagonal(counts.reshape(*lead, num_gpus, num_gpus))
 
 
 def relay_copies(src: np.ndarray, on: np.ndarray, cost: CostModel) -> tuple[np.ndarray, np.ndarray]:

@@ -68,20 +68,21 @@ def layer_step(slot: np.ndarray, src: np.ndarray, target: np.ndarray, slots: Lay
     num_gpus = cost.num_gpus
     out_bytes, back_bytes = cost.phase_bytes
     dest = slots.gpu_of_slot[slot]  # [B, k]
-    on = np.zeros((len(src), num_gpus), dtype=bool)
-    on[np.arange(len(src))[:, None], dest] = True
-    if dataflow == "hierarchical":
-        inter, intra = relay_copies(src, on, cost)
-        scatter_s = phases(a2a_time(inter, cost, out_bytes), a2a_time(intra, cost, out_bytes), cost)
-        combine_s = phases(a2a_time(intra.T, cost, back_bytes), a2a_time(inter.T, cost, back_bytes), cost)
-        out = back = inter + intra
-    else:
-        if dataflow == "low_latency":
-            out = pair_copy_matrix(src, dest, num_gpus)
-            back = pair_copy_matrix(target, dest, num_gpus).T
+    if dataflow == "low_latency":  # a copy per pair
+        out = pair_copy_matrix(src, dest, num_gpus)
+        back = pair_copy_matrix(target, dest, num_gpus).T
+    else:  # a copy per GPU a token needs
+        on = np.zeros((len(src), num_gpus), dtype=bool)
+        on[np.arange(len(src))[:, None], dest] = True
+        if dataflow == "hierarchical":
+            inter, intra = relay_copies(src, on, cost)
+            scatter_s = phases(a2a_time(inter, cost, out_bytes), a2a_time(intra, cost, out_bytes), cost)
+            combine_s = phases(a2a_time(intra.T, cost, back_bytes), a2a_time(inter.T, cost, back_bytes), cost)
+            out = back = inter + intra
         else:
             out = copy_matrix(src, on)
             back = copy_matrix(target, on).T
+    if dataflow != "hierarchical":
         scatter_s, combine_s = a2a_time(out, cost, out_bytes), a2a_time(back, cost, back_bytes)
     per_slot = np.bincount(slot.ravel(), minlength=slots.num_slots)
     cross = cost.node[:, None] != cost.node[None, :]

@@ -28,7 +28,7 @@ import pulp
 
 from moetuner.placement import Placement
 from moetuner.solvers.completion import finish
-from moetuner.solvers.mip import MipResult, solve_mip
+from moetuner.solvers.mip import MAX_NODES, TIME_CAP_S, MipResult, budget_bound_by, solve_mip
 from moetuner.solvers.problem import PlacementProblem
 
 
@@ -68,7 +68,7 @@ def greedy_activation(active: np.ndarray, num_gpus: int, slots_per_gpu: int) -> 
 def activation_mip(active: np.ndarray, num_gpus: int, slots_per_gpu: int, start: np.ndarray,
                    mip: Mapping[str, Any]) -> tuple[np.ndarray, MipResult]:
     """The MIP of one layer (module docstring), warm-started from gpu_of `start` [E]; (gpu_of [E], result).
-    active [S, E]. Without a solution in the time limit, `start` is returned."""
+    active [S, E]. Without a solution within the budget, `start` is returned."""
     num_steps, num_experts = active.shape
     prob = pulp.LpProblem("metro", pulp.LpMinimize)
     x = {(e, g): pulp.LpVariable(f"x_{e}_{g}", cat="Binary") for e in range(num_experts) for g in range(num_gpus)}
@@ -103,12 +103,14 @@ def phy2log_of(gpu_of: np.ndarray, num_gpus: int, slots_per_gpu: int) -> np.ndar
 
 
 def solve_metro(problem: PlacementProblem, options: Mapping[str, Any]) -> Placement:
-    """Options: time_limit_s (per layer's MIP), mip_solver, gap_rel, fill_replicas (module docstring)."""
+    """Options: max_nodes (per layer's MIP, the work budget; MAX_NODES), seed (0), time_limit_s (per layer's
+    MIP, a safety cap; TIME_CAP_S), mip_solver, gap_rel, fill_replicas (module docstring)."""
     start_time = time.perf_counter()
     mip = {"mip_solver": str(options.get("mip_solver", "highs")),
-           "time_limit_s": float(options.get("time_limit_s", 10.0)), "gap_rel": float(options.get("gap_rel", 0.0))}
+           "time_limit_s": float(options.get("time_limit_s", TIME_CAP_S)), "gap_rel": float(options.get("gap_rel", 0.0)),
+           "max_nodes": int(options.get("max_nodes", MAX_NODES)), "seed": int(options.get("seed", 0))}
     ids = problem.profile.topk_ids.astype(np.int64)
-    rows, objective, proven = [], 0.0, True
+    rows, objective, results = [], 0.0, []
     bound: float | None = 0.0  # None once a layer's MIP gives none
     for layer in range(problem.num_layers):
         active = step_activation(ids[:, layer], problem.step_tokens, problem.num_experts)
@@ -117,8 +119,10 @@ def solve_metro(problem: PlacementProblem, options: Mapping[str, Any]) -> Placem
         value = activated_objective(active, gpu_of, problem.num_gpus) / len(active)
         objective += value
         bound = None if bound is None or result.bound is None else bound + result.bound / len(active)
-        proven &= result.status == "optimal"
+        results.append(result)
         rows.append(phy2log_of(gpu_of, problem.num_gpus, problem.slots_per_gpu))
-    return finish(problem, np.stack(rows), "metro", start_time, status="optimal" if proven else "time_limit",
+    proven = all(r.status == "optimal" for r in results)
+    return finish(problem, np.stack(rows), "metro", start_time, status="optimal" if proven else "feasible",
+                  budget_bound_by=budget_bound_by(results), max_nodes=mip["max_nodes"],
                   objective=objective, bound=bound, fill=bool(options.get("fill_replicas", True)),
                   objective_name="mean over profile steps of the most activated experts on a GPU, summed over layers")

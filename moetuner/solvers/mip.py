@@ -182,3 +182,10 @@ def solve_mip(prob: pulp.LpProblem, mip_solver: str = "highs", time_limit_s: flo
         return MipResult("optimal", objective, objective if bound is None else bound, seconds, name, "none", nodes)
     return MipResult("feasible", objective, _highs_bound(prob) if name == "highs" else None, seconds, name,
                      stopped, nodes)
+
+
+def budget_bound_by(results: list[MipResult]) -> str:
+    """What stopped the MIPs: time if the safety cap stopped any, else nodes if the node budget stopped
+    any, else none (all proven within the gap)."""
+    stops = {r.bound_by for r in results}
+    return next((stop for stop in ("time", "nodes") if stop in stops), "none")

@@ -31,7 +31,7 @@ from moetuner.solvers.baselines import greedy_phy2log
 from moetuner.solvers.completion import finish
 from moetuner.solvers.exflow import follow_affinity, phy2log_from_gpus
 from moetuner.placement import Placement
-from moetuner.solvers.mip import MAX_NODES, TIME_CAP_S, MipResult, solve_mip
+from moetuner.solvers.mip import MAX_NODES, TIME_CAP_S, MipResult, budget_bound_by, solve_mip
 from moetuner.solvers.problem import PlacementProblem
 
 
@@ -211,13 +211,6 @@ def _overall_status(results: list[MipResult], fell_back: bool) -> str:
     if fell_back:
         return "fallback"
     return "optimal" if all(r.status == "optimal" for r in results) else "feasible"
-
-
-def budget_bound_by(results: list[MipResult]) -> str:
-    """What stopped the MIPs: time if the safety cap stopped any, else nodes if the node budget stopped
-    any, else none (all proven within the gap)."""
-    stops = {r.bound_by for r in results}
-    return next((stop for stop in ("time", "nodes") if stop in stops), "none")
 
 
 def _sum_or_none(values: list[float | None]) -> float | None:

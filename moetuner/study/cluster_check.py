@@ -10,9 +10,10 @@
 prints one line; the first that fails raises CheckFailed naming what and where (exit 1).
 - every Slurm-executed job went through sbatch: one SLURM job id per submitted job in Snakemake's log,
   each COMPLETED in Slurm's accounting (sacct) under the run's job name;
-- placements: every placement file, the re-splits' included, is identical in both runs (every solver runs on
-  a work budget, so the same inputs give the same map on any machine and at any load);
-- summary.csv and splits.csv (every split of a re-split trace): every row has equal values in every computed
+- placements: every placement file, the re-splits' and the phases' included, is identical in both runs (every
+  solver runs on a work budget, so the same inputs give the same map on any machine and at any load);
+- summary.csv, splits.csv (every split of a re-split trace) and phases.csv (the `phases` section): every row has
+  equal values in every computed
   column; the measured serve columns
   (MEASURED_TOLERANCE) of emulated runs agree within their tolerance, which the check prints; wall-clock
   columns (solve_seconds, and the measured time of a plain, not emulated, CPU serve run such as the tiny
@@ -137,8 +138,10 @@ def measured_spread(runs: Sequence[Path]) -> dict[str, float]:
 
 
 def compare_placements(first: Path, second: Path, names: tuple[str, str] = RUN_NAMES) -> str:
-    """Every placement file (`placements/...`, the re-splits' included) exists in both runs with the same map."""
-    found = [{fields_path(path, root): path for path, _ in find_files(root, "placement")} for root in (first, second)]
+    """Every placement file (`placements/...`, the re-splits' included, and the phases' `phases/...`) exists in
+    both runs with the same map."""
+    found = [{fields_path(path, root): path for kind in ("placement", "phase_placement")
+              for path, _ in find_files(root, kind)} for root in (first, second)]
     if set(found[0]) != set(found[1]):
         raise CheckFailed(f"placements: in one run only: {sorted(set(found[0]) ^ set(found[1]))} ({first}, {second})")
     for name, path in found[0].items():
@@ -150,8 +153,9 @@ def compare_placements(first: Path, second: Path, names: tuple[str, str] = RUN_N
 
 
 def fields_path(path: Path, root: Path) -> str:
-    """A placement's name in messages: its path under placements/ without .json (trace/topology/solver-rR)."""
-    return path.relative_to(root / "placements").with_suffix("").as_posix()
+    """A placement's name in messages: its path under the results without .json
+    (placements/trace/topology/solver-rR, phases/trace/deployment/solver/phase)."""
+    return path.relative_to(root).with_suffix("").as_posix()
 
 
 def compare_table(first: Path, second: Path, name: str, keys: Sequence[str],
@@ -185,15 +189,19 @@ def compare_table(first: Path, second: Path, name: str, keys: Sequence[str],
 
 
 SUMMARY_KEYS = ("trace", "topology", "solver", "replicas", "eval")
+PHASE_KEYS = ("trace", "deployment", "phase", "eval", "solver")
 
 
 def compare_summaries(first: Path, second: Path, names: tuple[str, str] = RUN_NAMES) -> str:
     """Compare two runs of a study: every placement identical; summary.csv and, where the study re-split a trace,
-    splits.csv (every split's rows) equal in every computed column, measured ones within MEASURED_TOLERANCE."""
+    splits.csv (every split's rows), and where it has phases phases.csv, equal in every computed column, measured
+    ones within MEASURED_TOLERANCE."""
     lines = [compare_placements(first, second, names),
              compare_table(first, second, "summary.csv", SUMMARY_KEYS, names)]
     if (first / "report" / "splits.csv").is_file():
         lines.append(compare_table(first, second, "splits.csv", [*SUMMARY_KEYS, "split_seed"], names))
+    if (first / "report" / "phases.csv").is_file() and len(pd.read_csv(first / "report" / "phases.csv")):
+        lines.append(compare_table(first, second, "phases.csv", PHASE_KEYS, names))
     return "; ".join(lines)
 
 

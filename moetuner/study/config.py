@@ -30,6 +30,7 @@ TRACE_KINDS: dict[str, tuple[str, ...]] = {
     "loads": ("of",),  # the load profile of trace `of` (per-step expert loads, as an engine dumps them)
 }
 GRID_KEYS = ("traces", "topologies", "solvers", "replicas", "evaluate_on")  # and optionally split_seeds
+PHASE_KEYS = ("deployment", "traces", "solvers", "evaluate_on")  # and optionally solver_args, simulate, bound
 
 
 class StudyConfigError(ValueError):
@@ -102,8 +103,29 @@ def check_traces(traces: Mapping[str, Any], project: Path) -> None:
                                    f"the path is relative to the project root (see data/README.md)")
 
 
+def check_phases(phases: Mapping[str, Any], traces: Mapping[str, Any], conf: Path) -> None:
+    """The `phases` section: a known deployment (both checked as `moetuner-solve deployment=` would), routing
+    traces of this config, known solvers, evaluations of this config; `solver_args` only for its solvers."""
+    from moetuner.deployment import DeploymentError, deployment_from_config, deployment_preset
+
+    missing = [k for k in PHASE_KEYS if k not in phases]
+    if missing:
+        raise StudyConfigError(f"phases: missing {missing}; the section needs {list(PHASE_KEYS)}")
+    _check_names("phases.deployment", [phases["deployment"]], _conf_names(conf, "deployment"), "deployment")
+    try:
+        deployment_from_config(deployment_preset(str(phases["deployment"])))
+    except DeploymentError as err:
+        raise StudyConfigError(f"phases.deployment={phases['deployment']}: {err}") from err
+    _check_names("phases.traces", list(phases["traces"]), list(traces), "trace(s)")
+    _check_token_traces("phases.traces", list(phases["traces"]), traces)
+    _check_names("phases.solvers", list(phases["solvers"]), _conf_names(conf, "solver"), "solver(s)")
+    _check_names("phases.evaluate_on", list(phases["evaluate_on"]), ["heldout", *traces], "evaluation(s)")
+    _check_names("phases.solver_args", list(phases.get("solver_args") or {}), list(phases["solvers"]),
+                  "solver(s) (not in phases.solvers)")
+
+
 def check_study_config(config: Mapping[str, Any], project: Path) -> None:
-    """Raise StudyConfigError unless traces, grids and serve refer to things that exist.
+    """Raise StudyConfigError unless traces, grids, phases and serve refer to things that exist.
 
     project: the project root (holds conf/{topology,solver,policy}/*.yaml and `file` traces).
     """
@@ -133,6 +155,8 @@ def check_study_config(config: Mapping[str, Any], project: Path) -> None:
     online = config.get("online")
     if online:
         _check_names("online.policies", list(online.get("policies") or []), _conf_names(conf, "policy"), "policy")
+    if config.get("phases"):
+        check_phases(config["phases"], traces, conf)
     serve = config.get("serve")
     if serve:
         _check_names("serve.traces", list(serve["traces"]), list(traces), "trace(s)")

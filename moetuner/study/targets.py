@@ -16,6 +16,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from moetuner.deployment import deployment_preset, unit_overrides
 from moetuner.topology import topology_preset
 
 StudyConfig = Mapping[str, Any]
@@ -81,6 +82,9 @@ LAYOUT: dict[str, str] = {
     "per_layer": f"simulate/{{trace}}/{{topology}}/{RUN}/{{evaluate_on}}/per_layer.csv",
     "serve": f"serve/{{trace}}/{{topology}}/{RUN}/metrics.json",
     "online": "online/{stream}/{setting}/{policy}/metrics.json",  # setting: <topology>-r<replicas>
+    # a deployment's placements, one per phase (engine files beside each), and their scores on that phase's unit
+    "phase_placement": "phases/{trace}/{deployment}/{solver}/{phase}.json",
+    "phase_simulate": "phases/{trace}/{deployment}/{solver}/{phase}/{evaluate_on}/metrics.json",
     "regime": "regime/regime.csv",
     "regime_figure": "regime/regime.png",
 }
@@ -100,10 +104,11 @@ def layout_path(results: str | Path, kind: str, **fields: Any) -> str:
 
 @cache
 def _layout_regex(template: str) -> re.Pattern[str]:
-    """The template as a regex: `replicas` digits, other fields one path component each."""
+    """The template as a regex: `replicas` digits, `phase` a name without dots (not an engine file's
+    `decode.sglang`), other fields one path component each."""
     parts = _FIELD.split(template)  # literal, field, literal, field, ...
-    return re.compile("".join(re.escape(part) if i % 2 == 0 else
-                              (rf"(?P<{part}>\d+)" if part == "replicas" else rf"(?P<{part}>[^/]+)")
+    pattern = {"replicas": r"\d+", "phase": r"[A-Za-z_]+"}
+    return re.compile("".join(re.escape(part) if i % 2 == 0 else rf"(?P<{part}>{pattern.get(part, '[^/]+')})"
                               for i, part in enumerate(parts)))
 
 
@@ -363,6 +368,53 @@ def online_args(config: StudyConfig, results: str, policy: str) -> list[str]:
             "stream.split=null", f"stream.seed={int(spec.get('seed', 0))}",
             f"topology={spec['topology']}", f"replicas={spec['replicas']}", f"policy={policy}",
             *spec.get("args", []), *(spec.get("policy_args") or {}).get(policy, [])]
+
+
+# --- phases: a deployment's prefill and decode placements -------------------------------------------
+
+def phase_deployment(config: StudyConfig) -> str | None:
+    """The deployment of the `phases` section, or None without one."""
+    return (config.get("phases") or {}).get("deployment")
+
+
+def phase_units(config: StudyConfig) -> list[str]:
+    """The phases the study's deployment serves (its units, in `conf/deployment/<name>.yaml` order); none
+    without a `phases` section."""
+    name = phase_deployment(config)
+    return [] if name is None else list(deployment_preset(name)["units"])
+
+
+def phase_placement_path(results: str, trace: str, deployment: str, solver: str, phase: str) -> str:
+    return layout_path(results, "phase_placement", trace=trace, deployment=deployment, solver=solver, phase=phase)
+
+
+def phase_simulate_path(results: str, trace: str, deployment: str, solver: str, phase: str, evaluate_on: str) -> str:
+    return layout_path(results, "phase_simulate", trace=trace, deployment=deployment, solver=solver, phase=phase,
+                       evaluate_on=evaluate_on)
+
+
+def phase_targets(config: StudyConfig, available: Sequence[str], results: str) -> list[str]:
+    """Simulator metrics of every `phases` placement (trace x solver x unit) on each available evaluation of
+    `phases.evaluate_on`, each on its unit, in config order; none without a `phases` section."""
+    spec, deployment = config.get("phases") or {}, phase_deployment(config)
+    if deployment is None:
+        return []
+    evals = [e for e in spec["evaluate_on"] if e == "heldout" or e in available]
+    return [phase_simulate_path(results, trace, deployment, solver, phase, ev)
+            for trace in spec["traces"] if trace in available for solver in spec["solvers"]
+            for phase in phase_units(config) for ev in evals]
+
+
+def phase_simulate_args(config: StudyConfig, phase: str, solver: str) -> list[str]:
+    """moetuner-simulate overrides that score a placement of `solver` on the deployment's `phase` unit (its
+    topology, the phase and the unit's overrides of it), then `phases.simulate`. With `phases.bound`, the first
+    solver's run also computes the fixed-placement lower bound (`bound=true`): it depends only on the scored
+    steps, the unit's topology and its slots per GPU, the same for every solver, so it is computed once per phase
+    and the report divides it into every solver's time."""
+    spec, deployment = config["phases"], phase_deployment(config)
+    assert deployment is not None, "phase_simulate_args needs a `phases` section"
+    bound = ["bound=true"] if spec.get("bound") and solver == spec["solvers"][0] else []
+    return [*unit_overrides(deployment_preset(deployment), phase), *bound, *spec.get("simulate", [])]
 
 
 # --- command lines -----------------------------------------------------------------------------------

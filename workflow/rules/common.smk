@@ -23,6 +23,8 @@ REGIME_TRACE = targets.regime_trace(config, AVAILABLE)
 REGIME_PLACEMENTS = targets.regime_placements(config, AVAILABLE, RESULTS)
 ONLINE_TARGETS = targets.online_targets(config, AVAILABLE, RESULTS)
 RESPLITS = targets.resplit_traces(config, AVAILABLE)  # `<trace>.split<seed>`: the grids' `split_seeds`
+PHASE_TARGETS = targets.phase_targets(config, AVAILABLE, RESULTS)  # the `phases` section: one deployment
+PHASE_UNITS = targets.phase_units(config)
 
 
 wildcard_constraints:
@@ -31,6 +33,8 @@ wildcard_constraints:
     topology="[A-Za-z0-9_]+",
     solver="[a-z_]+",
     replicas="[0-9]+",
+    deployment="[A-Za-z0-9_]+",
+    phase=targets.one_of(PHASE_UNITS),
 
 
 def trace_path(name):

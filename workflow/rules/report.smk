@@ -12,6 +12,7 @@ rule report:
         calibration=rules.calibrate.output.metrics if SERVE_TARGETS else [],
         regime=rules.regime.output.table if REGIME_PLACEMENTS else [],
         online=ONLINE_TARGETS,
+        phases=PHASE_TARGETS,
     output:
         html=report(f"{REPORT}/report.html", caption="../report/report.rst", category="Report"),
         table=report(f"{REPORT}/summary.csv", caption="../report/summary.rst", category="Report"),
@@ -21,6 +22,7 @@ rule report:
         splits=f"{REPORT}/splits.csv",  # every split of a re-split trace (a grid's split_seeds)
         headline_splits=f"{REPORT}/headline_splits.csv",
         headline_margins=f"{REPORT}/headline_margins.csv",
+        phases=f"{REPORT}/phases.csv",  # the phases section's table (header only without `phases`)
         metrics=f"{REPORT}/summary_metrics.json",
         regime=f"{REPORT}/regime.png",  # drawn from regime.csv (in Snakemake's report as the regime rule's figure)
         figures=[report(f"{REPORT}/{name}.png", caption=f"../report/{name}.rst", category="Figures")
@@ -41,5 +43,5 @@ rule report:
         "{params.app} moetuner-report results={params.results} out={params.out} {params.skipped} > {log} 2>&1 && "
         "python -m moetuner.study finish --results {params.results} --metrics {output.metrics} --note {output.headline} "
         "{output.html} {output.markdown} {output.headline} {output.headline_table} {output.headline_splits} "
-        "{output.headline_margins} {output.table} {output.splits} {output.regime} "
+        "{output.headline_margins} {output.phases} {output.table} {output.splits} {output.regime} "
         "{output.figures} >> {log} 2>&1"

@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # The slurm profile, checked for real on this machine (docs/study.md, "On a Slurm cluster"):
 #   bash workflow/profiles/slurm/local-check.sh                 # the default study, then the tiny one
-#   bash workflow/profiles/slurm/local-check.sh --study tiny    # one study only (CI)
+#   bash workflow/profiles/slurm/local-check.sh --study tiny    # one study only
+#   bash workflow/profiles/slurm/local-check.sh --study tiny --concurrent   # CI: the local run alongside
+# --concurrent runs each study's local reference run while its Slurm run goes (the Slurm run mostly waits on
+# sbatch and squeue, so the two share the cores): the placements and computed columns do not depend on load, but
+# the measured serve columns of emulated runs do, so use it for studies whose serve runs are plain CPU runs
+# (tiny), not the default study (its emulated serve stage is checked against a tolerance from quiet runs).
 # For each study: installs what is missing (Debian: slurm-wlm daemons, munge, MariaDB), starts a
 # one-machine Slurm cluster (local-cluster.sh: slurmdbd, slurmctld, two slurmd) and an MLflow tracking
 # server (sqlite backend, artifact serving) on 127.0.0.1, runs the study locally (--cores 2, its own
@@ -17,11 +22,12 @@
 set -uo pipefail
 repo="$(cd "$(dirname "$0")/../../.." && pwd)"
 cd "$repo"
-studies=()
+studies=() concurrent=0 local_pid=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --study) studies+=("${2:?--study needs a name}"); shift 2 ;;
-    *) echo "usage: bash $0 [--study NAME]... (names from conf/study/)" >&2; exit 2 ;;
+    --concurrent) concurrent=1; shift ;;
+    *) echo "usage: bash $0 [--study NAME]... [--concurrent] (names from conf/study/)" >&2; exit 2 ;;
   esac
 done
 [ ${#studies[@]} -gt 0 ] || studies=(default tiny)
@@ -40,6 +46,7 @@ finish() {
   local rc=$?
   [ -n "$result" ] || result="failed: $step: stopped (exit $rc) (logs: $run/logs/)"
   say "stopping what this check started"
+  [ -z "$local_pid" ] || kill -- "-$local_pid" 2>/dev/null || true
   stop_mlflow
   "${cluster[@]}" stop || result="$result; failed: stopping the cluster"
   echo "$result"
@@ -99,6 +106,17 @@ slurm_study() {  # slurm_study NAME: the same through the slurm profile, tracked
     --resources host_cores="$(serve_cores "$1")" serve_jobs=1
 }
 
+slurm_beside_local() {  # slurm_beside_local NAME: the local run in the background (its own log and seconds
+  # file) while the Slurm run goes in the foreground; fails if either fails
+  local start=$SECONDS
+  setsid bash -c "$(declare -f local_study); run='$run' repo='$repo'; local_study '$1' && echo \$((SECONDS)) \
+    >'$run/$1/local.seconds'" >"$run/logs/$1-local.log" 2>&1 &
+  local_pid=$!
+  slurm_study "$1" || { echo "the Slurm run failed"; return 1; }
+  wait "$local_pid" || { echo "the local run failed (log: $run/logs/$1-local.log)"; local_pid=""; return 1; }
+  local_pid=""
+}
+
 sweep() {  # sweep NAME: 2 solvers x 2 replica budgets through the submitit launcher
   local trace dir="$run/$1/sweep"
   trace="$(ls "$run/$1/slurm/results/$1/splits/"*/profile.safetensors | head -n 1)"
@@ -122,8 +140,13 @@ export SLURM_CONF="$state/slurm.conf"
 step mlflow start_mlflow
 for study in "${studies[@]}"; do
   [ -f "conf/study/$study.yaml" ] || { result="failed: no study conf/study/$study.yaml"; exit 2; }
-  step "$study-local" local_study "$study"; local_s=$STEP_SECONDS
-  step "$study-slurm" slurm_study "$study"; slurm_s=$STEP_SECONDS
+  if [ "$concurrent" = 1 ]; then
+    mkdir -p "$run/$study"
+    step "$study-slurm" slurm_beside_local "$study"; slurm_s=$STEP_SECONDS; local_s=$(cat "$run/$study/local.seconds")
+  else
+    step "$study-local" local_study "$study"; local_s=$STEP_SECONDS
+    step "$study-slurm" slurm_study "$study"; slurm_s=$STEP_SECONDS
+  fi
   step "$study-check" python -m moetuner.study.cluster_check study --local "$run/$study/local/results/$study" \
     --slurm "$run/$study/slurm/results/$study" --log "$run/logs/$study-slurm.log" \
     --local-uri "sqlite:///$run/$study/local/mlflow.db" --uri "$URI"
@@ -133,7 +156,8 @@ for study in "${studies[@]}"; do
     --log "$run/$study/sweep/multirun/.submitit"
   cat "$run/logs/$study-sweep-check.log" >&2
   jobs=$(grep -c "has been submitted with SLURM jobid" "$run/logs/$study-slurm.log")
-  summary+=("$study: $jobs Slurm jobs in ${slurm_s} s vs ${local_s} s locally ($(awk "BEGIN {printf \"%.2f\", $slurm_s / $local_s}")x)")
+  both=""; [ "$concurrent" = 0 ] || both=", the two runs concurrent"
+  summary+=("$study: $jobs Slurm jobs in ${slurm_s} s vs ${local_s} s locally ($(awk "BEGIN {printf \"%.2f\", $slurm_s / $local_s}")x$both)")
 done
 step listings bash -c "sacct -X -a -S $since -o JobID,JobName%14,Partition,State,AllocCPUS,NodeList,Elapsed \
   >'$run/sacct.txt' && MLFLOW_TRACKING_URI=$URI mlflow experiments search --view all >'$run/mlflow-experiments.txt'"
