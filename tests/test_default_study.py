@@ -115,6 +115,7 @@ def test_default_config_passes_the_checks() -> None:
     (lambda c: c["grids"][0].update(split_evaluate_on=["medical"]), r"grids\[0\]\.split_evaluate_on: \['medical'\] "
                                                                     r"not in the grid's evaluate_on"),
     (lambda c: c["phases"].update(deployment="v4"), r"phases\.deployment: unknown deployment \['v4'\]"),
+    (lambda c: c.update(bound="yes"), r"bound: 'yes'; give true"),
     (lambda c: c["phases"].pop("evaluate_on"), r"phases: missing \['evaluate_on'\]"),
     (lambda c: c["phases"]["traces"].append("nosuch"), r"phases\.traces: unknown trace"),
     (lambda c: c["phases"]["solvers"].append("nosuch"), r"phases\.solvers: unknown solver"),
@@ -212,13 +213,14 @@ def test_default_study_runs_in_a_clone_without_shared(tmp_path: Path) -> None:
     # figure and the report, in a clone without ../shared. Left out for CI time (CI runs under 25 min on 2 cores;
     # each part runs elsewhere in the suite): the re-splits and the phases (the tiny study, tests/test_workflow.py),
     # the serve stage and calibration (the tiny study; tests/test_serve.py), the online stage
-    # (tests/test_online.py), and the grid's other tiny-model and synthetic traces. The whole default study is
+    # (tests/test_online.py), the grid settings' bounds (the tiny study) and the grid's other tiny-model and
+    # synthetic traces. The whole default study is
     # README's study command, timed there on a fresh clone.
     config = default_config()
     for grid in config["grids"]:
         grid.pop("split_seeds", None), grid.pop("split_evaluate_on", None)
         grid["traces"] = [t for t in grid["traces"] if t not in ("tiny-qwen3-moe", "synth-zipf")]
-    config["phases"] = None
+    config["phases"], config["bound"] = None, False
     config["serve"]["solvers"] = []
     config["online"]["segments"] = []
     (tmp_path / "one_split.yaml").write_text(yaml.safe_dump(config))

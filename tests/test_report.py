@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moetuner.report.collect import speedup_vs_contiguous
+from moetuner.report.collect import gap_to_bound, speedup_vs_contiguous
 from moetuner.solvers.mip import relative_gap
 from moetuner.report.document import markdown_table
 from moetuner.placement import gpu_loads
@@ -422,6 +422,16 @@ def test_phase_table_compares_each_phase_with_eplb_by_hand(tmp_path: Path) -> No
            "the interval over the scored steps excludes 1" in phase_sentence(prefill)
     section = phase_section(table)
     assert section is not None and section.markdown.count("### ") == 2 and "<h3>" in section.html
+
+
+def test_gap_to_bound_divides_the_one_bound_of_each_setting() -> None:
+    sim = pd.DataFrame({"trace": ["t"] * 5, "topology": ["g"] * 5, "replicas": [0, 0, 0, 1, 1],
+                        "eval": ["heldout"] * 4 + ["other"], "solver": ["a", "b", "c", "a", "a"],
+                        "layer_time_s": [2.0, 3.0, 4.0, 5.0, 6.0], "bound_step_s": [1.0, np.nan, np.nan, np.nan, np.nan]})
+    gap = gap_to_bound(sim)
+    assert gap.iloc[:3].tolist() == [2.0, 3.0, 4.0]  # every solver of (t, g, r0, heldout) over its one bound
+    assert gap.iloc[3:].isna().all()  # settings whose runs computed none
+    assert gap_to_bound(sim.drop(columns="bound_step_s")).isna().all()
 
 
 def test_phase_table_is_empty_without_phase_runs(tmp_path: Path) -> None:

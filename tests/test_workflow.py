@@ -104,6 +104,9 @@ def test_tiny_study_outputs_and_report(tiny_study: tuple[Path, str, subprocess.C
         ("eplb", 1, "heldout")}
     contiguous = table[(table.solver == "contiguous")]
     assert (contiguous.speedup_vs_contiguous == 1.0).all()
+    # `bound: true`: each setting's fixed-placement bound once, on held-out steps; no placement beats it
+    held_out = table["eval"] == "heldout"
+    assert (table[held_out].gap_to_bound >= 1.0).all() and table[~held_out].gap_to_bound.isna().all()
     served = table.dropna(subset=["measured_layer_time_s"])
     assert set(served.solver) == {"contiguous", "eplb"} and (served["eval"] == "heldout").all()
     assert (table.predicted_layer_time_s > 0).all() and (served.measured_layer_time_s > 0).all()

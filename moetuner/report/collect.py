@@ -101,6 +101,17 @@ def speedup_vs_contiguous(sim: pd.DataFrame, same: Sequence[str] = ("trace", "to
     return ref / sim["layer_time_s"]
 
 
+def gap_to_bound(sim: pd.DataFrame, same: Sequence[str] = ("trace", "topology", "replicas", "eval")) -> pd.Series:
+    """Layer time over the fixed-placement lower bound of its setting (`bound_step_s`, which one simulate run of
+    the setting computed: the study's `bound: true`; the same for every solver there); NaN where none did."""
+    same = list(same)
+    if "bound_step_s" not in sim:
+        return pd.Series(np.nan, index=sim.index)
+    bounds = sim.dropna(subset=["bound_step_s"]).groupby(same)["bound_step_s"]
+    assert (bounds.nunique() <= 1).all(), "one setting's runs computed different bounds"
+    return sim["layer_time_s"] / sim.join(bounds.first().rename("bound"), on=same)["bound"]
+
+
 def main_split(frame: pd.DataFrame) -> pd.DataFrame:
     """The rows of the study's main split: those whose trace is not a re-split (`<trace>.split<seed>`)."""
     return frame[[parse_split_variant(t)[1] is None for t in frame["trace"]]] if len(frame) else frame
@@ -146,7 +157,8 @@ def results_table(results: str | Path) -> pd.DataFrame:
         for column in SERVE_COLUMNS:
             table[column] = np.nan
     table = table.assign(predicted_layer_time_s=table["layer_time_s"], measured_layer_time_s=table["moe_layer_time_s"],
-                         speedup_vs_contiguous=speedup_vs_contiguous(table), compute_tail_s=table["compute_time_s"],
+                         speedup_vs_contiguous=speedup_vs_contiguous(table), gap_to_bound=gap_to_bound(table),
+                         compute_tail_s=table["compute_time_s"],
                          a2a_tail_s=table["a2a_time_s"])
     for column in TABLE_COLUMNS:  # what simulate runs of older versions did not write
         if column not in table:

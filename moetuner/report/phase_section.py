@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from moetuner.costmodel.intervals import distinguishable, speedup_interval
+from moetuner.report.collect import gap_to_bound
 from moetuner.phase import PHASES
 from moetuner.report.document import Section, html_table, markdown_table
 from moetuner.study.targets import find_files
@@ -31,7 +32,8 @@ REFERENCE = "eplb"
 
 def phase_runs(results: str | Path) -> pd.DataFrame:
     """One row per phase simulate run: the layout's fields, the setting scored, the time per step (ms), the
-    run's lower bound per step (`bound_ms`, NaN where it computed none) and `steps` (seconds per scored step, [S])."""
+    gap to its phase's lower bound (collect.gap_to_bound: one run of the phase computed it) and `steps`
+    (seconds per scored step, [S])."""
     rows = []
     for path, key in find_files(results, "phase_simulate"):
         doc = json.loads(path.read_text())
@@ -39,9 +41,11 @@ def phase_runs(results: str | Path) -> pd.DataFrame:
                      "eval": key["evaluate_on"], "topology": doc["topology"],
                      "tokens_per_rank": doc["step_tokens"] // doc["num_gpus"], "dataflow": doc["dataflow"],
                      "solver": key["solver"], "step_time_ms": 1e3 * doc["layer_time_s"],
-                     "bound_ms": 1e3 * doc.get("bound_step_s", np.nan),
+                     "layer_time_s": doc["layer_time_s"], "bound_step_s": doc.get("bound_step_s", np.nan),
                      "steps": np.asarray(doc["step_times_s"], dtype=float)})
-    return pd.DataFrame(rows, columns=[*COLUMNS[:9], "bound_ms", "steps"])
+    runs = pd.DataFrame(rows, columns=[*COLUMNS[:9], "layer_time_s", "bound_step_s", "steps"])
+    gap = gap_to_bound(runs, ("trace", "deployment", "phase", "eval")) if len(runs) else []
+    return runs.assign(gap_to_bound=gap).drop(columns=["layer_time_s", "bound_step_s"])
 
 
 def phase_table(results: str | Path) -> pd.DataFrame:
@@ -56,15 +60,11 @@ def phase_table(results: str | Path) -> pd.DataFrame:
         solvers = list(group["solver"])
         reference = REFERENCE if REFERENCE in solvers else sorted(solvers)[0]
         base = group.loc[group["solver"] == reference, "steps"].iloc[0]
-        bounds = group["bound_ms"].dropna().unique()
-        assert len(bounds) <= 1, f"one phase's runs computed different bounds: {bounds}"
-        bound_ms = bounds[0] if len(bounds) else np.nan
         for _, run in group.sort_values(["step_time_ms", "solver"]).iterrows():
             low, high = speedup_interval(base, run["steps"])
-            rows.append({**run.drop(["steps", "bound_ms", "order"]).to_dict(), "reference": reference,
+            rows.append({**run.drop(["steps", "order"]).to_dict(), "reference": reference,
                          "vs_reference": float(np.mean(base) / np.mean(run["steps"])),
-                         "vs_reference_low": low, "vs_reference_high": high,
-                         "gap_to_bound": run["step_time_ms"] / bound_ms})
+                         "vs_reference_low": low, "vs_reference_high": high})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

@@ -147,6 +147,9 @@ def check_study_config(config: Mapping[str, Any], project: Path) -> None:
             raise StudyConfigError(f"grids[{i}].replicas: {bad}; replicas are integers >= 0")
         if "split_seeds" in grid:
             check_split_seeds(f"grids[{i}]", grid, traces, main_split_seed(config))
+    if not isinstance(config.get("bound", False), bool):
+        raise StudyConfigError(f"bound: {config['bound']!r}; give true (each grid setting's fixed-placement bound, "
+                               f"once) or false")
     regime = config.get("regime")
     if regime:
         _check_names("regime.traces", list(regime["traces"]), list(traces), "trace(s)")

@@ -254,6 +254,28 @@ def grid_points(config: StudyConfig, available: Sequence[str]) -> list[GridPoint
     return points
 
 
+def bound_runs(config: StudyConfig, available: Sequence[str]) -> set[tuple[str, str, str, int]]:
+    """With the study's `bound: true`, the simulate runs that also compute the fixed-placement lower bound on
+    their held-out steps: per (trace, topology, replicas) of the grids on the main split, the first solver in
+    config order. The bound depends only on the scored steps, the topology and the slots per GPU (set by the
+    replica budget), the same for every solver of the setting, so it is computed once and the report divides
+    it into every solver's time (collect.gap_to_bound). Empty without `bound`. {(trace, topology, solver, replicas)}"""
+    if not config.get("bound"):
+        return set()
+    first: dict[tuple[str, str, int], str] = {}
+    for trace, topology, solver, replicas, _ in grid_points(config, available):
+        first.setdefault((trace, topology, int(replicas)), solver)
+    return {(trace, topology, solver, replicas) for (trace, topology, replicas), solver in first.items()}
+
+
+def simulate_args(config: StudyConfig, available: Sequence[str], trace: str, topology: str, solver: str,
+                  replicas: int, evaluate_on: str) -> list[str]:
+    """moetuner-simulate overrides of one run: `simulate`, then `bound=true` where it computes its setting's
+    bound (bound_runs, on held-out steps only)."""
+    bound = evaluate_on == "heldout" and (trace, topology, solver, int(replicas)) in bound_runs(config, available)
+    return [*config["simulate"], *(["bound=true"] if bound else [])]
+
+
 def serve_trace(config: StudyConfig, available: Sequence[str]) -> str | None:
     """The first available trace of `serve.traces`, or None."""
     return next((t for t in config["serve"]["traces"] if t in available), None)

@@ -9,7 +9,8 @@ rule simulate:
         metrics=targets.simulate_path(RESULTS, "{trace}", "{topology}", "{solver}", "{replicas}", "{eval}"),
     params:
         app=lambda w: app("simulate", w),
-        args=overrides(config["simulate"]),
+        args=lambda w: overrides(targets.simulate_args(config, AVAILABLE, w.trace, w.topology, w.solver,
+                                                       int(w.replicas), w.eval)),
         out=lambda w, output: str(Path(output.metrics).parent),
     log:
         log_path("simulate", "{trace}/{topology}/{solver}-r{replicas}/{eval}"),
