@@ -11,6 +11,8 @@ study's main split) and `splits.csv` (every split of the re-split trace) to docs
   (resampling splits, then steps; the report's headline_splits.csv as shown);
 - headline_margins.csv: per setting the winner's speedup over the runner-up within the main split, across
   splits and over splits, and the verdict (`faster` only when the runner-up is beaten in every split);
+- bounds.csv: per held-out setting (topology, replicas) each solver's gap_to_bound, its time over the
+  setting's fixed-placement lower bound (the study's `bound: true`);
 - phases.csv: the report's phases table (each phase of the v2_lite deployment on its own unit), numbers rounded;
 - serve.csv: the served placements on shaped links, measured vs predicted step time in total and on
   the transfers alone, and the share of the prediction the emulation waits out from the cost model
@@ -86,6 +88,20 @@ def margin_rows(margins: pd.DataFrame, main_seed: int) -> pd.DataFrame:
         "verdict": [verdict(row) for _, row in margins.iterrows()]})
 
 
+def bound_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """Per held-out setting of the headline trace: the fixed-placement bound's setting and each solver's
+    gap_to_bound (3 decimals), the row's smallest in bold."""
+    held = table[(table["trace"] == headline_trace(table)) & (table["eval"] == "heldout")]
+    gaps = held.pivot_table(index=["topology", "replicas"], columns="solver", values="gap_to_bound")
+    rows = []
+    for (topology, replicas), row in gaps.iterrows():
+        cells = {"topology": topology, "replicas": int(replicas)}
+        for solver, value in row.items():
+            cells[solver] = "-" if pd.isna(value) else (f"**{value:.3f}**" if value == row.min() else f"{value:.3f}")
+        rows.append(cells)
+    return pd.DataFrame(rows)
+
+
 def serve_rows(table: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     """(served placements on shaped links: measured and predicted us per step, errors, injected share;
     how many served runs were on unshaped links and left out)."""
@@ -121,6 +137,7 @@ def main() -> None:
     write_atomic(OUT / "headline_splits.csv", lambda tmp: splits.to_csv(tmp, index=False))
     margins = margin_rows(pd.read_csv(report / "headline_margins.csv"), args.split_seed)
     write_atomic(OUT / "headline_margins.csv", lambda tmp: margins.to_csv(tmp, index=False))
+    write_atomic(OUT / "bounds.csv", lambda tmp: bound_rows(table).to_csv(tmp, index=False))
     phases = pd.read_csv(report / "phases.csv").round(4)
     write_atomic(OUT / "phases.csv", lambda tmp: phases.to_csv(tmp, index=False))
     serve, unshaped = serve_rows(table)

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from moetuner import conf_preset
 from moetuner.phase import PHASES, Phase, phase_from_config
 from moetuner.topology import Topology, topology_from_config, topology_preset
 from moetuner.trace import Trace
@@ -25,26 +26,14 @@ class DeploymentError(ValueError):
 
 def phase_preset(name: str) -> dict[str, Any]:
     """The preset `conf/phase/<name>.yaml` as a plain dict."""
-    from omegaconf import OmegaConf
-
-    from moetuner import PROJECT_ROOT
-
     if name not in PHASES:
         raise DeploymentError(f"unknown phase {name!r} in a deployment; its units are named by phase: {list(PHASES)}")
-    return dict(OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "phase" / f"{name}.yaml")))
+    return conf_preset("phase", name, DeploymentError)
 
 
 def deployment_preset(name: str) -> dict[str, Any]:
     """The preset `conf/deployment/<name>.yaml` as a plain dict."""
-    from omegaconf import OmegaConf
-
-    from moetuner import PROJECT_ROOT
-
-    path = PROJECT_ROOT / "conf" / "deployment" / f"{name}.yaml"
-    if not path.is_file():
-        presets = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise DeploymentError(f"no deployment preset {name!r}; choose one of {presets}")
-    return dict(OmegaConf.to_container(OmegaConf.load(path)))
+    return conf_preset("deployment", name, DeploymentError)
 
 
 def unit_overrides(cfg: Mapping[str, Any], phase: str) -> list[str]:

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from moetuner import conf_preset
+
 
 class TopologyError(ValueError):
     """A topology is inconsistent, or cannot hold a model's experts."""
@@ -76,15 +78,7 @@ GB = 1e9
 
 def topology_preset(name: str) -> dict[str, Any]:
     """The preset `conf/topology/<name>.yaml` as a plain dict (GB/s, us, TFLOP/s units)."""
-    from omegaconf import OmegaConf
-
-    from moetuner import PROJECT_ROOT
-
-    path = PROJECT_ROOT / "conf" / "topology" / f"{name}.yaml"
-    if not path.is_file():
-        presets = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise TopologyError(f"no topology preset {name!r}; choose one of {presets}")
-    return dict(OmegaConf.to_container(OmegaConf.load(path)))
+    return conf_preset("topology", name, TopologyError)
 
 
 def topology_from_config(cfg: Mapping[str, Any]) -> Topology:
