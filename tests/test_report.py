@@ -17,7 +17,8 @@ from moetuner.profiling.stats import expert_load
 from moetuner.report.figures import relative_load
 from moetuner.report.headline import (dispatch_tables, headline_metrics, headline_sentences, headline_tables, headline_trace,
                                       html_headline, markdown_headline, regime_sentence)
-from moetuner.report.phase_section import COLUMNS as PHASE_COLUMNS, phase_section, phase_sentence, phase_table
+from moetuner.report.phase_section import (COLUMNS as PHASE_COLUMNS, phase_section, phase_sentence, phase_sentences,
+                                           phase_table)
 from moetuner.report.regime import regime_table, tile_tokens
 from moetuner.study import targets
 from moetuner.costmodel.cost import CostModel
@@ -416,6 +417,7 @@ def test_phase_table_compares_each_phase_with_eplb_by_hand(tmp_path: Path) -> No
     assert "1.00x the fixed-placement lower bound" in sentences["decode"]
     assert "a tie" in sentences["prefill"] and "lower bound" not in sentences["prefill"]
     assert list(table.phase.unique()) == ["prefill", "decode"]  # the order a request is served in
+    assert [sentence.split(" on ")[0] for sentence in phase_sentences(table)] == ["At prefill", "At decode"]
     write_phase_run(tmp_path, "steptail", "prefill", [1.1, 3.3], None)  # now 10% slower than the reference
     prefill = phase_table(tmp_path).query("phase == 'prefill'").reset_index(drop=True)
     assert "fastest placement is eplb (the reference); runner-up steptail at 0.909x its speed [0.909, 0.909]; " \

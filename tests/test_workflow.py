@@ -161,6 +161,8 @@ def test_tiny_study_places_and_scores_each_phase_on_its_unit(
     bounds = [json.loads(p.read_text()).get("bound_step_s") for p in sorted((results / "phases").rglob("metrics.json"))]
     assert sum(b is not None for b in bounds) == 2  # once per phase (eplb's runs)
     assert "## Phases: prefill and decode" in (results / "report" / "report.md").read_text()
+    headline = (results / "report" / "headline.md").read_text()  # the headline says each phase in a sentence
+    assert "At prefill on cpu_2x2 (64 tokens per rank" in headline and "At decode on cpu_2x2 (8 tokens" in headline
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from moetuner.apps.common import CONF_DIR
 from moetuner.atomic import write_atomic
 from moetuner.report.build import build_report
 from moetuner.report.online_section import online_section
-from moetuner.report.phase_section import phase_section, phase_table
+from moetuner.report.phase_section import phase_section, phase_sentences, phase_table
 from moetuner.tracking import AppResult, AppRun, tracked_app
 
 
@@ -31,7 +31,7 @@ def main(cfg: DictConfig) -> AppRun:
                               notes=[*notes, *cfg.notes],
                               extra=[s for s in [phase_section(phases), online_section(cfg.results, cfg.out)]
                                      if s is not None],
-                              main_seed=int(cfg.split_seed))
+                              main_seed=int(cfg.split_seed), headline_notes=phase_sentences(phases))
         phases_csv = write_atomic(Path(cfg.out) / "phases.csv", lambda tmp: phases.to_csv(tmp, index=False))
         print(report.headline)
         print(report.table.to_string(index=False))

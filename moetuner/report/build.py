@@ -121,14 +121,16 @@ def regime_section(regime: pd.DataFrame | None, out: Path) -> Section:
 
 def report_sections(results: Path, out: Path, table: pd.DataFrame, tables: Headline, trace: str,
                     drawn: dict[str, Path], margins: Margins, extra: Sequence[Section] = (),
-                    splits: pd.DataFrame | None = None, main_seed: int = 0) -> list[Section]:
+                    splits: pd.DataFrame | None = None, main_seed: int = 0,
+                    headline_notes: Sequence[str] = ()) -> list[Section]:
     """Headline (with `margins`, headline.winner_margins, and `splits`, headline.split_summary, where the study
-    re-split), regime, `extra` sections, the detail figures, then the raw table (appendix)."""
+    re-split, and `headline_notes` after its sentences), regime, `extra` sections, the detail figures, then the
+    raw table (appendix)."""
     regime_csv = Path(regime_path(str(results)))
     regime = pd.read_csv(regime_csv) if regime_csv.is_file() else None
     appendix = table_section("Appendix: all results",
                              "Every placement and evaluation (also in summary.csv).", table)
-    notes = [*solver_notes(table, trace), *filter(None, [serve_sentence(table)])]
+    notes = [*headline_notes, *solver_notes(table, trace), *filter(None, [serve_sentence(table)])]
     charge = charge_note(table)
     section = headline_section(tables, trace, dispatch_tables(table, trace), headline_intervals(table, trace), margins,
                                [*notes, charge.strip()] if charge else notes, splits, main_seed)
@@ -144,10 +146,11 @@ def margins_long(margins: Margins, trace: str) -> pd.DataFrame:
 
 
 def build_report(results: str | Path, out: str | Path, title: str, notes: Sequence[str] = (),
-                 extra: Sequence[Section] = (), main_seed: int = 0) -> Report:
+                 extra: Sequence[Section] = (), main_seed: int = 0, headline_notes: Sequence[str] = ()) -> Report:
     """Write summary.csv (the main split, seed `main_seed`), splits.csv (every split of a re-split trace:
     collect.split_table), summary_metrics.json, headline.md/.csv, headline_splits.csv (headline.split_summary),
-    headline_margins.csv (margins_long), the figures, report.md and report.html."""
+    headline_margins.csv (margins_long), the figures, report.md and report.html. `headline_notes`: sentences the
+    headline adds after its own (the phases' sentences)."""
     results, out = Path(results), Path(out)
     table = results_table(results)
     trace = headline_trace(table)
@@ -158,7 +161,8 @@ def build_report(results: str | Path, out: str | Path, title: str, notes: Sequen
     summary = split_summary(per_split, steps, trace, main_seed)
     margins = winner_margins(tables, steps, trace, seeds, main_seed)
     drawn = draw_figures(results, table, out)
-    sections = report_sections(results, out, table, tables, trace, drawn, margins, extra, summary, main_seed)
+    sections = report_sections(results, out, table, tables, trace, drawn, margins, extra, summary, main_seed,
+                               headline_notes)
     headline_md = f"# {title}\n\n{sections[0].markdown}\n"
     files = [write_atomic(out / "summary.csv", lambda tmp: table.to_csv(tmp, index=False)),
              write_atomic(out / "splits.csv", lambda tmp: per_split.to_csv(tmp, index=False)),

@@ -92,14 +92,25 @@ def phase_sentence(group: pd.DataFrame) -> str:
     return text
 
 
+def phase_groups(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """(title, rows) of each phase setting of the table, in its order (prefill first)."""
+    return [(f"{phase}: {trace} on deployment {deployment}, scored on {ev}", group.reset_index(drop=True))
+            for (trace, deployment, phase, ev), group in table.groupby(["trace", "deployment", "phase", "eval"],
+                                                                        sort=False)]
+
+
+def phase_sentences(table: pd.DataFrame) -> list[str]:
+    """One sentence per phase setting (phase_sentence), for the report's headline."""
+    return [phase_sentence(group) for _, group in phase_groups(table)]
+
+
 def phase_section(table: pd.DataFrame) -> Section | None:
     """The section: a sentence and a table per phase setting, or None when the table is empty."""
     if table.empty:
         return None
     md, page = [], []
-    for (trace, deployment, phase, ev), group in table.groupby(["trace", "deployment", "phase", "eval"], sort=False):
-        title = f"{phase}: {trace} on deployment {deployment}, scored on {ev}"
-        sentence = phase_sentence(group.reset_index(drop=True))
+    for title, group in phase_groups(table):
+        sentence = phase_sentence(group)
         shown = group.drop(columns=["trace", "deployment", "phase", "eval"])
         md += [f"### {title}", "", sentence, "", markdown_table(shown), ""]
         page += [f"<h3>{html.escape(title)}</h3>", f"<p>{html.escape(sentence)}</p>", html_table(shown)]
