@@ -82,12 +82,12 @@ def test_tiny_bound_once_per_grid_setting_on_held_out_steps() -> None:
     # settings (synth-a, cpu_2x2, r0): contiguous first in config order; (synth-a, cpu_2x2, r1): eplb
     assert targets.bound_runs(TINY, ["synth-a", "synth-b"]) == {("synth-a", "cpu_2x2", "contiguous", 0),
                                                                  ("synth-a", "cpu_2x2", "eplb", 1)}
-    simulate = TINY["simulate"]
-    assert targets.simulate_args(TINY, ["synth-a"], "synth-a", "cpu_2x2", "contiguous", 0, "heldout") == \
+    simulate, bounds = TINY["simulate"], targets.bound_runs(TINY, ["synth-a"])
+    assert targets.simulate_args(TINY, bounds, "synth-a", "cpu_2x2", "contiguous", 0, "heldout") == \
         [*simulate, "bound=true"]
-    assert targets.simulate_args(TINY, ["synth-a"], "synth-a", "cpu_2x2", "contiguous", 0, "synth-b") == simulate
-    assert targets.simulate_args(TINY, ["synth-a"], "synth-a", "cpu_2x2", "eplb", 0, "heldout") == simulate
-    assert targets.simulate_args(TINY, ["synth-a"], "synth-a.split1", "cpu_2x2", "contiguous", 0, "heldout") == \
+    assert targets.simulate_args(TINY, bounds, "synth-a", "cpu_2x2", "contiguous", 0, "synth-b") == simulate
+    assert targets.simulate_args(TINY, bounds, "synth-a", "cpu_2x2", "eplb", 0, "heldout") == simulate
+    assert targets.simulate_args(TINY, bounds, "synth-a.split1", "cpu_2x2", "contiguous", 0, "heldout") == \
         simulate  # re-splits: main split only
     assert targets.bound_runs({**TINY, "bound": False}, ["synth-a"]) == set()
 

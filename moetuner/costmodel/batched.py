@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from moetuner.costmodel.cost import (CostModel, SimulationError, a2a_time, copy_matrix, pair_copy_matrix, phases,
-                                     relay_copies)
+from moetuner.costmodel.cost import (CostModel, SimulationError, a2a_time, copy_matrix, needed_gpus, pair_copy_matrix,
+                                     phases, relay_copies)
 from moetuner.costmodel.replicas import static_table
 from moetuner.costmodel.settings import check_dataflow, check_dispatch
 from moetuner.costmodel.simulator import SimResult
@@ -66,7 +66,6 @@ def simulate_batched(location: ExpertLocation, ids: np.ndarray, primary: np.ndar
     cross = cost.node[:, None] != cost.node[None, :]
     token = np.arange(num_tokens)
     home = np.broadcast_to(token % G, (num_steps, num_tokens))
-    step = np.arange(num_steps)[:, None, None]
     fields: dict[str, list[np.ndarray]] = {name: [] for name in
                                            ("scatter_s", "combine_s", "compute_s", "tokens", "bytes_intra", "bytes_inter")}
     src = home
@@ -79,10 +78,8 @@ def simulate_batched(location: ExpertLocation, ids: np.ndarray, primary: np.ndar
             target = np.take_along_axis(dest, primary[:, :, layer, None], -1)[..., 0]
         else:
             target = home
-        on = np.zeros((num_steps, num_tokens, G), dtype=bool)
-        on[step, token[None, :, None], dest] = True
         if dataflow == "hierarchical":
-            inter, intra = relay_copies(src, on, cost)
+            inter, intra = relay_copies(src, needed_gpus(dest, G), cost)
             swap = lambda a: np.swapaxes(a, -1, -2)  # noqa: E731
             scatter = phases(a2a_time(inter, cost, out_bytes), a2a_time(intra, cost, out_bytes), cost)
             combine = phases(a2a_time(swap(intra), cost, back_bytes), a2a_time(swap(inter), cost, back_bytes), cost)
@@ -91,6 +88,7 @@ def simulate_batched(location: ExpertLocation, ids: np.ndarray, primary: np.ndar
             if dataflow == "low_latency":
                 out, back = pair_copy_matrix(src, dest, G), pair_copy_matrix(target, dest, G)
             else:
+                on = needed_gpus(dest, G)
                 out, back = copy_matrix(src, on), copy_matrix(target, on)
             back = np.swapaxes(back, -1, -2)
             scatter, combine = a2a_time(out, cost, out_bytes), a2a_time(back, cost, back_bytes)

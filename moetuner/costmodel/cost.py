@@ -272,6 +272,14 @@ def copy_matrix(src: np.ndarray, dst_mask: np.ndarray) -> np.ndarray:
     return off_diagonal(source_totals(src, dst_mask, dst_mask.shape[-1]))
 
 
+def needed_gpus(dest: np.ndarray, num_gpus: int) -> np.ndarray:
+    """The GPUs each token's pairs go to, each once (the per-GPU dedup of every dataflow but low_latency).
+    dest [..., B, k] GPU of each pair -> [..., B, G] bool"""
+    on = np.zeros((*dest.shape[:-1], num_gpus), dtype=bool)
+    np.put_along_axis(on, dest, True, axis=-1)
+    return on
+
+
 def pair_copy_matrix(src: np.ndarray, dest: np.ndarray, num_gpus: int) -> np.ndarray:
     """One copy per token-expert pair (low_latency: no dedup per GPU), none to the token's own GPU: one
     bincount over the (batch, source, destination) cell of every pair, O(B k), not O(B G).

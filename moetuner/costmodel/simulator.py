@@ -37,8 +37,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 from tqdm import tqdm
 
-from moetuner.costmodel.cost import (CostModel, SimulationError, a2a_time, copy_matrix, pair_copy_matrix, phases,
-                                     relay_copies)
+from moetuner.costmodel.cost import (CostModel, SimulationError, a2a_time, copy_matrix, needed_gpus, pair_copy_matrix,
+                                     phases, relay_copies)
 from moetuner.costmodel.replicas import choose_step_slots
 from moetuner.costmodel.settings import DATAFLOWS, Dataflow, Dispatch, check_dataflow, check_dispatch
 from moetuner.placement import LayerSlots, Placement, check_placement, expert_location, routed_experts
@@ -68,21 +68,19 @@ def layer_step(slot: np.ndarray, src: np.ndarray, target: np.ndarray, slots: Lay
     num_gpus = cost.num_gpus
     out_bytes, back_bytes = cost.phase_bytes
     dest = slots.gpu_of_slot[slot]  # [B, k]
-    if dataflow == "low_latency":  # a copy per pair
-        out = pair_copy_matrix(src, dest, num_gpus)
-        back = pair_copy_matrix(target, dest, num_gpus).T
-    else:  # a copy per GPU a token needs
-        on = np.zeros((len(src), num_gpus), dtype=bool)
-        on[np.arange(len(src))[:, None], dest] = True
-        if dataflow == "hierarchical":
-            inter, intra = relay_copies(src, on, cost)
-            scatter_s = phases(a2a_time(inter, cost, out_bytes), a2a_time(intra, cost, out_bytes), cost)
-            combine_s = phases(a2a_time(intra.T, cost, back_bytes), a2a_time(inter.T, cost, back_bytes), cost)
-            out = back = inter + intra
-        else:
+    if dataflow == "hierarchical":
+        inter, intra = relay_copies(src, needed_gpus(dest, num_gpus), cost)
+        scatter_s = phases(a2a_time(inter, cost, out_bytes), a2a_time(intra, cost, out_bytes), cost)
+        combine_s = phases(a2a_time(intra.T, cost, back_bytes), a2a_time(inter.T, cost, back_bytes), cost)
+        out = back = inter + intra
+    else:
+        if dataflow == "low_latency":  # a copy per pair
+            out = pair_copy_matrix(src, dest, num_gpus)
+            back = pair_copy_matrix(target, dest, num_gpus).T
+        else:  # a copy per GPU a token needs
+            on = needed_gpus(dest, num_gpus)
             out = copy_matrix(src, on)
             back = copy_matrix(target, on).T
-    if dataflow != "hierarchical":
         scatter_s, combine_s = a2a_time(out, cost, out_bytes), a2a_time(back, cost, back_bytes)
     per_slot = np.bincount(slot.ravel(), minlength=slots.num_slots)
     cross = cost.node[:, None] != cost.node[None, :]

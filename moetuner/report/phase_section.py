@@ -54,8 +54,8 @@ def phase_table(results: str | Path) -> pd.DataFrame:
     same scored steps; `gap_to_bound` the time over the phase's lower bound (NaN where no run computed one).
     Empty (with COLUMNS) when the study has no `phases` section."""
     runs = phase_runs(results)
-    rows = []
     runs = runs.assign(order=[PHASES.index(p) if p in PHASES else len(PHASES) for p in runs["phase"]])
+    rows = []
     for _, group in runs.groupby(["trace", "deployment", "order", "phase", "eval"], sort=True):
         solvers = list(group["solver"])
         reference = REFERENCE if REFERENCE in solvers else sorted(solvers)[0]

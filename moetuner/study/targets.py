@@ -268,11 +268,11 @@ def bound_runs(config: StudyConfig, available: Sequence[str]) -> set[tuple[str, 
     return {(trace, topology, solver, replicas) for (trace, topology, replicas), solver in first.items()}
 
 
-def simulate_args(config: StudyConfig, available: Sequence[str], trace: str, topology: str, solver: str,
-                  replicas: int, evaluate_on: str) -> list[str]:
+def simulate_args(config: StudyConfig, bounds: set[tuple[str, str, str, int]], trace: str, topology: str,
+                  solver: str, replicas: int, evaluate_on: str) -> list[str]:
     """moetuner-simulate overrides of one run: `simulate`, then `bound=true` where it computes its setting's
-    bound (bound_runs, on held-out steps only)."""
-    bound = evaluate_on == "heldout" and (trace, topology, solver, int(replicas)) in bound_runs(config, available)
+    bound (`bounds`: bound_runs of the study, on held-out steps only)."""
+    bound = evaluate_on == "heldout" and (trace, topology, solver, int(replicas)) in bounds
     return [*config["simulate"], *(["bound=true"] if bound else [])]
 
 
@@ -422,9 +422,10 @@ def phase_targets(config: StudyConfig, available: Sequence[str], results: str) -
     if deployment is None:
         return []
     evals = [e for e in spec["evaluate_on"] if e == "heldout" or e in available]
+    units = phase_units(config)
     return [phase_simulate_path(results, trace, deployment, solver, phase, ev)
             for trace in spec["traces"] if trace in available for solver in spec["solvers"]
-            for phase in phase_units(config) for ev in evals]
+            for phase in units for ev in evals]
 
 
 def phase_simulate_args(config: StudyConfig, phase: str, solver: str) -> list[str]:

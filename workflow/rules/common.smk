@@ -25,6 +25,7 @@ ONLINE_TARGETS = targets.online_targets(config, AVAILABLE, RESULTS)
 RESPLITS = targets.resplit_traces(config, AVAILABLE)  # `<trace>.split<seed>`: the grids' `split_seeds`
 PHASE_TARGETS = targets.phase_targets(config, AVAILABLE, RESULTS)  # the `phases` section: one deployment
 PHASE_UNITS = targets.phase_units(config)
+BOUND_RUNS = targets.bound_runs(config, AVAILABLE)  # `bound: true`: the simulate run of each setting that bounds it
 
 
 wildcard_constraints:

@@ -9,7 +9,7 @@ rule simulate:
         metrics=targets.simulate_path(RESULTS, "{trace}", "{topology}", "{solver}", "{replicas}", "{eval}"),
     params:
         app=lambda w: app("simulate", w),
-        args=lambda w: overrides(targets.simulate_args(config, AVAILABLE, w.trace, w.topology, w.solver,
+        args=lambda w: overrides(targets.simulate_args(config, BOUND_RUNS, w.trace, w.topology, w.solver,
                                                        int(w.replicas), w.eval)),
         out=lambda w, output: str(Path(output.metrics).parent),
     log:

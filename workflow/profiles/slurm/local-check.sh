@@ -108,7 +108,6 @@ slurm_study() {  # slurm_study NAME: the same through the slurm profile, tracked
 
 slurm_beside_local() {  # slurm_beside_local NAME: the local run in the background (its own log and seconds
   # file) while the Slurm run goes in the foreground; fails if either fails
-  local start=$SECONDS
   setsid bash -c "$(declare -f local_study); run='$run' repo='$repo'; local_study '$1' && echo \$((SECONDS)) \
     >'$run/$1/local.seconds'" >"$run/logs/$1-local.log" 2>&1 &
   local_pid=$!
